@@ -1,0 +1,208 @@
+"""The gateway's configuration file (YAML), its defaults, and the embedded default.
+
+Shape (AISIX's, extended)::
+
+    server:
+      proxy: {listen: "127.0.0.1:3000"}
+      admin: {listen: "127.0.0.1:3001"}
+      shutdown_grace_ms: 30000
+    deployment:
+      admin: {admin_key: [{key: "..."}]}
+      config_provider: file            # file (default) | etcd
+      file: {path: "./aisix-data/resources.json"}
+      etcd: {host: ["127.0.0.1:2379"], prefix: "/aisix", timeout: 5}
+    observability:
+      service_name: aisix
+      metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
+      traces: {otlp_endpoint: "http://127.0.0.1:4317"}
+    models:  [...]     # upserted by name at start-up
+    apikeys: [...]     # upserted by key at start-up
+
+The standard OpenTelemetry variables override the file: ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_SDK_DISABLED``
+(https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .resources import ApiKey, Model
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, the field and the fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` (``[v6]:port`` too) → ``(host, port)``. Raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"`{value}` is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class Listen(_Strict):
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _check(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+
+class ServerConfig(_Strict):
+    proxy: Listen = Listen(listen="127.0.0.1:3000")
+    admin: Listen = Listen(listen="127.0.0.1:3001")
+    shutdown_grace_ms: int = Field(30_000, ge=0, description="in-flight requests get this long after SIGTERM, ms")
+
+
+class AdminKey(_Strict):
+    key: str = Field(..., min_length=8)
+
+
+class AdminConfig(_Strict):
+    admin_key: list[AdminKey] = []
+
+
+class FileProviderConfig(_Strict):
+    path: str = "./aisix-data/resources.json"
+
+
+class EtcdConfig(_Strict):
+    host: list[str] = ["127.0.0.1:2379"]
+    prefix: str = "/aisix"
+    timeout: float = Field(5.0, gt=0, description="seconds per etcd call")
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class DeploymentConfig(_Strict):
+    admin: AdminConfig = AdminConfig()
+    config_provider: Literal["file", "etcd"] = "file"
+    file: FileProviderConfig = FileProviderConfig()
+    etcd: EtcdConfig = EtcdConfig()
+
+
+class MetricsConfig(_Strict):
+    otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
+    export_interval_ms: int = Field(5000, ge=100)
+    export_timeout_ms: int = Field(2000, ge=100)
+
+
+class TracesConfig(_Strict):
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    export_timeout_ms: int = Field(2000, ge=100)
+
+
+class ObservabilityConfig(_Strict):
+    enabled: bool = True
+    service_name: str = "aisix"
+    metrics: MetricsConfig = MetricsConfig()
+    traces: TracesConfig = TracesConfig()
+    queue_size: int = Field(65_536, ge=1, description="telemetry records waiting for the batcher; more are dropped")
+
+
+class Config(_Strict):
+    """The whole configuration. ``models``/``apikeys`` are upserted into the store at start-up."""
+
+    server: ServerConfig = ServerConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    models: list[Model] = []
+    apikeys: list[ApiKey] = []
+    #: where the config came from (a path, or "embedded default"), for messages
+    source: str = Field("embedded default", exclude=True)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  field `{where}`: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_env(config: Config, env=os.environ) -> Config:
+    """Apply the standard ``OTEL_*`` variables over the file's values (env wins)."""
+    obs = config.observability
+    if v := env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        obs.metrics.otlp_endpoint = v
+    if v := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        obs.traces.otlp_endpoint = v
+    if v := env.get("OTEL_SERVICE_NAME"):
+        obs.service_name = v
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        obs.enabled = False
+    return config
+
+
+def load_config(path: str, env=os.environ) -> Config:
+    """Read and validate a YAML (or JSON) config file. Raises :class:`ConfigError`."""
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(doc).__name__}")
+    try:
+        config = Config.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None
+    config.source = path
+    for kind, unique in (("models", "name"), ("apikeys", "key")):
+        seen = set()
+        for i, obj in enumerate(getattr(config, kind)):
+            value = getattr(obj, unique)
+            if value in seen:
+                raise ConfigError(f"{path}: invalid configuration\n  field `{kind}.{i}.{unique}`: "
+                                  f"duplicate {unique} {'(hidden)' if kind == 'apikeys' else repr(value)}")
+            seen.add(value)
+    return apply_env(config, env)
+
+
+def embedded_default(data_dir: str = "./aisix-data", env=os.environ) -> tuple[Config, dict]:
+    """The no-config default: loopback only, a ``mock`` model, keys generated on first start.
+
+    The admin key and the client key are kept in ``{data_dir}/credentials.json`` (mode 0600) and
+    reused on later starts. Returns ``(config, {"admin_key", "client_key"})``.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    cred_path = os.path.join(data_dir, "credentials.json")
+    try:
+        with open(cred_path) as f:
+            creds = json.load(f)
+        assert isinstance(creds.get("admin_key"), str) and isinstance(creds.get("client_key"), str)
+    except FileNotFoundError:
+        creds = {"admin_key": "admin-" + secrets.token_urlsafe(24), "client_key": "sk-" + secrets.token_urlsafe(24)}
+        fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"{cred_path}: corrupt credentials file; remove it to generate new keys") from e
+    config = Config(
+        deployment=DeploymentConfig(admin=AdminConfig(admin_key=[AdminKey(key=creds["admin_key"])]),
+                                    file=FileProviderConfig(path=os.path.join(data_dir, "resources.json"))),
+        models=[Model(name="mock", model="mock/mock-1",
+                      provider_config={"ttft_ms": 200, "tpot_ms": 25, "tokens": 24})],
+        apikeys=[ApiKey(key=creds["client_key"], allowed_models=["mock"])],
+    )
+    return apply_env(config, env), creds

@@ -1,0 +1,28 @@
+"""The state one gateway process shares between its apps (set at start-up, read per request)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import Config
+from .hooks import Pipeline
+from .snapshot import SnapshotHolder
+from .store import ConfigStore
+from .telemetry import Telemetry
+from .upstream import UpstreamPool
+
+
+@dataclass(eq=False)
+class Gateway:
+    """Everything a handler needs: config, the live snapshot, the store, hooks, telemetry, upstreams."""
+
+    config: Config
+    holder: SnapshotHolder
+    store: ConfigStore
+    pipeline: Pipeline
+    telemetry: Telemetry
+    pool: UpstreamPool
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,68 @@
+"""The hook pipeline around each provider call.
+
+Order (see the README): authentication → ``pre_call`` of each hook in order (validate, rate
+limit; a hook rejects by raising :class:`~aisix.errors.GatewayError`) → the provider call →
+``post_call`` of every hook whose ``pre_call`` passed, on every way out (success, upstream
+error, timeout, client disconnect, cancellation), with what the call got.
+Hooks are synchronous: O(1) work, no awaits, so no lock is ever held across one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .resources import ApiKey, Model
+from .telemetry.records import RequestRecord
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One proxied call as the hooks see it.
+
+    ``record`` holds what is measured (usage in tokens once known, status); hooks add response
+    headers to ``response_headers`` and keep their own per-call state in ``state``.
+    ``estimated_completion_tokens`` is the gateway's own count of completion tokens when an
+    upstream stream ended without usage (one per content-bearing chunk).
+    """
+
+    key: ApiKey
+    model: Model
+    record: RequestRecord
+    stream: bool = False
+    now: float = 0.0  # time.time() at the call's start, s
+    response_headers: dict[str, str] = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+    estimated_completion_tokens: int = 0
+
+
+class Hook:
+    """Base class: override what you need."""
+
+    def pre_call(self, call: Call) -> None:
+        """Before the provider call. Raise GatewayError to end the request with that response."""
+
+    def post_call(self, call: Call) -> None:
+        """After the call, exactly once per passed ``pre_call``, however the call ended."""
+
+
+class Pipeline:
+    """Runs hooks in order and guarantees the post-call pairing."""
+
+    def __init__(self, hooks: list[Hook] | None = None):
+        self.hooks: list[Hook] = list(hooks or [])
+
+    def pre_call(self, call: Call) -> int:
+        """Run every ``pre_call``; returns how many passed. If one raises, the ``post_call`` of those
+        before it run, then the error propagates."""
+        passed = 0
+        try:
+            for hook in self.hooks:
+                hook.pre_call(call)
+                passed += 1
+        except BaseException:
+            self.post_call(call, passed)
+            raise
+        return passed
+
+    def post_call(self, call: Call, passed: int) -> None:
+        for hook in reversed(self.hooks[:passed]):
+            hook.post_call(call)

@@ -1,0 +1,142 @@
+"""The provider interface: OpenAI shapes in, an upstream call out, OpenAI shapes back.
+
+Every provider is sans-IO: it builds an :class:`~aisix.upstream.UpstreamRequest`, turns a
+whole response body into an OpenAI body, and gives a :class:`StreamDecoder` that turns each
+upstream SSE event into the OpenAI ``chat.completion.chunk`` bytes to send (or nothing).
+All I/O lives in the proxy (``aisix/proxy.py``), which reads from :meth:`Provider.send`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import orjson
+
+from ..errors import GatewayError, error_type_for
+from ..resources import Model
+from ..sse import SSEEvent
+from ..upstream import UpstreamPool, UpstreamRequest, UpstreamResponse
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts as OpenAI reports them (tokens)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, u: Mapping | None) -> "Usage | None":
+        """From an OpenAI ``usage`` object; ``None`` if absent or malformed."""
+        if not isinstance(u, Mapping):
+            return None
+        try:
+            p = int(u.get("prompt_tokens") or 0)
+            c = int(u.get("completion_tokens") or 0)
+            t = int(u.get("total_tokens") or (p + c))
+        except (TypeError, ValueError):
+            return None
+        return cls(p, c, t)
+
+
+@dataclass(slots=True)
+class ChatResult:
+    """A whole (non-streamed) response translated to OpenAI: ``body`` is the JSON bytes to send."""
+
+    body: bytes
+    usage: Usage | None
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+
+
+class StreamDecoder:
+    """Per-stream state: feed upstream SSE events, get client bytes back.
+
+    After each :meth:`feed`, the proxy reads: ``token`` (True if this event carried generated
+    output: content, reasoning, a tool call or a refusal; role-only openers and comments are not
+    tokens), ``usage`` (set once seen), ``error`` (a :class:`GatewayError` when the upstream sent
+    an error event: the proxy ends the stream with it), ``done`` (the upstream said it finished).
+    """
+
+    include_usage: bool  # the client asked for the usage chunk
+
+    def __init__(self, include_usage: bool):
+        self.include_usage = include_usage
+        self.token = False
+        self.usage: Usage | None = None
+        self.error: GatewayError | None = None
+        self.done = False
+        self.finished = False  # a finish_reason was seen
+        self.response_model: str | None = None
+        self.finish_reasons: list[str] = []
+        self.text_chars = 0  # characters of generated text seen (for a usage estimate when none is sent)
+
+    def feed(self, event: SSEEvent) -> bytes | None:
+        """Bytes to send to the client for this event (``None``: send nothing)."""
+        raise NotImplementedError
+
+    def end(self) -> bytes | None:
+        """The upstream closed cleanly: final bytes to send (e.g. a ``data: [DONE]`` it left out)."""
+        return None if self.done else b"data: [DONE]\n\n"
+
+
+class Provider:
+    """One upstream API. Subclasses set ``name``/``default_api_base`` and implement the methods."""
+
+    name = ""
+    default_api_base = ""
+
+    def base_url(self, model: Model) -> str:
+        return (model.provider_config.api_base or self.default_api_base).rstrip("/")
+
+    def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
+        """The upstream call for an OpenAI chat completion ``body`` (a dict the caller owns; it may be
+        changed). ``headers`` carries what the proxy adds (``traceparent``). Raises GatewayError 400
+        for a request this provider cannot express."""
+        raise NotImplementedError
+
+    def chat_response(self, body: bytes) -> ChatResult:
+        """Translate a 2xx whole response. Raises GatewayError 502 on a body that cannot be read."""
+        raise NotImplementedError
+
+    def stream_decoder(self, include_usage: bool) -> StreamDecoder:
+        raise NotImplementedError
+
+    def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
+        """The upstream call for an OpenAI embeddings ``body``. Raises GatewayError 400 if unsupported."""
+        raise GatewayError(400, f"provider `{self.name}` does not support embeddings",
+                           "invalid_request_error", "unsupported_operation")
+
+    def embeddings_response(self, body: bytes) -> ChatResult:
+        raise NotImplementedError
+
+    def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
+        """An upstream 4xx/5xx as an OpenAI error with the same status (``Retry-After`` kept).
+        A body that is not a JSON error (HTML, text) becomes a generic message; a 5xx stays a 5xx."""
+        message, etype, code = None, error_type_for(status), None
+        try:
+            doc = orjson.loads(body)
+            err = doc.get("error") if isinstance(doc, dict) else None
+            if isinstance(err, dict):
+                message = err.get("message")
+                etype = err.get("type") if isinstance(err.get("type"), str) else etype
+                code = err.get("code")
+            elif isinstance(err, str):
+                message = err
+            elif isinstance(doc, dict) and isinstance(doc.get("message"), str):
+                message = doc["message"]
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        if not isinstance(message, str) or not message:
+            message = f"upstream {self.name} answered HTTP {status}"
+        if code is not None and not isinstance(code, str):
+            code = str(code)
+        hdrs = {}
+        if "retry-after" in headers:
+            hdrs["Retry-After"] = headers["retry-after"]
+        return GatewayError(status, message, etype, code, hdrs)
+
+    async def send(self, pool: UpstreamPool, req: UpstreamRequest, model: Model) -> UpstreamResponse:
+        """Make the call. The default goes over HTTP through ``pool``; the mock overrides it."""
+        return await pool.send(req, model.provider_config)

@@ -1,0 +1,144 @@
+"""OpenAI and OpenAI-compatible upstreams (``openai``, ``deepseek``, any ``api_base``).
+
+Streaming passes bytes through untouched: each upstream event is relayed as its raw bytes,
+parsed only as far as the metrics need (the first token, usage, errors, finish reasons).
+Wire format: https://platform.openai.com/docs/api-reference/chat-streaming
+"""
+from __future__ import annotations
+
+import orjson
+
+from ..errors import GatewayError, upstream_unreachable
+from ..resources import Model
+from ..sse import SSEEvent
+from ..upstream import UpstreamRequest
+from .base import ChatResult, Provider, StreamDecoder, Usage
+
+_DELTA_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal", "tool_calls", "function_call")
+
+
+def delta_has_output(choices) -> bool:
+    """True if any choice's ``delta`` carries generated output (non-empty content, reasoning,
+    refusal, tool call or function call). A role-only opener (``content: ""``) is not output."""
+    if not isinstance(choices, list):
+        return False
+    for ch in choices:
+        delta = ch.get("delta") if isinstance(ch, dict) else None
+        if isinstance(delta, dict):
+            for f in _DELTA_OUTPUT_FIELDS:
+                if delta.get(f):
+                    return True
+        elif isinstance(ch, dict) and ch.get("text"):  # legacy completions chunk
+            return True
+    return False
+
+
+def error_from_event(err, name: str) -> GatewayError:
+    """An upstream mid-stream error object as a 502 GatewayError (the status the failure would have had)."""
+    if isinstance(err, dict):
+        msg = err.get("message") or f"upstream {name} reported an error mid-stream"
+        code = err.get("code")
+        etype = err.get("type") if isinstance(err.get("type"), str) else "api_error"
+    else:
+        msg, code, etype = str(err) or "upstream error", None, "api_error"
+    return GatewayError(502, str(msg), etype, None if code is None else str(code))
+
+
+class OpenAIStreamDecoder(StreamDecoder):
+    """Relays OpenAI chunks byte for byte; drops the ``choices: []`` usage chunk unless asked for."""
+
+    name = "openai"
+
+    def feed(self, event: SSEEvent) -> bytes | None:
+        self.token = False
+        data = event.data
+        if data is None:  # comments / keep-alives: relayed, never tokens
+            return event.raw
+        if data == b"[DONE]":
+            self.done = True
+            return event.raw
+        if self.token_seen and b'"usage"' not in data and b'"error"' not in data and b"finish_reason\":\"" not in data:
+            return event.raw  # the hot path after the first token: no parse
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event.raw  # not JSON: relay as is, measure nothing
+        if not isinstance(obj, dict):
+            return event.raw
+        if "error" in obj and obj["error"] is not None:
+            self.error = error_from_event(obj["error"], self.name)
+            return None
+        if self.response_model is None and isinstance(obj.get("model"), str):
+            self.response_model = obj["model"]
+        choices = obj.get("choices")
+        if not self.token_seen and delta_has_output(choices):
+            self.token = self.token_seen = True
+        if isinstance(choices, list):
+            for ch in choices:
+                fr = ch.get("finish_reason") if isinstance(ch, dict) else None
+                if isinstance(fr, str):
+                    self.finished = True
+                    self.finish_reasons.append(fr)
+        usage = Usage.from_openai(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            if not self.include_usage and not choices:
+                return None  # the usage chunk we asked for on the client's behalf
+        return event.raw
+
+    def __init__(self, include_usage: bool):
+        super().__init__(include_usage)
+        self.token_seen = False
+
+
+class OpenAIProvider(Provider):
+    """``POST {api_base}/chat/completions`` with ``Authorization: Bearer {api_key}``."""
+
+    name = "openai"
+    default_api_base = "https://api.openai.com/v1"
+
+    def _headers(self, model: Model, extra: dict[str, str]) -> dict[str, str]:
+        h = {"Content-Type": "application/json", "Accept-Encoding": "identity", **extra}
+        if model.provider_config.api_key:
+            h["Authorization"] = f"Bearer {model.provider_config.api_key}"
+        return h
+
+    def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
+        body["model"] = model.model_id
+        if stream:
+            opts = body.get("stream_options")
+            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+        return UpstreamRequest(f"{self.base_url(model)}/chat/completions", self._headers(model, headers),
+                               orjson.dumps(body))
+
+    def chat_response(self, body: bytes) -> ChatResult:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise upstream_unreachable(f"upstream {self.name} sent a body that is not JSON") from e
+        if not isinstance(obj, dict):
+            raise upstream_unreachable(f"upstream {self.name} sent an unexpected body")
+        reasons = tuple(ch.get("finish_reason") for ch in obj.get("choices") or ()
+                        if isinstance(ch, dict) and isinstance(ch.get("finish_reason"), str))
+        model = obj.get("model") if isinstance(obj.get("model"), str) else None
+        return ChatResult(body, Usage.from_openai(obj.get("usage")), model, reasons)
+
+    def stream_decoder(self, include_usage: bool) -> StreamDecoder:
+        d = OpenAIStreamDecoder(include_usage)
+        d.name = self.name
+        return d
+
+    def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
+        body["model"] = model.model_id
+        return UpstreamRequest(f"{self.base_url(model)}/embeddings", self._headers(model, headers),
+                               orjson.dumps(body))
+
+    def embeddings_response(self, body: bytes) -> ChatResult:
+        return self.chat_response(body)
+
+
+class DeepSeekProvider(OpenAIProvider):
+    """DeepSeek speaks the OpenAI API (https://api-docs.deepseek.com/)."""
+
+    name = "deepseek"
+    default_api_base = "https://api.deepseek.com/v1"

@@ -1,0 +1,311 @@
+"""The proxy API (OpenAI-compatible): the road one request takes.
+
+authentication → model and access checks → pre-call hooks → provider call → (relay) →
+post-call hooks. Handlers fill the request's :class:`~aisix.telemetry.RequestRecord`; the
+server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+``GET /v1/models`` (https://platform.openai.com/docs/api-reference/chat).
+"""
+from __future__ import annotations
+
+import time
+from time import perf_counter_ns
+
+import orjson
+from aiohttp import web
+
+from .errors import GatewayError, invalid_request, upstream_unreachable
+from .gateway import GATEWAY
+from .hooks import Call
+from .providers import Provider, StreamDecoder, get_provider
+from .resources import ApiKey, Model
+from .snapshot import Snapshot
+from .sse import SSEParser
+from .telemetry import RequestRecord
+from .telemetry.tracecontext import format_traceparent
+from .upstream import UpstreamResponse
+
+RECORD = web.RequestKey("aisix_record", RequestRecord)
+
+#: Upstream response headers worth passing back; hop-by-hop and framing headers never are.
+PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "openai-version",
+                       "openai-organization", "anthropic-version", "x-goog-request-id")
+
+
+def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
+    """The API key from ``Authorization: Bearer <key>`` (or a bare ``<key>``). Raises 401."""
+    header = request.headers.get("Authorization", "").strip()
+    if header[:7].lower() == "bearer ":
+        header = header[7:].strip()
+    if not header:
+        raise GatewayError(401, "Missing API key in request", "authentication_error", "missing_api_key")
+    key = snap.keys.get(header)
+    if key is None:
+        raise GatewayError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+    return key
+
+
+async def read_json_object(request: web.Request) -> dict:
+    """The request body as a JSON object. Raises 400 for anything else."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid_request("The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.", "invalid_json")
+    return body
+
+
+def resolve_model(body: dict, key: ApiKey, snap: Snapshot, rec: RequestRecord) -> Model:
+    """The configured model the body names, checked against the key. 400 ``model_not_found``,
+    403 ``model_access_forbidden``. Only a configured alias ever reaches ``rec.model``."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise invalid_request("Missing `model` field in request body.", "model_not_found", "model")
+    model = snap.models.get(name)
+    if model is None:
+        raise invalid_request(f"The model `{name}` does not exist.", "model_not_found", "model")
+    if name not in key.allowed_models:
+        raise GatewayError(403, f"This API key is not allowed to use model `{name}`.",
+                           "permission_error", "model_access_forbidden")
+    rec.model = name
+    rec.provider = model.provider
+    rec.request_model = model.model_id
+    return model
+
+
+def _passthrough(up: UpstreamResponse, extra: dict[str, str]) -> dict[str, str]:
+    h = {name: up.headers[name] for name in PASSTHROUGH_HEADERS if name in up.headers}
+    h.update(extra)
+    return h
+
+
+async def _call_upstream(request: web.Request, call: Call, provider: Provider, upreq) -> UpstreamResponse:
+    gw = request.app[GATEWAY]
+    rec = call.record
+    rec.llm_start_ns = perf_counter_ns()
+    up = await provider.send(gw.pool, upreq, call.model)
+    if up.status >= 400:
+        try:
+            data = await up.read()
+        finally:
+            rec.llm_end_ns = perf_counter_ns()
+            up.close()
+        raise provider.error_from_response(up.status, up.headers, data)
+    return up
+
+
+def _prepare_call(request: web.Request, body: dict, operation: str) -> tuple[Call, Provider]:
+    gw = request.app[GATEWAY]
+    rec = request[RECORD]
+    snap = gw.holder.current
+    key = authenticate(request, snap)
+    model = resolve_model(body, key, snap, rec)
+    rec.operation = operation
+    return Call(key, model, rec, now=time.time()), get_provider(model.provider)
+
+
+def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
+    return {"traceparent": format_traceparent(rec.trace_id, rec.span_id, rec.trace_flags)} if rec.trace_id else {}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``, streamed (``"stream": true``) or not."""
+    gw = request.app[GATEWAY]
+    body = await _checked_body(request)
+    call, provider = _prepare_call(request, body, "chat")
+    rec = call.record
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid_request("`stream` must be a boolean.", "invalid_type", "stream")
+    opts = body.get("stream_options")
+    include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
+    rec.stream = call.stream = stream
+    passed = gw.pipeline.pre_call(call)
+    try:
+        upreq = provider.chat_request(call.model, body, stream, _upstream_headers(rec))
+        up = await _call_upstream(request, call, provider, upreq)
+        if stream:
+            return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
+        try:
+            data = await up.read()
+        finally:
+            rec.llm_end_ns = perf_counter_ns()
+            up.close()
+        result = provider.chat_response(data)
+        rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
+        if result.usage is not None:
+            u = result.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        return web.Response(body=result.body, content_type="application/json",
+                            headers=_passthrough(up, call.response_headers))
+    except GatewayError as e:
+        e.headers = {**call.response_headers, **e.headers}
+        raise
+    finally:
+        gw.pipeline.post_call(call, passed)
+
+
+async def _checked_body(request: web.Request) -> dict:
+    # authenticate before reading the body so an unauthenticated caller learns nothing else
+    authenticate(request, request.app[GATEWAY].holder.current)
+    body = await read_json_object(request)
+    return body
+
+
+async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
+                       call: Call) -> web.StreamResponse:
+    """Relay the upstream's SSE events to the client as they arrive, byte for byte.
+
+    Events are framed by :class:`~aisix.sse.SSEParser` only to find their ends; each complete
+    event goes out in the same write as the others of its read. The first token is stamped here.
+    A failure after the 200 went out ends the stream with one OpenAI-shaped error event (no
+    ``[DONE]``) and is measured as 502 (upstream error or broken stream) or 504 (timeout).
+    A stream with no data event for ``stream_idle_timeout_ms`` ends: cleanly if a
+    ``finish_reason`` was seen, else as a 504.
+    """
+    rec = call.record
+    model = call.model
+    out: web.StreamResponse | None = None
+    ctype = up.headers.get("content-type", "")
+    if not ctype.startswith("text/event-stream"):
+        try:
+            await up.read()
+        finally:
+            rec.llm_end_ns = perf_counter_ns()
+            up.close()
+        raise upstream_unreachable(f"upstream {model.provider} did not answer with an event stream")
+    parser = SSEParser()
+    idle_ns = model.provider_config.stream_idle_timeout_ms * 1_000_000
+    last_data = perf_counter_ns()
+    data_events = 0
+    error: GatewayError | None = None
+    clean = False
+    try:
+        try:
+            async for chunk in up.iter_chunks():
+                now = perf_counter_ns()
+                parts = []
+                for ev in parser.feed(chunk):
+                    b = decoder.feed(ev)
+                    if ev.data is not None:
+                        last_data = now
+                        if rec.first_token_ns:
+                            data_events += 1
+                    if decoder.token and not rec.first_token_ns:
+                        rec.first_token_ns = now
+                        data_events = 1
+                    if decoder.error is not None:
+                        break
+                    if b is not None:
+                        parts.append(b)
+                if parts:
+                    if out is None:
+                        out = await _start_stream(request, up, call)
+                    await out.write(parts[0] if len(parts) == 1 else b"".join(parts))
+                if decoder.error is not None:
+                    raise decoder.error
+                if decoder.done:
+                    clean = True
+                    break
+                if now - last_data > idle_ns:
+                    if not decoder.finished:
+                        raise GatewayError(504, f"upstream stream idle for over {idle_ns // 1_000_000} ms",
+                                           "timeout_error", "upstream_timeout")
+                    break
+            else:
+                tail = parser.close()
+                if tail is not None:
+                    b = decoder.feed(tail)
+                    if decoder.error is not None:
+                        raise decoder.error
+                    if b:
+                        out = out or await _start_stream(request, up, call)
+                        await out.write(b)
+            if not clean:
+                if not decoder.finished:
+                    raise upstream_unreachable("the upstream closed the stream before it finished")
+                end = decoder.end()
+                if end:
+                    out = out or await _start_stream(request, up, call)
+                    await out.write(end)
+        except GatewayError as e:
+            error = e
+        rec.llm_end_ns = perf_counter_ns()
+        if decoder.usage is not None:
+            u = decoder.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        call.estimated_completion_tokens = data_events
+        rec.response_model = decoder.response_model
+        rec.finish_reasons = tuple(decoder.finish_reasons)
+        if error is not None:
+            rec.error = error.message
+            if out is None:
+                raise error
+            rec.status = error.status
+            await out.write(error.sse_event())
+        elif out is None:
+            out = await _start_stream(request, up, call)
+        await out.write_eof()
+        if rec.status == 0:
+            rec.status = 200
+        return out
+    finally:
+        if clean:
+            up.release()
+        else:
+            up.close()
+
+
+async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) -> web.StreamResponse:
+    headers = _passthrough(up, call.response_headers)
+    headers["Content-Type"] = up.headers.get("content-type", "text/event-stream")
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    out = web.StreamResponse(status=200, headers=headers)
+    await out.prepare(request)
+    return out
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """``POST /v1/embeddings`` (https://platform.openai.com/docs/api-reference/embeddings)."""
+    gw = request.app[GATEWAY]
+    body = await _checked_body(request)
+    call, provider = _prepare_call(request, body, "embeddings")
+    rec = call.record
+    passed = gw.pipeline.pre_call(call)
+    try:
+        upreq = provider.embeddings_request(call.model, body, _upstream_headers(rec))
+        up = await _call_upstream(request, call, provider, upreq)
+        try:
+            data = await up.read()
+        finally:
+            rec.llm_end_ns = perf_counter_ns()
+            up.close()
+        result = provider.embeddings_response(data)
+        rec.response_model = result.response_model
+        if result.usage is not None:
+            u = result.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        return web.Response(body=result.body, content_type="application/json",
+                            headers=_passthrough(up, call.response_headers))
+    except GatewayError as e:
+        e.headers = {**call.response_headers, **e.headers}
+        raise
+    finally:
+        gw.pipeline.post_call(call, passed)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models the caller's key may use, in OpenAI's list shape."""
+    snap = request.app[GATEWAY].holder.current
+    key = authenticate(request, snap)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": snap.models[name].provider}
+            for name in key.allowed_models if name in snap.models]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)

@@ -1,0 +1,98 @@
+"""The configured resources: models and API keys, as validated schemas.
+
+Shapes follow AISIX (see the README's "Resources"): a **model** maps a client-facing
+alias (``name``) to ``{provider}/{model_id}`` with its ``provider_config``; an **API key**
+is the secret a client sends plus a strict ``allowed_models`` allow-list. Both may carry
+a ``rate_limit``. These schemas serve the config file, the stores and the Admin API
+(whose OpenAPI document is generated from them).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Provider names a model's ``model`` field may start with. ``openai`` also covers any
+#: OpenAI-compatible server reached through ``provider_config.api_base``.
+PROVIDERS = ("openai", "deepseek", "anthropic", "gemini", "mock")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class RateLimit(BaseModel):
+    """Limits on one key or model. Counts: requests (rpm/rpd), tokens (tpm/tpd), in-flight requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    rpm: PositiveInt | None = Field(None, description="requests per minute")
+    rpd: PositiveInt | None = Field(None, description="requests per day")
+    tpm: PositiveInt | None = Field(None, description="tokens per minute (prompt + completion)")
+    tpd: PositiveInt | None = Field(None, description="tokens per day (prompt + completion)")
+    concurrency: PositiveInt | None = Field(None, description="requests in flight at once, streams included")
+
+
+class ProviderConfig(BaseModel):
+    """How to reach the upstream. Times in ms.
+
+    ``api_key`` is a secret: never logged, never in traces or metrics. Provider-specific
+    settings (e.g. the mock's ``ttft_ms``) are allowed as extra fields.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    api_key: str | None = Field(None, description="the upstream's API key (secret)")
+    api_base: str | None = Field(None, description="base URL, e.g. https://api.openai.com/v1")
+    connect_timeout_ms: PositiveInt = Field(10_000, description="TCP/TLS connect timeout, ms")
+    read_timeout_ms: PositiveInt = Field(600_000, description="longest wait for any upstream byte, ms (504 after)")
+    stream_idle_timeout_ms: PositiveInt = Field(
+        300_000, description="a stream with no data event for this long is ended, ms (comments do not count)")
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+
+class Model(BaseModel):
+    """A model alias. ``model`` is ``{provider}/{model_id}``, e.g. ``openai/gpt-4o-mini``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, description="assigned on create (UUID)")
+    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`")
+    model: str = Field(..., description="`{provider}/{model_id}`")
+    provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
+    rate_limit: RateLimit | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _provider_model(cls, v: str) -> str:
+        provider, sep, model_id = v.partition("/")
+        if not sep or not model_id:
+            raise ValueError("must be `{provider}/{model_id}`, e.g. `openai/gpt-4o-mini`")
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider `{provider}` (known: {', '.join(PROVIDERS)})")
+        return v
+
+    @property
+    def provider(self) -> str:
+        return self.model.partition("/")[0]
+
+    @property
+    def model_id(self) -> str:
+        return self.model.partition("/")[2]
+
+
+class ApiKey(BaseModel):
+    """A client API key: ``key`` is the secret sent as ``Authorization: Bearer <key>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, description="assigned on create (UUID)")
+    key: str = Field(..., min_length=1, max_length=512, description="the secret clients send")
+    allowed_models: list[str] = Field(..., description="model names this key may use; [] allows none")
+    rate_limit: RateLimit | None = None
+
+
+Kind = Literal["models", "apikeys"]
+SCHEMAS: dict[str, type[BaseModel]] = {"models": Model, "apikeys": ApiKey}
+#: The field that must be unique within each kind.
+UNIQUE_FIELD = {"models": "name", "apikeys": "key"}

@@ -1,0 +1,205 @@
+"""The HTTP servers: the proxy app, the Admin API app, the measuring middleware, start and stop.
+
+Start-up: config → store (load, upsert the file's resources) → telemetry → listeners.
+Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests (streams too) finish up to
+``server.shutdown_grace_ms``, then drain the telemetry batcher and flush both exporters.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from time import perf_counter_ns
+
+from aiohttp import web
+
+from . import proxy
+from .config import Config, parse_listen
+from .errors import CLIENT_CLOSED_REQUEST, GatewayError, error_type_for
+from .gateway import GATEWAY, Gateway
+from .hooks import Pipeline
+from .proxy import RECORD
+from .snapshot import SnapshotHolder
+from .store import create_store
+from .telemetry import RequestRecord, Telemetry, parse_traceparent
+from .telemetry.otel import instance_id
+from .telemetry.tracecontext import new_span_id, new_trace_id
+from .upstream import UpstreamPool
+
+log = logging.getLogger("aisix")
+
+#: ``endpoint`` label of requests that matched no route (keeps label values bounded).
+UNMATCHED = "unmatched"
+
+
+@web.middleware
+async def measure(request: web.Request, handler) -> web.StreamResponse:
+    """Times the request from arrival to the last body byte sent, turns errors into the OpenAI
+    envelope, and submits the record. A client that went away is measured as 499."""
+    start_ns = perf_counter_ns()
+    resource = request.match_info.route.resource
+    rec = RequestRecord(request.method, resource.canonical if resource is not None else UNMATCHED,
+                        request.path, time.time_ns(), start_ns)
+    ctx = parse_traceparent(request.headers.get("traceparent"))
+    if ctx is not None:
+        rec.trace_id, rec.parent_span_id, rec.trace_flags = ctx
+    else:
+        rec.trace_id = new_trace_id()
+    rec.span_id = new_span_id()
+    request[RECORD] = rec
+    try:
+        try:
+            resp = await handler(request)
+        except GatewayError as e:
+            rec.error = e.message
+            resp = e.response()
+        except web.HTTPException as e:
+            resp = GatewayError(e.status, _http_error_message(e, request), error_type_for(e.status),
+                                _http_error_code(e.status), headers=_allow_header(e)).response()
+        if not resp.prepared:
+            await resp.prepare(request)
+            await resp.write_eof()
+        if rec.status == 0:
+            rec.status = resp.status
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError):
+        rec.status = CLIENT_CLOSED_REQUEST
+        raise
+    except Exception as e:
+        log.exception("unhandled error on %s %s", request.method, rec.endpoint)
+        rec.status = 500
+        rec.error = f"internal error: {type(e).__name__}"
+        err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
+        return err.response()
+    finally:
+        rec.end_ns = perf_counter_ns()
+        request.app[GATEWAY].telemetry.submit(rec)
+
+
+def _http_error_message(e: web.HTTPException, request: web.Request) -> str:
+    if e.status == 404:
+        return f"Unknown route: {request.method} {request.path}"
+    if e.status == 405:
+        return f"Method {request.method} is not allowed on {request.path}"
+    if e.status == 413:
+        return "The request body is too large."
+    return e.reason
+
+
+def _http_error_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status, "http_error")
+
+
+def _allow_header(e: web.HTTPException) -> dict[str, str]:
+    return {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def create_proxy_app(gateway: Gateway) -> web.Application:
+    """The proxy API app (``/v1/...``) with the measuring middleware."""
+    app = web.Application(middlewares=[measure], client_max_size=MAX_BODY_BYTES)
+    app[GATEWAY] = gateway
+    proxy.add_routes(app)
+    return app
+
+
+def create_admin_app_measured(gateway: Gateway) -> web.Application | None:
+    """The Admin API app, measured like the proxy; None if the Admin API is not available."""
+    try:
+        from .admin import create_admin_app
+    except ImportError:
+        return None
+    app = create_admin_app(gateway)
+    app.middlewares.insert(0, measure)
+    app[GATEWAY] = gateway
+    return app
+
+
+def build_pipeline(holder: SnapshotHolder) -> Pipeline:
+    hooks = []
+    try:
+        from .ratelimit import RateLimitHook
+        hooks.append(RateLimitHook(holder, clock=time.time))
+    except ImportError:
+        pass
+    return Pipeline(hooks)
+
+
+async def start_gateway(config: Config, worker: int = 0) -> Gateway:
+    """Load the store (raising StoreError/ConfigError on a bad one) and build the gateway state."""
+    holder = SnapshotHolder()
+    store = create_store(config, holder)
+    await store.start()
+    try:
+        for m in config.models:
+            await store.upsert_by_unique("models", m.model_dump(exclude={"id"}, exclude_none=True))
+        for k in config.apikeys:
+            await store.upsert_by_unique("apikeys", k.model_dump(exclude={"id"}, exclude_none=True))
+    except BaseException:
+        await store.close()
+        raise
+    _, port = parse_listen(config.server.proxy.listen)
+    telemetry = Telemetry(config.observability, instance_id(port, worker))
+    return Gateway(config, holder, store, build_pipeline(holder), telemetry, UpstreamPool())
+
+
+class Server:
+    """Runs the proxy and Admin API listeners of one gateway process."""
+
+    def __init__(self, gateway: Gateway, reuse_port: bool = False):
+        self.gateway = gateway
+        self.reuse_port = reuse_port
+        self.runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        cfg = self.gateway.config
+        grace = cfg.server.shutdown_grace_ms / 1000
+        apps = [(create_proxy_app(self.gateway), cfg.server.proxy.listen)]
+        admin = create_admin_app_measured(self.gateway)
+        if admin is not None:
+            apps.append((admin, cfg.server.admin.listen))
+        self.gateway.telemetry.start()
+        try:
+            for app, listen in apps:
+                runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace,
+                                       handler_cancellation=True)
+                await runner.setup()
+                self.runners.append(runner)
+                host, port = parse_listen(listen)
+                await web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None).start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop accepting, wait for in-flight requests (up to the grace), then flush telemetry."""
+        await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+        self.runners.clear()
+        await self.gateway.pool.close()
+        await self.gateway.store.close()
+        await self.gateway.telemetry.stop()
+
+
+async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool = False) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    gateway = await start_gateway(config, worker)
+    server = Server(gateway, reuse_port)
+    try:
+        await server.start()
+    except BaseException:
+        await gateway.telemetry.stop(timeout=1)
+        await gateway.store.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if banner:
+        banner(gateway)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight requests (up to %.0f ms)", config.server.shutdown_grace_ms)
+    await server.stop()
+    log.info("stopped")

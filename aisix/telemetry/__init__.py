@@ -1,0 +1,9 @@
+"""Measurements: the request path fills a :class:`RequestRecord` and calls
+:meth:`Telemetry.submit`; a background batcher turns records into OpenTelemetry metrics and
+spans; the SDK's exporters (OTLP HTTP for metrics, OTLP gRPC for traces) ship them from
+their own threads."""
+from .batcher import Telemetry
+from .records import RequestRecord
+from .tracecontext import TraceContext, parse_traceparent
+
+__all__ = ["Telemetry", "RequestRecord", "TraceContext", "parse_traceparent"]

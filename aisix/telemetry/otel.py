@@ -1,0 +1,122 @@
+"""OpenTelemetry set-up: resource, meter provider with cumulative OTLP/HTTP export and
+explicit buckets, tracer provider with OTLP/gRPC export. Build no exporter of our own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter, \
+    ObservableGauge, ObservableUpDownCounter, UpDownCounter
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+
+from ..config import ObservabilityConfig
+
+#: Histogram bucket edges in ms. Source: the OpenTelemetry GenAI semantic conventions' advice for
+#: ``gen_ai.client.operation.duration`` (0.01 s … 81.92 s, doubling), in ms, extended by halving
+#: down to 1.25 ms and by doubling up to 655 360 ms (~11 min, for long reasoning runs).
+LATENCY_BUCKETS_MS = (1.25, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240,
+                      20480, 40960, 81920, 163840, 327680, 655360)
+
+_CUMULATIVE = {k: AggregationTemporality.CUMULATIVE for k in
+               (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)}
+
+
+class PresetIdGenerator(IdGenerator):
+    """Lets the batcher give a span the ids the hot path already chose (and sent upstream in
+    ``traceparent``): set ``next_span_id``/``next_trace_id`` before ``start_span``."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+        self.next_span_id = 0
+        self.next_trace_id = 0
+
+    def generate_span_id(self) -> int:
+        v, self.next_span_id = self.next_span_id, 0
+        return v or self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        v, self.next_trace_id = self.next_trace_id, 0
+        return v or self._random.generate_trace_id()
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first export failure of each logger through, then stays quiet: with nothing
+    listening, the gateway logs the failure once, not per export or per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if record.name in self.seen:
+            return False
+        self.seen.add(record.name)
+        record.msg = f"{record.msg} (telemetry export failing; further failures of this exporter are not logged)"
+        return True
+
+
+_EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.grpc",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.trace.export",
+)
+
+
+def quiet_export_failures() -> None:
+    f = _OnceFilter()
+    for name in _EXPORT_LOGGERS:
+        logging.getLogger(name).addFilter(f)
+
+
+def instance_id(port: int, worker: int = 0) -> str:
+    """A ``service.instance.id`` stable across restarts of the same listener: ``host:port[/wN]``."""
+    return f"{socket.gethostname()}:{port}" + (f"/w{worker}" if worker else "")
+
+
+def _grpc_endpoint(url: str) -> tuple[str, bool]:
+    insecure = not url.startswith("https://")
+    return url.split("://", 1)[-1].rstrip("/"), insecure
+
+
+def setup(cfg: ObservabilityConfig, service_instance_id: str):
+    """Build ``(meter_provider, tracer_provider, id_generator)`` for ``cfg``.
+
+    Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
+    (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
+    ``cfg.traces.otlp_endpoint`` through a BatchSpanProcessor. Both exporters time out after
+    ``export_timeout_ms`` and run on the SDK's own threads, never on the event loop.
+    """
+    quiet_export_failures()
+    resource = Resource.create({"service.name": cfg.service_name, "service.instance.id": service_instance_id,
+                                "service.version": __import__("aisix").__version__,
+                                "process.pid": os.getpid()})
+    metric_exporter = OTLPMetricExporter(endpoint=cfg.metrics.otlp_endpoint,
+                                         timeout=cfg.metrics.export_timeout_ms / 1000,
+                                         preferred_temporality=_CUMULATIVE)
+    reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
+                                           export_timeout_millis=cfg.metrics.export_timeout_ms)
+    views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views)
+
+    ids = PresetIdGenerator()
+    tracer_provider = TracerProvider(resource=resource, id_generator=ids)
+    endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
+    span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=1000,
+                                                          export_timeout_millis=cfg.traces.export_timeout_ms))
+    return meter_provider, tracer_provider, ids

@@ -1,0 +1,48 @@
+"""The small record the request path fills in and hands to the batcher. Times in ns."""
+from __future__ import annotations
+
+
+class RequestRecord:
+    """What one HTTP request did. The hot path only sets fields; the batcher derives metrics
+    and the span from them after the fact.
+
+    Times: ``*_ns`` from :func:`time.perf_counter_ns`; ``start_wall_ns`` from :func:`time.time_ns`
+    at the same moment (to place the span). Tokens are ``None`` when no usage was reported.
+    Trace ids are ints (W3C trace context, https://www.w3.org/TR/trace-context/).
+    """
+
+    __slots__ = ("method", "endpoint", "path", "status", "start_wall_ns", "start_ns", "end_ns",
+                 "model", "provider", "request_model", "response_model", "operation", "stream",
+                 "llm_start_ns", "llm_end_ns", "first_token_ns",
+                 "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
+                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error")
+
+    def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
+        self.method = method
+        self.endpoint = endpoint
+        self.path = path
+        self.status = 0
+        self.start_wall_ns = start_wall_ns
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.model: str | None = None          # the configured alias, never a raw client string
+        self.provider: str | None = None
+        self.request_model: str | None = None  # the upstream model id
+        self.response_model: str | None = None
+        self.operation = "chat"
+        self.stream = False
+        self.llm_start_ns = 0
+        self.llm_end_ns = 0
+        self.first_token_ns = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.total_tokens: int | None = None
+        self.finish_reasons: tuple[str, ...] = ()
+        self.trace_id = 0
+        self.span_id = 0
+        self.parent_span_id = 0
+        self.trace_flags = 1
+        self.error: str | None = None
+
+    def set_usage(self, prompt: int, completion: int, total: int) -> None:
+        self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
