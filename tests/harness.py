@@ -1,0 +1,246 @@
+"""Test harness: the gateway as a real subprocess, and a scripted OpenAI-compatible upstream.
+
+    up = ScriptedUpstream(); up.start()
+    up.script("C01", writes=[(0, b"data: ...\\n\\n"), (0.02, b"...")])   # keyed by the last user message
+    gw = GatewayProcess(tmp_path, gateway_config(up.base_url, prom=prometheus.otlp_url)); gw.start()
+    client = openai.OpenAI(base_url=gw.base_url, api_key="sk-test")
+    ...; gw.stop()   # SIGTERM: the gateway drains and flushes telemetry
+
+Everything listens on 127.0.0.1 with free ports; processes are stopped by PID.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from aiohttp import web
+
+from tests.services import HOST, ROOT, free_port
+
+# -- the case shorthands of shared/cases/README.md ------------------------------------------
+_BASE = '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"up-1",'
+ROLE = _BASE + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+STOP = _BASE + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+
+
+def TXT(s: str) -> str:
+    return _BASE + '"choices":[{"index":0,"delta":{"content":' + json.dumps(s) + '},"finish_reason":null}]}'
+
+
+def USAGE(p: int, c: int) -> str:
+    return _BASE + f'"choices":[],"usage":{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{p + c}}}}}'
+
+
+def ev(payload: str) -> bytes:
+    """One SSE data event with LF line ends."""
+    return f"data: {payload}\n\n".encode()
+
+
+# -- scripted upstream ------------------------------------------------------------------------
+@dataclass
+class Script:
+    """What the upstream does for one request: ``status``, ``headers``, then each ``(delay_s, bytes)``
+    write flushed on its own; then ``end``: "eof" (clean end), "reset" (drop the connection) or
+    "hold" (keep it open until the peer closes)."""
+
+    status: int = 200
+    headers: dict = field(default_factory=lambda: {"Content-Type": "text/event-stream"})
+    writes: list = field(default_factory=list)
+    end: str = "eof"
+    body: bytes | None = None  # a plain (non-streamed) body instead of writes
+
+
+@dataclass
+class Seen:
+    """One request the upstream received, and when its connection was closed by the gateway."""
+
+    path: str
+    headers: dict
+    body: dict
+    started: float
+    closed_by_peer: float | None = None
+    write_times: list = field(default_factory=list)
+    finished: float | None = None
+
+
+class ScriptedUpstream:
+    """An OpenAI-compatible upstream on its own thread and loop (so sync clients don't block it).
+
+    The script is chosen by the content of the request's last message (``messages[-1].content``);
+    ``default`` is used when no script has that key.
+    """
+
+    def __init__(self):
+        self.scripts: dict[str, Script] = {}
+        self.seen: list[Seen] = []
+        self.port = free_port()
+        self.base_url = f"http://{HOST}:{self.port}/v1"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def script(self, key: str, **kw) -> Script:
+        s = Script(**kw)
+        self.scripts[key] = s
+        return s
+
+    def start(self) -> "ScriptedUpstream":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self):
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/embeddings", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, HOST, self.port).start()
+
+    def stop(self):
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def last(self, key: str) -> Seen:
+        return [s for s in self.seen if _key(s.body) == key][-1]
+
+    async def _handle(self, request: web.Request):
+        body = await request.json()
+        seen = Seen(request.path, dict(request.headers), body, time.monotonic())
+        self.seen.append(seen)
+        script = self.scripts.get(_key(body)) or self.scripts.get("default") or Script(
+            status=500, headers={"Content-Type": "application/json"}, body=b'{"error":{"message":"no script"}}')
+        try:
+            if script.body is not None:
+                return web.Response(status=script.status, body=script.body, headers=script.headers)
+            resp = web.StreamResponse(status=script.status, headers=script.headers)
+            await resp.prepare(request)
+            for delay, data in script.writes:
+                if delay:
+                    await asyncio.sleep(delay)
+                await resp.write(data)
+                seen.write_times.append(time.monotonic())
+            if script.end == "reset":
+                request.transport.abort()
+                seen.finished = time.monotonic()
+                return resp
+            if script.end == "hold":
+                await asyncio.sleep(3600)
+            await resp.write_eof()
+            seen.finished = time.monotonic()
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            seen.closed_by_peer = time.monotonic()
+            raise
+
+
+def _key(body: dict) -> str:
+    try:
+        return str(body["messages"][-1]["content"])
+    except (KeyError, IndexError, TypeError):
+        return ""
+
+
+# -- the gateway process ----------------------------------------------------------------------
+def gateway_config(upstream_base: str, *, prom_otlp: str | None = None, traces: str | None = None,
+                   models: list | None = None, apikeys: list | None = None, export_interval_ms: int = 300,
+                   data_dir: Path | None = None, **provider_config) -> dict:
+    """A config for the cases' conventions: alias ``m1`` → the upstream, key ``sk-test`` on ``m1``.
+    Metrics go to ``prom_otlp`` (or a dead port), traces to ``traces`` (or a dead port)."""
+    dead = f"http://{HOST}:{free_port()}"
+    return {
+        "server": {"proxy": {"listen": f"{HOST}:{free_port()}"}, "admin": {"listen": f"{HOST}:{free_port()}"},
+                   "shutdown_grace_ms": 5000},
+        "deployment": {"admin": {"admin_key": [{"key": "admin-test-key"}]}, "config_provider": "file",
+                       "file": {"path": str((data_dir or Path("/nonexistent")) / "resources.json")}},
+        "observability": {"service_name": "aisix",
+                          "metrics": {"otlp_endpoint": prom_otlp or f"{dead}/api/v1/otlp/v1/metrics",
+                                      "export_interval_ms": export_interval_ms},
+                          "traces": {"otlp_endpoint": traces or dead}},
+        "models": models if models is not None else [
+            {"name": "m1", "model": "openai/up-1",
+             "provider_config": {"api_key": "sk-upstream", "api_base": upstream_base, **provider_config}}],
+        "apikeys": apikeys if apikeys is not None else [{"key": "sk-test", "allowed_models": ["m1"]}],
+    }
+
+
+class GatewayProcess:
+    """``python -m aisix serve --config FILE`` as a child process."""
+
+    def __init__(self, tmp_path: Path, config: dict, env: dict | None = None):
+        self.dir = Path(tmp_path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if config["deployment"]["file"]["path"].startswith("/nonexistent"):
+            config["deployment"]["file"]["path"] = str(self.dir / "resources.json")
+        self.config = config
+        self.config_path = self.dir / "aisix.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.listen = config["server"]["proxy"]["listen"]
+        self.url = f"http://{self.listen}"
+        self.base_url = f"{self.url}/v1"
+        self.admin_url = f"http://{config['server']['admin']['listen']}/aisix/admin"
+        self.instance = f"{os.uname().nodename}:{self.listen.rsplit(':', 1)[1]}"
+        self.env = {**os.environ, **(env or {})}
+        self.log = self.dir / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> "GatewayProcess":
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "aisix", "serve", "--config", str(self.config_path)],
+                                     cwd=self.dir, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/models", timeout=1)
+            except urllib.error.HTTPError:
+                return self  # it answered (401 without a key): ready
+            except OSError:
+                time.sleep(0.05)
+                continue
+            return self
+        self.kill()
+        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the gateway and wait for it to exit; returns its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        try:
+            self.stop()
+        finally:
+            self.kill()
+            self._logf.close()
