@@ -1,0 +1,24 @@
+"""``python -m bench [--quick] [--peers] [--only T,T]``: run the benchmark (see bench/README.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description="aisix vs direct, nginx (and LiteLLM)")
+    ap.add_argument("--quick", action="store_true", help="short runs, under a minute")
+    ap.add_argument("--peers", action="store_true", help="also LiteLLM's proxy (installed once into bench/.venv-litellm)")
+    ap.add_argument("--only", default="", help="comma-separated targets (direct,aisix,aisix-notel,nginx,litellm)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results)")
+    a = ap.parse_args(argv)
+    from bench.driver import run
+    only = [t.strip() for t in a.only.split(",") if t.strip()] or None
+    if only and "litellm" in only:
+        a.peers = True
+    run(quick=a.quick, peers=a.peers, only=only, out_dir=a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Figures from raw samples, the terminal table, the JSON report and the PNG plot.
+
+Units: latencies in ms, CPU in seconds of CPU per 1,000 requests or chunks
+(numerically, also ms of CPU per request / µs per chunk), RSS in MB, req/s.
+"""
+from __future__ import annotations
+
+import math
+
+from bench.stats import pcts
+
+BUSY = 0.9  # a side counts as the limit when its CPU is this busy (share of one core)
+
+
+def _q(xs, n=101) -> list:
+    """n evenly spaced quantiles of xs (for plotting CDFs from the JSON alone)."""
+    if not xs:
+        return []
+    s = sorted(xs)
+    return [round(s[min(len(s) - 1, round(i * (len(s) - 1) / (n - 1)))], 4) for i in range(n)]
+
+
+def _merge(runs: list) -> dict:
+    m = {"lat": [], "ttfb": [], "gaps": [], "kinds": {}}
+    for k in ("ok", "errors", "wall_s", "cpu_s", "target_cpu_s", "helper_cpu_s", "chunks"):
+        m[k] = sum(r.get(k, 0) for r in runs)
+    for r in runs:
+        m["lat"] += r["lat_ms"]
+        m["ttfb"] += r["ttfb_ms"]
+        m["gaps"] += r["gaps_ms"]
+        for e, c in r.get("error_kinds", {}).items():
+            m["kinds"][e] = m["kinds"].get(e, 0) + c
+    m["rss"] = max((r.get("rss_mb", 0) for r in runs), default=0)
+    m["capped"] = any(r.get("time_capped") for r in runs)
+    return m
+
+
+def _bound(client_util: float, core0_util: float, target_util: float) -> str:
+    client = client_util >= BUSY or core0_util >= BUSY + 0.05
+    tgt = target_util >= BUSY
+    return "both" if client and tgt else "client" if client else "target" if tgt else "-"
+
+
+def build(meta, scenarios, names, samples, notes, hwm, telemetry) -> dict:
+    """The whole report as a JSON-ready dict."""
+    res: dict = {}
+    for sc in scenarios:
+        per = samples.get(sc.key, {})
+        row = {}
+        for name in names:
+            if name not in per:
+                continue
+            m = _merge(per[name])
+            wall = m["wall_s"] or math.nan
+            f = {"requests": m["ok"], "errors": m["errors"], "error_kinds": m["kinds"],
+                 "rps": m["ok"] / wall, "lat_ms": pcts(m["lat"]), "ttfb_ms": pcts(m["ttfb"]),
+                 "cpu_s_per_1k_req": 1e3 * m["target_cpu_s"] / m["ok"] if m["ok"] else math.nan,
+                 "cpu_s_per_1k_chunks": 1e3 * m["target_cpu_s"] / m["chunks"] if m["chunks"] else math.nan,
+                 "rss_mb": m["rss"], "client_cpu_util": m["cpu_s"] / wall, "target_cpu_util": m["target_cpu_s"] / wall,
+                 "core0_util": (m["cpu_s"] + m["helper_cpu_s"]) / wall, "wall_s": m["wall_s"],
+                 "lat_quantiles_ms": _q(m["lat"])}
+            f["bound"] = _bound(f["client_cpu_util"], f["core0_util"], f["target_cpu_util"])
+            if m["gaps"]:
+                g = sorted(m["gaps"])
+                f["gaps_ms"] = {**pcts(g), "mean": sum(g) / len(g), "max": g[-1], "n": len(g)}
+                f["gap_quantiles_ms"] = _q(g)
+            row[name] = f
+        d = row.get("direct")
+        for name, f in row.items():
+            if d and name != "direct":
+                f["added_ms"] = {p: f["lat_ms"][p] - d["lat_ms"][p] for p in ("p50", "p99")}
+                f["added_ttfb_ms"] = {p: f["ttfb_ms"][p] - d["ttfb_ms"][p] for p in ("p50", "p99")}
+                if "gaps_ms" in f and "gaps_ms" in d:
+                    f["added_gap_ms"] = {p: f["gaps_ms"][p] - d["gaps_ms"][p] for p in ("p50", "p99")}
+        res[sc.key] = row
+    ratios = _ratios(res)
+    return {"meta": meta, "scenarios": [{"key": s.key, "label": s.label, "stream": s.stream, "chunks": s.chunks,
+                                         "concurrency": s.concurrency, "gap_ms": s.gap_ms} for s in scenarios],
+            "targets": {n: {"note": notes.get(n, ""), "peak_rss_mb": hwm.get(n)} for n in
+                        dict.fromkeys(list(names) + [k for k in notes])},
+            "results": res, "ratios": ratios, "checks": _checks(res, ratios), "telemetry": telemetry}
+
+
+def _ratio(a, b):
+    return a / b if a and b and not math.isnan(a) and not math.isnan(b) else None
+
+
+def _ratios(res) -> dict:
+    out = {}
+    for key, row in res.items():
+        a = row.get("aisix", {})
+        r = {}
+        for other in ("nginx", "litellm", "aisix-notel", "direct"):
+            o = row.get(other)
+            if a and o:
+                r[f"aisix/{other} req/s"] = _ratio(a["rps"], o["rps"])
+                r[f"aisix/{other} cpu per req"] = _ratio(a["cpu_s_per_1k_req"], o["cpu_s_per_1k_req"])
+        out[key] = r
+    return out
+
+
+def _checks(res, ratios) -> list:
+    """The issue's targets: (name, value, goal, ok or None when it cannot be judged)."""
+    def g(key, tgt, *path):
+        v = res.get(key, {}).get(tgt)
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        return v
+
+    rows = []
+
+    def add(name, v, goal, ok):
+        rows.append({"check": name, "value": v, "goal": goal, "pass": None if v is None else ok(v)})
+
+    add("streaming c=32: aisix/nginx req/s", ratios.get("s20-c32", {}).get("aisix/nginx req/s"), ">= 0.60",
+        lambda v: v >= 0.6)
+    add("streaming c=32: aisix/litellm req/s", ratios.get("s20-c32", {}).get("aisix/litellm req/s"), ">= 30",
+        lambda v: v >= 30)
+    add("non-streaming c=1: added latency p50 (ms)", g("ns-c1", "aisix", "added_ms", "p50"), "<= 0.3",
+        lambda v: v <= 0.3)
+    add("non-streaming c=1: added latency p99 (ms)", g("ns-c1", "aisix", "added_ms", "p99"), "<= 1.0",
+        lambda v: v <= 1.0)
+    add("streaming c=1: added latency p50 (ms)", g("s20-c1", "aisix", "added_ms", "p50"), "<= 0.3",
+        lambda v: v <= 0.3)
+    add("streaming c=1: added latency p99 (ms)", g("s20-c1", "aisix", "added_ms", "p99"), "<= 1.0",
+        lambda v: v <= 1.0)
+    add("streaming c=1: added TTFB p50 (ms)", g("s20-c1", "aisix", "added_ttfb_ms", "p50"), "<= 0.2",
+        lambda v: v <= 0.2)
+    gp = g("gap20-c32", "aisix", "added_gap_ms")
+    add("chunk gaps vs upstream's: max |added p50|, |added p99| (ms)",
+        max(abs(gp["p50"]), abs(gp["p99"])) if gp else None, "<= 1.0", lambda v: v <= 1.0)
+    add("telemetry cost: aisix/aisix-notel req/s, streaming c=32",
+        ratios.get("s20-c32", {}).get("aisix/aisix-notel req/s"), ">= 0.90", lambda v: v >= 0.9)
+    rss = [g(k, "aisix", "rss_mb") for k in ("ns-c128", "s20-c128")]
+    rss = [v for v in rss if v is not None]
+    add("peak RSS at c=128, aisix (MB)", max(rss) if rss else None, "<= 100", lambda v: v <= 100)
+    return rows
+
+
+def _f(v, nd=2, w=8) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-".rjust(w)
+    return f"{v:{w}.{nd}f}"
+
+
+def render(rep) -> str:
+    """The terminal table: one block per scenario, then the chunk gaps, ratios and checks."""
+    out = []
+    m = rep["meta"]
+    out.append(f"\naisix bench ({'quick' if m['quick'] else 'full'}, {m['elapsed_s']} s, {m['plan']['rounds']} "
+               f"interleaved rounds of {m['plan']['duration_s']} s per run; client on cpu {m['client_cpus']}, "
+               f"target on cpu {m['target_cpus']}) {m['layout_note']}")
+    hdr = (f"{'target':12s} {'req/s':>8s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'+p50':>7s} {'+p99':>7s} "
+           f"{'ttfb50':>7s} {'+ttfb50':>7s} {'cpu/1kreq':>9s} {'cpu/1kchk':>9s} {'rssMB':>6s} {'err':>4s} "
+           f"{'cli%':>4s} {'tgt%':>4s} {'limit':>6s}")
+    for sc in rep["scenarios"]:
+        row = rep["results"].get(sc["key"], {})
+        if not row:
+            continue
+        out.append(f"\n{sc['key']}: {sc['label']}   (latency and ttfb in ms; cpu in s per 1k requests / chunks)")
+        out.append(hdr)
+        for name, f in row.items():
+            a, at = f.get("added_ms", {}), f.get("added_ttfb_ms", {})
+            out.append(f"{name:12s} {f['rps']:8.0f} {_f(f['lat_ms']['p50'], 3)} {_f(f['lat_ms']['p90'], 3)} "
+                       f"{_f(f['lat_ms']['p99'], 3)} {_f(a.get('p50'), 2, 7)} {_f(a.get('p99'), 2, 7)} "
+                       f"{_f(f['ttfb_ms']['p50'], 3, 7)} {_f(at.get('p50'), 3, 7)} "
+                       f"{_f(f['cpu_s_per_1k_req'], 3, 9)} {_f(f['cpu_s_per_1k_chunks'], 4, 9)} "
+                       f"{f['rss_mb']:6.0f} {f['errors']:4d} {100 * f['client_cpu_util']:4.0f} "
+                       f"{100 * f['target_cpu_util']:4.0f} {f['bound']:>6s}")
+    gap = rep["results"].get("gap20-c32", {})
+    if gap:
+        out.append("\nchunk gaps at the client, upstream sends 20 ms apart (ms; + is vs direct)")
+        out.append(f"{'target':12s} {'p50':>7s} {'p99':>7s} {'mean':>7s} {'max':>7s} {'+p50':>7s} {'+p99':>7s}")
+        for name, f in gap.items():
+            gm, ga = f.get("gaps_ms", {}), f.get("added_gap_ms", {})
+            out.append(f"{name:12s} {_f(gm.get('p50'), 2, 7)} {_f(gm.get('p99'), 2, 7)} {_f(gm.get('mean'), 2, 7)} "
+                       f"{_f(gm.get('max'), 2, 7)} {_f(ga.get('p50'), 2, 7)} {_f(ga.get('p99'), 2, 7)}")
+    keys = sorted({k for r in rep["ratios"].values() for k in r if k.endswith("req/s")})
+    if keys:
+        out.append("\nratios of req/s (and of CPU per request, in brackets)")
+        out.append(f"{'scenario':10s} " + " ".join(f"{k.replace(' req/s', ''):>22s}" for k in keys))
+        for sk, r in rep["ratios"].items():
+            cells = []
+            for k in keys:
+                v, c = r.get(k), r.get(k.replace("req/s", "cpu per req"))
+                cells.append(f"{_f(v, 2, 8)} [{_f(c, 2, 6)}]".rjust(22))
+            out.append(f"{sk:10s} " + " ".join(cells))
+    out.append("\nchecks (the issue's targets)")
+    for c in rep["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[c["pass"]]
+        out.append(f"  {verdict}  {c['check']}: {_f(c['value'], 2, 0).strip()} (goal {c['goal']})")
+    limits = [(sk, n) for sk, r in rep["results"].items() for n, f in r.items() if f["bound"] in ("client", "both")]
+    if limits:
+        out.append("\nthe load generator's side (core 0) was the limit, not the target, in: "
+                   + ", ".join(f"{sk}/{n}" for sk, n in limits) + " -- those req/s are a floor for the target")
+    notes = {n: t["note"] for n, t in rep["targets"].items() if t["note"]}
+    if notes:
+        out.append("\nnotes")
+        out += [f"  {n}: {v}" for n, v in notes.items()]
+    tel = rep.get("telemetry") or {}
+    if tel:
+        out.append("telemetry seen: " + ", ".join(f"{k} = {v}" for k, v in tel.items() if k != "prometheus_port"))
+    out.append("limit: 'target' = target CPU >= 90% of its core; 'client' = load generator (or core 0 with the "
+               "upstream) >= 90%; '-' = neither (paced by latency)")
+    return "\n".join(out)
+
+
+def plot(rep, path: str) -> None:
+    """latest.png: latency CDFs (non-streaming c=1, streaming c=32), req/s per scenario, chunk gaps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = rep["results"]
+    names = list(dict.fromkeys(n for r in res.values() for n in r))
+    colors = {n: c for n, c in zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"])}
+    fig, ax = plt.subplots(2, 2, figsize=(14, 9))
+    ys = [i / 100 for i in range(101)]
+    for a, key in ((ax[0][0], "ns-c1"), (ax[0][1], "s20-c32")):
+        for n, f in res.get(key, {}).items():
+            if f.get("lat_quantiles_ms"):
+                a.plot(f["lat_quantiles_ms"], ys, label=n, color=colors[n])
+        a.set_xscale("log")
+        a.set_xlabel("latency (ms, log)")
+        a.set_ylabel("fraction of requests")
+        a.set_title(f"latency CDF: {key}")
+        a.grid(alpha=0.3)
+        a.legend()
+    a = ax[1][0]
+    keys = [s["key"] for s in rep["scenarios"] if res.get(s["key"])]
+    w = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        a.bar([k + i * w for k in range(len(keys))], [res[k].get(n, {}).get("rps", 0) for k in keys], w,
+              label=n, color=colors[n])
+    a.set_xticks([k + 0.4 - w / 2 for k in range(len(keys))], keys, rotation=20)
+    a.set_yscale("log")
+    a.set_ylabel("requests/s (log)")
+    a.set_title("throughput per scenario")
+    a.grid(alpha=0.3, axis="y")
+    a.legend()
+    a = ax[1][1]
+    for n, f in res.get("gap20-c32", {}).items():
+        if f.get("gap_quantiles_ms"):
+            a.plot(f["gap_quantiles_ms"], ys, label=n, color=colors[n])
+    a.axvline(20, color="k", lw=0.8, ls="--")
+    a.set_xlabel("gap between chunks at the client (ms); upstream: 20 ms")
+    a.set_ylabel("fraction of gaps")
+    a.set_title("chunk timing: gap20-c32")
+    a.grid(alpha=0.3)
+    if a.lines:
+        a.legend()
+    m = rep["meta"]
+    fig.suptitle(f"aisix bench {m['started']} ({'quick' if m['quick'] else 'full'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
