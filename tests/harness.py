@@ -59,6 +59,7 @@ class Script:
     writes: list = field(default_factory=list)
     end: str = "eof"
     body: bytes | None = None  # a plain (non-streamed) body instead of writes
+    head_delay: float = 0.0    # seconds before the status line and headers go out
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Seen:
     path: str
     headers: dict
     body: dict
+    raw: bytes
     started: float
     closed_by_peer: float | None = None
     write_times: list = field(default_factory=list)
@@ -118,12 +120,15 @@ class ScriptedUpstream:
         return [s for s in self.seen if _key(s.body) == key][-1]
 
     async def _handle(self, request: web.Request):
-        body = await request.json()
-        seen = Seen(request.path, dict(request.headers), body, time.monotonic())
+        raw = await request.read()
+        body = json.loads(raw)
+        seen = Seen(request.path, dict(request.headers), body, raw, time.monotonic())
         self.seen.append(seen)
         script = self.scripts.get(_key(body)) or self.scripts.get("default") or Script(
             status=500, headers={"Content-Type": "application/json"}, body=b'{"error":{"message":"no script"}}')
         try:
+            if script.head_delay:
+                await asyncio.sleep(script.head_delay)
             if script.body is not None:
                 return web.Response(status=script.status, body=script.body, headers=script.headers)
             resp = web.StreamResponse(status=script.status, headers=script.headers)
@@ -244,3 +249,72 @@ class GatewayProcess:
         finally:
             self.kill()
             self._logf.close()
+
+
+# -- clients and metrics ------------------------------------------------------------------------
+@dataclass
+class RawStream:
+    """What a client got: status, headers, every body read with its arrival time (monotonic s)."""
+
+    status: int
+    headers: dict
+    reads: list
+    closed_at: float | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(b for _, b in self.reads)
+
+    def data_events(self) -> list[bytes]:
+        from aisix.sse import SSEParser
+        p = SSEParser()
+        evs = p.feed(self.body)
+        return [e.data for e in evs if e.data is not None]
+
+
+async def post_raw(url: str, body: dict, key: str = "sk-test", *, max_events: int | None = None,
+                   headers: dict | None = None) -> RawStream:
+    """POST ``body`` and read the response as raw bytes; with ``max_events``, close the connection
+    after that many SSE data events arrived."""
+    import aiohttp
+    hdrs = {"Authorization": f"Bearer {key}", **(headers or {})}
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        resp = await s.post(url, json=body, headers=hdrs)
+        out = RawStream(resp.status, dict(resp.headers), [])
+        seen = 0
+        async for chunk in resp.content.iter_any():
+            out.reads.append((time.monotonic(), chunk))
+            seen += chunk.count(b"data:")
+            if max_events is not None and seen >= max_events:
+                resp.close()
+                out.closed_at = time.monotonic()
+                return out
+        resp.release()
+        return out
+
+
+class GatewayMetrics:
+    """Reads one gateway process's series from Prometheus (``instance`` = its service.instance.id)."""
+
+    def __init__(self, prom, instance: str):
+        self.prom = prom
+        self.instance = instance
+
+    def sel(self, name: str, **labels) -> str:
+        parts = [f'instance="{self.instance}"'] + [f'{k}="{v}"' for k, v in labels.items()]
+        return f"{name}{{{','.join(parts)}}}"
+
+    def value(self, name: str, **labels) -> float:
+        res = self.prom.query(f"sum({self.sel(name, **labels)})")
+        return float(res[0]["value"][1]) if res else 0.0
+
+    def wait_value(self, name: str, expected: float, timeout: float = 15, **labels) -> float:
+        """Poll until the summed series equals ``expected``; fail if it never does (or overshoots)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            v = self.value(name, **labels)
+            if v == expected:
+                return v
+            if v > expected or time.monotonic() > deadline:
+                raise AssertionError(f"{self.sel(name, **labels)} = {v}, expected {expected}")
+            time.sleep(0.1)
