@@ -280,7 +280,7 @@ async def post_raw(url: str, body: dict, key: str = "sk-test", *, max_events: in
     hdrs = {"Authorization": f"Bearer {key}", **(headers or {})}
     async with aiohttp.ClientSession(auto_decompress=False) as s:
         resp = await s.post(url, json=body, headers=hdrs)
-        out = RawStream(resp.status, dict(resp.headers), [])
+        out = RawStream(resp.status, resp.headers.copy(), [])
         seen = 0
         async for chunk in resp.content.iter_any():
             out.reads.append((time.monotonic(), chunk))
