@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from .config import ConfigError, embedded_default, load_config
+from .config import ConfigError, Listen, embedded_default, load_config
 from .store import StoreError
 
 
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", help="YAML config file (default: the embedded default, a mock model)")
     s.add_argument("--data-dir", default="./aisix-data", help="where the embedded default keeps its data")
     s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--listen", help="proxy host:port (overrides server.proxy.listen)")
+    s.add_argument("--admin-listen", help="Admin API host:port (overrides server.admin.listen)")
     s.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             config, creds = load_config(args.config), None
         else:
             config, creds = embedded_default(args.data_dir)
-    except ConfigError as e:
+        if args.listen:
+            config.server.proxy = Listen(listen=args.listen)
+        if args.admin_listen:
+            config.server.admin = Listen(listen=args.admin_listen)
+    except (ConfigError, ValueError) as e:
         print(f"aisix: {e}", file=sys.stderr)
         return 2
     import uvloop
