@@ -1,0 +1,81 @@
+"""The config file: bad files stop start-up with a message naming the file and the field;
+OTEL_* variables override the file; nothing is half-started."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from aisix.config import ConfigError, load_config
+from tests import services
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "aisix.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,field,fault", [
+    ('server:\n  proxy: {listen: "nope"}\n', "server.proxy.listen", "not host:port"),
+    ('models:\n  - {name: a, model: "foo/bar"}\n', "models.0.model", "unknown provider `foo`"),
+    ("models:\n  - {name: a}\n", "models.0.model", "Field required"),
+    ("apikeys:\n  - {key: k, allowed_models: notalist}\n", "apikeys.0.allowed_models", "valid list"),
+    ("observability:\n  metrics: {export_interval_ms: -5}\n", "observability.metrics.export_interval_ms", "greater than"),
+    ("deployment:\n  config_provider: redis\n", "deployment.config_provider", "'file' or 'etcd'"),
+    ("serverr: {}\n", "serverr", "Extra inputs are not permitted"),
+    ('models:\n  - {name: a, model: "openai/x"}\n  - {name: a, model: "openai/y"}\n', "models.1.name", "duplicate"),
+])
+def test_bad_config_names_file_field_and_fault(tmp_path, text, field, fault):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), env={})
+    msg = str(e.value)
+    assert str(path) in msg and f"`{field}`" in msg and fault in msg, msg
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(write(tmp_path, "a: [\n")), env={})
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(str(tmp_path / "missing.yaml"), env={})
+
+
+def test_otel_environment_overrides_the_file(tmp_path):
+    path = write(tmp_path, 'observability:\n  service_name: x\n  metrics: {otlp_endpoint: "http://a/m"}\n'
+                           '  traces: {otlp_endpoint: "http://a:1"}\n')
+    cfg = load_config(str(path), env={"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://b/v1/metrics",
+                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://b:4317",
+                                      "OTEL_SERVICE_NAME": "gw", "OTEL_SDK_DISABLED": "true"})
+    obs = cfg.observability
+    assert (obs.metrics.otlp_endpoint, obs.traces.otlp_endpoint, obs.service_name, obs.enabled) == (
+        "http://b/v1/metrics", "http://b:4317", "gw", False)
+    assert load_config(str(path), env={}).observability.service_name == "x"
+
+
+def test_cli_exits_with_the_message_and_starts_nothing(tmp_path):
+    path = write(tmp_path, 'models:\n  - {name: a, model: "foo/bar"}\n')
+    r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and str(path) in r.stderr and "models.0.model" in r.stderr
+
+
+def test_port_in_use_fails_cleanly_and_leaves_no_listener(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    proxy_port = services.free_port()
+    path = write(tmp_path, f'server:\n  proxy: {{listen: "127.0.0.1:{proxy_port}"}}\n'
+                           f'  admin: {{listen: "127.0.0.1:{port}"}}\n'
+                           f'deployment:\n  file: {{path: "{tmp_path}/r.json"}}\n')
+    try:
+        r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--config", str(path)],
+                           capture_output=True, text=True, timeout=30, env={"OTEL_SDK_DISABLED": "true"})
+    finally:
+        busy.close()
+    assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr
+    with socket.socket() as s:  # the proxy port it bound first was released with the process
+        s.bind(("127.0.0.1", proxy_port))
