@@ -16,6 +16,8 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 from bench import report, targets
 from bench._util import pin
 from bench.loadgen import Job, chat_body, serve_jobs
@@ -235,13 +237,17 @@ def _measure(loadgen: LoadGen, sampler: RssSampler, t, sc: Scenario, plan, infra
     job = Job("127.0.0.1", t.port, body=chat_body(sc.stream, sc.chunks, sc.ttft_ms, sc.gap_ms), stream=sc.stream,
               chunks=sc.chunks, n=0 if warm_only else plan.max_requests, concurrency=sc.concurrency,
               duration_s=0.3 if warm_only else dur, timeout_s=plan.timeout_s, record_chunks=sc.timing,
-              warmup=max(100, warmup_requests(sc)) if warm_only else warmup_requests(sc))
+              warmup=max(100, warmup_requests(sc)) if warm_only else warmup_requests(sc),
+              stagger_s=sc.gap_ms / 1e3 / sc.concurrency if sc.timing else 0.0)
     snap = {}
+    me = psutil.Process()
 
     def on_warm():
         sampler.watch(t.proc)
         snap["cpu"] = t.proc.cpu_s()
         snap["helpers"] = sum(p.cpu_s() for p in infra)
+        snap["me"] = sum(me.cpu_times()[:2])
+        snap["busy"] = _busy_s()
 
     try:
         r = loadgen.run(job, on_warm, dur + plan.timeout_s + 30)
@@ -249,11 +255,22 @@ def _measure(loadgen: LoadGen, sampler: RssSampler, t, sc: Scenario, plan, infra
         r = {"fatal": str(e)}
     if "fatal" in r:
         return {"lat_ms": [], "ttfb_ms": [], "gaps_ms": [], "ok": 0, "errors": 1, "error_kinds": {r["fatal"]: 1},
-                "wall_s": dur, "cpu_s": 0.0, "chunks": 0, "target_cpu_s": 0.0, "helper_cpu_s": 0.0, "rss_mb": 0.0}
+                "wall_s": dur, "cpu_s": 0.0, "chunks": 0, "target_cpu_s": 0.0, "helper_cpu_s": 0.0, "rss_mb": 0.0,
+                "foreign_cpu_s": 0.0}
+    busy = _busy_s() - snap.get("busy", 0.0)
     r["target_cpu_s"] = t.proc.cpu_s() - snap.get("cpu", 0.0)
     r["helper_cpu_s"] = sum(p.cpu_s() for p in infra) - snap.get("helpers", 0.0)
+    driver = sum(me.cpu_times()[:2]) - snap.get("me", 0.0)
+    # CPU that the machine spent on anything the bench did not start (other users' work): disturbs the figures
+    r["foreign_cpu_s"] = max(0.0, busy - r["target_cpu_s"] - r["helper_cpu_s"] - r["cpu_s"] - driver)
     r["rss_mb"] = max(sampler.watch(None), t.proc.rss_mb())
     return r
+
+
+def _busy_s() -> float:
+    """CPU seconds all CPUs have been busy (not idle, not waiting for I/O) since boot."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
 def _telemetry(prom, tlist) -> dict:

@@ -21,6 +21,7 @@ later, then (with the last) a ``finish_reason: stop`` chunk, a usage chunk
 (``choices: []``) when the request has ``stream_options.include_usage``, and
 ``data: [DONE]``. Framing is OpenAI's: ``content-type: text/event-stream``,
 ``transfer-encoding: chunked``, one ``data: {json}\\n\\n`` per event.
+When ``gap > 0`` each content carries its send time (``ts=`` + ``time.monotonic_ns()``).
 A non-streaming answer waits ``ttft + (N-1)*gap`` and carries N tokens of text.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import re
 import signal
+import time
 
 import httptools
 import orjson
@@ -43,6 +45,7 @@ RE_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{0,200})"')
 RE_KNOB = re.compile(rb"emu-(chunks|ttft-ms|gap-ms)[=:]\s*(\d+(?:\.\d+)?)")
 HDR_KNOBS = {b"x-emu-chunks": b"chunks", b"x-emu-ttft-ms": b"ttft-ms", b"x-emu-gap-ms": b"gap-ms"}
 MAX_CHUNKS = 100_000
+STAMP = b"ts=" + b"0" * 19
 
 
 def _http_chunk(payload: bytes) -> bytes:
@@ -62,11 +65,13 @@ def usage_obj(completion_tokens: int) -> dict:
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
-def build_stream(model: str, chunks: int, usage: bool) -> tuple[bytes, list[bytes], bytes]:
+def build_stream(model: str, chunks: int, usage: bool, stamp: bool = False) -> tuple[bytes, list[bytes], bytes]:
     """Pre-encode a stream: (response head, one HTTP chunk per content event, tail).
 
     The tail holds the finish chunk, the usage chunk (if asked) and ``[DONE]``,
-    then the terminating zero-length HTTP chunk.
+    then the terminating zero-length HTTP chunk. With ``stamp``, each content
+    ends in ``ts=`` and 19 digits, filled at send time with ``time.monotonic_ns()``
+    (the load generator reads it back to time each chunk's trip).
     """
     cid = "chatcmpl-bench0000000000000000000000"
     base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
@@ -75,7 +80,7 @@ def build_stream(model: str, chunks: int, usage: bool) -> tuple[bytes, list[byte
     events = []
     for i in range(chunks):
         delta = {"role": "assistant", "content": "", "refusal": None} if i == 0 else {}
-        delta["content"] = "tok%d " % i if i else "Hello "
+        delta["content"] = ("tok%d " % i if i else "Hello ") + (STAMP.decode() + " " if stamp else "")
         events.append(_http_chunk(_sse({**base, "choices": [
             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], **extra})))
     tail = _sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
@@ -122,11 +127,11 @@ class Emulator:
         self.cache: dict = {}
         self.requests = 0
 
-    def stream(self, model: bytes, chunks: int, usage: bool):
-        key = (b"s", model, chunks, usage)
+    def stream(self, model: bytes, chunks: int, usage: bool, stamp: bool = False):
+        key = (b"s", model, chunks, usage, stamp)
         r = self.cache.get(key)
         if r is None:
-            head, events, tail = build_stream(model.decode("utf-8", "replace"), chunks, usage)
+            head, events, tail = build_stream(model.decode("utf-8", "replace"), chunks, usage, stamp)
             r = self.cache[key] = (head, events, tail, head + b"".join(events) + tail)
         return r
 
@@ -221,7 +226,7 @@ class EmuProtocol(asyncio.Protocol):
                 self._pause()
                 self.loop.call_later(delay, self._send_last, data, keep)
             return
-        head, events, tail, whole = self.emu.stream(model, chunks, bool(RE_USAGE.search(body)))
+        head, events, tail, whole = self.emu.stream(model, chunks, bool(RE_USAGE.search(body)), gap > 0)
         if ttft <= 0 and gap <= 0:
             self._reply(whole, not keep)
             return
@@ -236,10 +241,11 @@ class EmuProtocol(asyncio.Protocol):
     def _tick(self, events, tail, i, start, gap, keep):
         if self.closed:
             return
+        ev = events[i].replace(STAMP, b"ts=%019d" % time.monotonic_ns(), 1)
         if i == len(events) - 1:
-            self._send_last(events[i] + tail, keep)
+            self._send_last(ev + tail, keep)
             return
-        self.t.write(events[i])
+        self.t.write(ev)
         self.loop.call_at(start + (i + 1) * gap, self._tick, events, tail, i + 1, start, gap, keep)
 
     def _pause(self):

@@ -8,8 +8,11 @@ comparison). Per request it records:
 * ``lat_ms``   latency, request written -> response complete (ms)
 * ``ttfb_ms``  time to first byte of the response *body* (ms) -- for a stream,
   the first token's arrival
-* ``gaps_ms``  with ``record_chunks``: time between consecutive content
-  chunks (SSE events) as they arrive at the client (ms)
+* with ``record_chunks``: ``gaps_ms``, the time between consecutive content
+  chunks (SSE events) as they arrive at the client (ms); when the upstream
+  stamps its chunks (the emulator does when paced), ``delay_ms``, each
+  chunk's trip from the upstream's write to the client's read (ms), and
+  ``gap_err_ms``, the client's gap minus the upstream's gap (ms)
 * errors: non-200, broken stream (no ``data: [DONE]``, fewer events than
   asked), connection errors, timeouts
 
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import re
 import resource
 import time
 from urllib.parse import urlsplit
@@ -34,6 +38,7 @@ from bench._util import pin, run as aio_run
 
 perf = time.perf_counter
 DONE = b"data: [DONE]\n\n"
+RE_TS = re.compile(rb"ts=(\d{19})")
 
 
 def cpu_now() -> float:
@@ -106,9 +111,8 @@ class Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_body(self, b: bytes):
-        now = perf()
         if not self.first:
-            self.first = now
+            self.first = perf()
         n = b.count(b"\n\n")
         if self.nl and b[:1] == b"\n":
             n += 1
@@ -117,7 +121,7 @@ class Conn(asyncio.Protocol):
         self.nbytes += len(b)
         self.tail = (self.tail + b)[-16:] if len(b) < 16 else b[-16:]
         if self.times is not None and n:
-            self.times.append((now, n))
+            self.times.append((time.monotonic_ns(), n, RE_TS.findall(b)))
 
     def on_message_complete(self):
         if self.fut is not None and not self.fut.done():
@@ -141,6 +145,7 @@ class Job:
     record_chunks: bool = False
     headers: dict = dataclasses.field(default_factory=lambda: {"authorization": "Bearer sk-bench-client"})
     warmup: int = 0
+    stagger_s: float = 0.0  # slot i starts i * stagger_s after the measured part begins (s)
 
 
 def _check(job: Job, c: Conn) -> str | None:
@@ -165,7 +170,7 @@ async def run_load(job: Job, on_warm=None) -> dict:
     """
     loop = asyncio.get_running_loop()
     req = raw_request(job.host, job.port, job.path, job.body, job.headers)
-    lat, ttfb, gaps, errors = [], [], [], collections.Counter()
+    lat, ttfb, gaps, delays, gap_err, errors = [], [], [], [], [], collections.Counter()
     state = {"issued": 0, "chunks": 0}
     inflight: dict[int, Conn] = {}
 
@@ -177,6 +182,8 @@ async def run_load(job: Job, on_warm=None) -> dict:
 
     async def worker(wid: int, deadline: float, limit: int, keep: bool):
         conn = conns[wid]
+        if keep and job.stagger_s:
+            await asyncio.sleep(wid * job.stagger_s)
         while state["issued"] < limit and perf() < deadline:
             state["issued"] += 1
             try:
@@ -207,7 +214,7 @@ async def run_load(job: Job, on_warm=None) -> dict:
                     if job.stream:
                         state["chunks"] += job.chunks
                     if conn.times:
-                        _gaps(conn.times, job.chunks, gaps)
+                        _gaps(conn.times, job.chunks, gaps, delays, gap_err)
             if not alive or err:
                 conn.t.close()
                 conn = None
@@ -238,22 +245,36 @@ async def run_load(job: Job, on_warm=None) -> dict:
         for c in conns:
             if c is not None and c.t is not None:
                 c.t.close()
-    return {"lat_ms": lat, "ttfb_ms": ttfb, "gaps_ms": gaps, "ok": len(lat), "errors": sum(errors.values()),
+    return {"lat_ms": lat, "ttfb_ms": ttfb, "gaps_ms": gaps, "delay_ms": delays, "gap_err_ms": gap_err,
+            "ok": len(lat), "errors": sum(errors.values()),
             "error_kinds": dict(errors.most_common(5)), "issued": state["issued"], "chunks": state["chunks"],
             "wall_s": wall, "cpu_s": cpu, "time_capped": state["issued"] < job.n}
 
 
-def _gaps(times: list, chunks: int, out: list) -> None:
-    """Append the gaps (ms) between the first ``chunks`` SSE events of one response."""
+def _gaps(times: list, chunks: int, gaps: list, delays: list, gap_err: list) -> None:
+    """From one response's (arrival ns, events, send stamps) pieces, append (all in ms):
+    the gaps between its first ``chunks`` events at the client; for each stamped chunk,
+    its trip (arrival - upstream send); for each pair of stamped chunks, client gap -
+    upstream gap."""
     prev, seen = None, 0
-    for t, n in times:
+    for t, n, _ in times:
         for _ in range(n):
             if seen >= chunks:
-                return
+                break
             if prev is not None:
-                out.append((t - prev) * 1e3)
+                gaps.append((t - prev) / 1e6)
             prev = t
             seen += 1
+    last = None
+    for t, _, stamps in times:
+        for st in stamps:
+            sent = int(st)
+            if not sent:
+                continue
+            delays.append((t - sent) / 1e6)
+            if last is not None:
+                gap_err.append(((t - last[0]) - (sent - last[1])) / 1e6)
+            last = (t, sent)
 
 
 async def run_load_aiohttp(job: Job) -> dict:
@@ -286,7 +307,8 @@ async def run_load_aiohttp(job: Job) -> dict:
         cpu0, t0 = cpu_now(), perf()
         await asyncio.gather(*(worker(t0 + job.duration_s) for _ in range(job.concurrency)))
         wall, cpu = perf() - t0, cpu_now() - cpu0
-    return {"lat_ms": lat, "ttfb_ms": ttfb, "gaps_ms": [], "ok": len(lat), "errors": sum(errors.values()),
+    return {"lat_ms": lat, "ttfb_ms": ttfb, "gaps_ms": [], "delay_ms": [], "gap_err_ms": [],
+            "ok": len(lat), "errors": sum(errors.values()),
             "error_kinds": dict(errors), "issued": state["issued"], "chunks": len(lat) * job.chunks * job.stream,
             "wall_s": wall, "cpu_s": cpu, "time_capped": state["issued"] < job.n}
 
