@@ -282,7 +282,7 @@ async def embeddings(request: web.Request) -> web.Response:
         finally:
             rec.llm_end_ns = perf_counter_ns()
             up.close()
-        result = provider.embeddings_response(data)
+        result = provider.embeddings_response(data, upreq)
         rec.response_model = result.response_model
         if result.usage is not None:
             u = result.usage

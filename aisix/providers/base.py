@@ -108,7 +108,9 @@ class Provider:
         raise GatewayError(400, f"provider `{self.name}` does not support embeddings",
                            "invalid_request_error", "unsupported_operation")
 
-    def embeddings_response(self, body: bytes) -> ChatResult:
+    def embeddings_response(self, body: bytes, request: UpstreamRequest | None = None) -> ChatResult:
+        """Translate a 2xx embeddings response. ``request`` is what :meth:`embeddings_request` built
+        (Gemini needs it: its response has no token count and no model)."""
         raise NotImplementedError
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:

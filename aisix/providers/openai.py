@@ -133,7 +133,7 @@ class OpenAIProvider(Provider):
         return UpstreamRequest(f"{self.base_url(model)}/embeddings", self._headers(model, headers),
                                orjson.dumps(body))
 
-    def embeddings_response(self, body: bytes) -> ChatResult:
+    def embeddings_response(self, body: bytes, request: UpstreamRequest | None = None) -> ChatResult:
         return self.chat_response(body)
 
 
