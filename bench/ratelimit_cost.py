@@ -66,9 +66,10 @@ def _admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
         return json.load(r)
 
 
-def _set_limits(admin: str, rl: dict | None) -> None:
-    """Put ``rl`` (None: no limits) on the bench key and model, live, through the Admin API."""
-    from bench.targets import CLIENT_KEY
+def _set_limits(admin: str, proxy: str, body: bytes, rl: dict | None) -> None:
+    """Put ``rl`` (None: no limits) on the bench key and model, live, through the Admin API, and
+    check with one request that the gateway applies it."""
+    from bench.targets import AUTH, CLIENT_KEY
     for kind in ("apikeys", "models"):
         for obj in _admin(admin, "GET", f"/{kind}")["list"]:
             rid = obj.pop("id")
@@ -76,6 +77,13 @@ def _set_limits(admin: str, rl: dict | None) -> None:
                 obj["key"] = CLIENT_KEY  # the listing masks it
             obj["rate_limit"] = rl
             _admin(admin, "PUT", f"/{kind}/{rid}", obj)
+    req = urllib.request.Request(proxy + "/v1/chat/completions", data=body,
+                                 headers={**AUTH, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        r.read()
+        limited = "x-ratelimit-limit-requests" in r.headers
+    if limited != (rl is not None):
+        raise RuntimeError(f"limits {'on' if rl else 'off'} but the response {'has' if limited else 'lacks'} them")
 
 
 def load(n: int, concurrency: int, rounds: int, stream: bool) -> list[dict]:
@@ -92,13 +100,14 @@ def load(n: int, concurrency: int, rounds: int, stream: bool) -> list[dict]:
         gw = start_aisix(tmp, "aisix", None, emu.port, None, 1, telemetry=False)
         with open(os.path.join(tmp, "aisix", "config.yaml")) as f:
             admin = "http://" + yaml.safe_load(f)["server"]["admin"]["listen"] + "/aisix/admin"
-        job = Job("127.0.0.1", gw.port, body=chat_body(stream, 5), stream=stream, chunks=5, n=n,
+        body = chat_body(stream, 5)
+        job = Job("127.0.0.1", gw.port, body=body, stream=stream, chunks=5, n=n,
                   concurrency=concurrency, duration_s=120, headers={k.lower(): v for k, v in AUTH.items()},
                   warmup=min(n, 2000))
         results = []
         for r in range(rounds):
             for label, rl in (("off", None), ("on", ALL_FIVE)) if r % 2 == 0 else (("on", ALL_FIVE), ("off", None)):
-                _set_limits(admin, rl)
+                _set_limits(admin, f"http://127.0.0.1:{gw.port}", chat_body(False, 1), rl)
                 cpu0 = gw.proc.cpu_s()
                 res = aio_run(run_load(job))
                 cpu = gw.proc.cpu_s() - cpu0
