@@ -9,6 +9,7 @@ Prometheus, trace sink, this driver; core 1 = the target under test (and the
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -222,7 +223,7 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
             "layout_note": layout_note, "python": sys.version.split()[0], "tmp": tmp}
     rep = report.build(meta, [s for s in SCENARIOS], [t.name for t in tlist], samples, notes, hwm, telemetry)
     with open(os.path.join(out_dir, "latest.json"), "w") as f:
-        json.dump(rep, f, indent=1, default=float)
+        json.dump(_finite(rep), f, indent=1)
     print(report.render(rep))
     try:
         report.plot(rep, os.path.join(out_dir, "latest.png"))
@@ -265,6 +266,17 @@ def _measure(loadgen: LoadGen, sampler: RssSampler, t, sc: Scenario, plan, infra
     r["foreign_cpu_s"] = max(0.0, busy - r["target_cpu_s"] - r["helper_cpu_s"] - r["cpu_s"] - driver)
     r["rss_mb"] = max(sampler.watch(None), t.proc.rss_mb())
     return r
+
+
+def _finite(x):
+    """The report with NaN/inf turned into null, so that the file is strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _busy_s() -> float:

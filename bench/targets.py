@@ -64,11 +64,11 @@ def start_prometheus(tmp: str, cpus, allow_build: bool) -> tuple[Proc | None, st
     if os.path.exists(script):
         args = [] if allow_build else ["--no-build"]
         try:
-            r = subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=600)
+            r = subprocess.run(["bash", script, *args], stdout=subprocess.PIPE, text=True, timeout=600)
             if r.returncode == 0 and r.stdout.strip():
                 binary = r.stdout.strip().splitlines()[-1]
-                f = subprocess.run(["bash", script, "--flag", "--no-build"], capture_output=True, text=True,
-                                   timeout=60)
+                f = subprocess.run(["bash", script, "--flag", "--no-build"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True, timeout=60)
                 flag = f.stdout.strip() or flag
         except (OSError, subprocess.TimeoutExpired):
             pass
