@@ -57,9 +57,10 @@ class Model(BaseModel):
     """A model alias. ``model`` is ``{provider}/{model_id}``, e.g. ``openai/gpt-4o-mini``."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str | None = Field(None, description="assigned on create (UUID)")
+    id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
     name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`")
-    model: str = Field(..., description="`{provider}/{model_id}`")
+    model: str = Field(..., description="`{provider}/{model_id}`",
+                       json_schema_extra={"pattern": f"^({'|'.join(PROVIDERS)})/.+$"})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
     rate_limit: RateLimit | None = None
 
@@ -86,7 +87,7 @@ class ApiKey(BaseModel):
     """A client API key: ``key`` is the secret sent as ``Authorization: Bearer <key>``."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str | None = Field(None, description="assigned on create (UUID)")
+    id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
     key: str = Field(..., min_length=1, max_length=512, description="the secret clients send")
     allowed_models: list[str] = Field(..., description="model names this key may use; [] allows none")
     rate_limit: RateLimit | None = None
@@ -96,3 +97,23 @@ Kind = Literal["models", "apikeys"]
 SCHEMAS: dict[str, type[BaseModel]] = {"models": Model, "apikeys": ApiKey}
 #: The field that must be unique within each kind.
 UNIQUE_FIELD = {"models": "name", "apikeys": "key"}
+
+
+def describe_validation_error(err) -> tuple[str, str | None]:
+    """A pydantic ``ValidationError`` as ``(message, first field)``; the message names every
+    faulty field (``field `a.b`: reason``) and never repeats the input (it may hold a secret)."""
+    parts, first = [], None
+    for e in err.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in e["loc"]) or "(body)"
+        first = first or where
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"field `{where}`: {msg}")
+    return "; ".join(parts) or "invalid body", first
+
+
+def mask_secret(secret: str) -> str:
+    """What responses show instead of a provider's ``api_key``: ``****`` plus its last four
+    characters when it is long enough for those not to give it away."""
+    return "****" + secret[-4:] if len(secret) >= 16 else "****"

@@ -1,7 +1,7 @@
 """Configuration stores: where models and API keys live and how changes reach the proxy."""
-from .base import ConfigStore, StoreError
+from .base import ConfigStore, ConflictError, StoreError, StoreUnavailable
 
-__all__ = ["ConfigStore", "StoreError", "create_store"]
+__all__ = ["ConfigStore", "ConflictError", "StoreError", "StoreUnavailable", "create_store"]
 
 
 def create_store(config, holder) -> ConfigStore:

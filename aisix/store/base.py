@@ -3,21 +3,66 @@
 A store keeps every resource as ``{kind: {id: dict}}`` (kinds: ``models``, ``apikeys``),
 persists writes its own way, and after each change publishes a new immutable
 :class:`~aisix.snapshot.Snapshot` through the :class:`~aisix.snapshot.SnapshotHolder`.
+
+Writes are serialised by one lock per store and keep each kind's unique field (model
+``name``, key ``key``) unique: a clash raises :class:`ConflictError`. A back end that other
+processes also write (etcd) re-checks against its own fresh copy in :meth:`ConfigStore._write`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from abc import ABC, abstractmethod
+from typing import Callable
 
-from ..resources import SCHEMAS, UNIQUE_FIELD
+from pydantic import ValidationError
+
+from ..resources import SCHEMAS, UNIQUE_FIELD, describe_validation_error
 from ..snapshot import SnapshotHolder
 
 log = logging.getLogger("aisix.store")
 
+#: ``choose(existing: {id: obj}) -> id``: picks the id a write goes to, given the kind's resources.
+ChooseId = Callable[[dict[str, dict]], str]
+
 
 class StoreError(Exception):
     """The store cannot be read or written (names the file or endpoint and the cause)."""
+
+
+class StoreUnavailable(StoreError):
+    """The back end cannot be reached right now (etcd down); reads still serve the last copy."""
+
+
+class ConflictError(StoreError):
+    """Another resource already holds this unique value (model ``name``, API key ``key``)."""
+
+    def __init__(self, kind: str, field: str, other_id: str):
+        self.kind, self.field, self.other_id = kind, field, other_id
+        what = "a model with this name" if kind == "models" else "an API key with this key"
+        super().__init__(f"field `{field}`: {what} already exists (id {other_id})")
+
+
+def check_unique(kind: str, existing: dict[str, dict], rid: str, obj: dict) -> None:
+    """Raise :class:`ConflictError` if a resource other than ``rid`` holds ``obj``'s unique value."""
+    field = UNIQUE_FIELD[kind]
+    value = obj.get(field)
+    for other_id, other in existing.items():
+        if other_id != rid and other.get(field) == value:
+            raise ConflictError(kind, field, other_id)
+
+
+def upsert_id(kind: str, obj: dict) -> ChooseId:
+    """The id of the resource holding ``obj``'s unique value, or a new UUID."""
+    field = UNIQUE_FIELD[kind]
+
+    def choose(existing: dict[str, dict]) -> str:
+        for rid, other in existing.items():
+            if other.get(field) == obj.get(field):
+                return rid
+        return str(uuid.uuid4())
+    return choose
 
 
 class ConfigStore(ABC):
@@ -30,6 +75,9 @@ class ConfigStore(ABC):
     def __init__(self, holder: SnapshotHolder):
         self.holder = holder
         self.data: dict[str, dict[str, dict]] = {kind: {} for kind in SCHEMAS}
+        self._write_lock = asyncio.Lock()
+        # (kind, id) -> (the dict validated, its parsed resource or None): publish re-validates only changes
+        self._parsed: dict[tuple[str, str], tuple[dict, object]] = {}
 
     @abstractmethod
     async def start(self) -> None:
@@ -42,7 +90,8 @@ class ConfigStore(ABC):
     async def _persist_put(self, kind: str, id: str, obj: dict) -> None: ...
 
     @abstractmethod
-    async def _persist_delete(self, kind: str, id: str) -> None: ...
+    async def _persist_delete(self, kind: str, id: str) -> bool:
+        """Delete from the back end; returns whether it was there."""
 
     # -- reads --------------------------------------------------------------
     def list(self, kind: str) -> list[dict]:
@@ -61,40 +110,85 @@ class ConfigStore(ABC):
 
     # -- writes -------------------------------------------------------------
     async def put(self, kind: str, id: str, obj: dict) -> bool:
-        """Create or replace resource ``id`` (``obj`` already validated). Returns True if created."""
-        obj = {**obj, "id": id}
-        created = id not in self.data[kind]
-        await self._persist_put(kind, id, obj)
-        self.data[kind][id] = obj
-        self.publish()
+        """Create or replace resource ``id`` (``obj`` already validated). Returns True if created.
+        Raises :class:`ConflictError` if another resource holds its name/key."""
+        async with self._write_lock:
+            rid, stored, created = await self._write(kind, lambda _existing: id, obj)
+            self._apply(kind, rid, stored)
         return created
+
+    async def upsert_by_unique(self, kind: str, obj: dict) -> str:
+        """Upsert by model ``name`` / key ``key`` (the config file's start-up resources). Returns the id.
+        Writes nothing when the stored resource is already equal."""
+        async with self._write_lock:
+            rid, stored, _ = await self._write(kind, upsert_id(kind, obj), obj)
+            self._apply(kind, rid, stored)
+        return rid
 
     async def delete(self, kind: str, id: str) -> bool:
         """Delete resource ``id``. Returns False if there was none."""
-        if id not in self.data[kind]:
-            return False
-        await self._persist_delete(kind, id)
-        self.data[kind].pop(id, None)
-        self.publish()
-        return True
+        async with self._write_lock:
+            existed = await self._persist_delete(kind, id)
+            if self.data[kind].pop(id, None) is not None or existed:
+                self.publish()
+        return existed
 
-    async def upsert_by_unique(self, kind: str, obj: dict) -> str:
-        """Upsert by model ``name`` / key ``key`` (the config file's start-up resources). Returns the id."""
-        existing = self.find_by_unique(kind, obj[UNIQUE_FIELD[kind]])
-        rid = existing["id"] if existing else str(uuid.uuid4())
-        await self.put(kind, rid, obj)
-        return rid
+    async def seed(self, models, apikeys) -> None:
+        """Upsert the config file's ``models`` and ``apikeys`` (pydantic objects) by name / key."""
+        for kind, items in (("models", models), ("apikeys", apikeys)):
+            for item in items:
+                await self.upsert_by_unique(kind, item.model_dump(mode="json", exclude_unset=True, exclude={"id"}))
+
+    async def _write(self, kind: str, choose: ChooseId, obj: dict) -> tuple[str, dict, bool]:
+        """Pick the id, check uniqueness, persist. Returns ``(id, stored obj, created)``.
+        Called under the write lock; back ends shared with other writers override it."""
+        existing = self.data[kind]
+        rid = choose(existing)
+        stored = {**obj, "id": rid}
+        check_unique(kind, existing, rid, stored)
+        if existing.get(rid) != stored:
+            await self._persist_put(kind, rid, stored)
+        return rid, stored, rid not in existing
+
+    def _apply(self, kind: str, rid: str, obj: dict) -> None:
+        if self.data[kind].get(rid) != obj:
+            self.data[kind][rid] = obj
+            self.publish()
 
     def publish(self) -> None:
         """Build a snapshot from ``self.data`` and swap it in. Entries that fail validation
-        (e.g. written straight into etcd by hand) are skipped with a warning."""
-        parsed = {}
+        (e.g. written straight into etcd by hand) are skipped with one warning each."""
+        parsed: dict[str, list] = {}
+        cache: dict[tuple[str, str], tuple[dict, object]] = {}
         for kind, schema in SCHEMAS.items():
-            items = []
+            items, seen = [], {}
+            field = UNIQUE_FIELD[kind]
             for rid, obj in self.data[kind].items():
-                try:
-                    items.append(schema.model_validate({**obj, "id": rid}))
-                except Exception as e:  # noqa: BLE001 - one bad entry must not stop the others
-                    log.warning("skipping invalid %s %s: %s", kind, rid, str(e).splitlines()[0])
+                hit = self._parsed.get((kind, rid))
+                if hit is not None and hit[0] is obj:
+                    item = hit[1]
+                else:
+                    item = self._validate(schema, kind, rid, obj)
+                cache[(kind, rid)] = (obj, item)
+                if item is None:
+                    continue
+                value = getattr(item, field)
+                if value in seen:
+                    log.warning("%s %s and %s share one %s; serving %s", kind, seen[value], rid, field, seen[value])
+                    continue
+                seen[value] = rid
+                items.append(item)
             parsed[kind] = items
+        self._parsed = cache
         self.holder.swap(parsed["models"], parsed["apikeys"])
+
+    @staticmethod
+    def _validate(schema, kind: str, rid: str, obj):
+        if not isinstance(obj, dict):
+            log.warning("skipping invalid %s %s: not a JSON object", kind, rid)
+            return None
+        try:
+            return schema.model_validate({**obj, "id": rid})
+        except ValidationError as e:
+            log.warning("skipping invalid %s %s: %s", kind, rid, describe_validation_error(e)[0])
+            return None

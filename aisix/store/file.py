@@ -1,26 +1,46 @@
-"""The embedded store: one JSON document on disk, written atomically.
+"""The embedded store: one JSON (or YAML) document on disk, written atomically and durably.
 
-Document shape: ``{"models": {id: {...}}, "apikeys": {id: {...}}}``. A write goes to a
-temp file in the same folder, is fsynced, renamed over the document, and the folder is
-fsynced (POSIX rename is atomic), so a crash leaves either the old or the new content.
+Document shape: ``{"models": {id: {...}}, "apikeys": {id: {...}}}``; a path ending in
+``.yaml``/``.yml`` is read and written as YAML, anything else as JSON. A write goes to a temp
+file in the same folder, is fsynced, renamed over the document (POSIX rename is atomic), and
+the folder is fsynced, so a process killed at any moment (or a power cut) leaves either the
+old or the new document, never a torn one. A document that cannot be read or parsed stops
+the start with an error naming the file, and is never overwritten.
+
+One process owns the file at a time: ``start`` takes an exclusive ``flock`` on ``PATH.lock``.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import glob
 import os
 import tempfile
+import time
 
 import orjson
+import yaml
 
 from ..resources import SCHEMAS
 from .base import ConfigStore, StoreError
+
+#: leftover temp files (from a process killed mid-write) older than this are removed at start, s
+_STALE_TMP_S = 60.0
+
+
+def _is_yaml(path: str) -> bool:
+    return path.lower().endswith((".yaml", ".yml"))
+
+
+def _tmp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
 
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` durably and atomically (temp + fsync + rename + fsync dir)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".resources.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,6 +60,14 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
+def encode_document(path: str, data: dict[str, dict[str, dict]]) -> bytes:
+    """The document's bytes, in the format the path's extension names."""
+    doc = {kind: data.get(kind, {}) for kind in SCHEMAS}
+    if _is_yaml(path):
+        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True).encode()
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+
+
 def read_document(path: str) -> dict[str, dict[str, dict]]:
     """Read the document; a missing file is empty. Raises :class:`StoreError` naming the file."""
     try:
@@ -48,41 +76,90 @@ def read_document(path: str) -> dict[str, dict[str, dict]]:
     except FileNotFoundError:
         return {kind: {} for kind in SCHEMAS}
     except OSError as e:
-        raise StoreError(f"{path}: cannot read the resources file: {e.strerror}") from e
+        raise StoreError(f"{path}: cannot read the resources file: {e.strerror or e}") from e
+    untouched = "fix or move it away; it is left untouched"
     try:
-        doc = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as e:
-        raise StoreError(f"{path}: corrupt resources file (not valid JSON: {e}); "
-                         "fix or move it away, it is left untouched") from e
-    if not isinstance(doc, dict) or any(not isinstance(doc.get(k, {}), dict) for k in SCHEMAS):
-        raise StoreError(f"{path}: corrupt resources file (expected an object with "
-                         "`models` and `apikeys` objects); it is left untouched")
-    return {kind: dict(doc.get(kind, {})) for kind in SCHEMAS}
+        if not raw.strip():
+            doc = {}
+        elif _is_yaml(path):
+            doc = yaml.safe_load(raw)
+        else:
+            doc = orjson.loads(raw)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as e:
+        fmt = "YAML" if _is_yaml(path) else "JSON"
+        raise StoreError(f"{path}: corrupt resources file (not valid {fmt}: {e}); {untouched}") from e
+    if doc is None:
+        doc = {}
+    sections = {k: {} if doc.get(k) is None else doc.get(k) for k in SCHEMAS} if isinstance(doc, dict) else None
+    if sections is None or not all(isinstance(sec, dict) and all(isinstance(v, dict) for v in sec.values())
+                                   for sec in sections.values()):
+        raise StoreError(f"{path}: corrupt resources file (expected an object with `models` and "
+                         f"`apikeys` objects of id -> object); {untouched}")
+    return {kind: {str(rid): {**obj, "id": str(rid)} for rid, obj in sec.items()} for kind, sec in sections.items()}
+
+
+def _remove_stale_temps(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = os.path.join(glob.escape(folder), glob.escape(_tmp_prefix(path)) + "*.tmp")
+    now = time.time()
+    for tmp in glob.glob(pattern):
+        try:
+            if now - os.stat(tmp).st_mtime > _STALE_TMP_S:
+                os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class FileStore(ConfigStore):
-    """Resources in one local JSON file (``deployment.file.path``)."""
+    """Resources in one local document (``deployment.file.path``)."""
 
     def __init__(self, path: str, holder):
         super().__init__(holder)
         self.path = path
-        self._lock = asyncio.Lock()
+        self._lock_fd: int | None = None
 
     async def start(self) -> None:
+        self._take_lock()
         self.data = read_document(self.path)
+        _remove_stale_temps(self.path)
         self.publish()
 
+    async def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        lock_path = self.path + ".lock"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"{lock_path}: cannot open the lock file: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"{self.path}: in use by another aisix process (lock {lock_path} is held); "
+                             "use another deployment.file.path, or etcd to share configuration") from e
+        self._lock_fd = fd
+
     async def _save(self, data: dict) -> None:
-        blob = orjson.dumps(data, option=orjson.OPT_INDENT_2)
-        async with self._lock:
+        blob = encode_document(self.path, data)
+        try:
             await asyncio.to_thread(atomic_write, self.path, blob)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot write the resources file: {e.strerror or e}") from e
 
     async def _persist_put(self, kind: str, id: str, obj: dict) -> None:
         data = {k: dict(v) for k, v in self.data.items()}
         data[kind][id] = obj
         await self._save(data)
 
-    async def _persist_delete(self, kind: str, id: str) -> None:
+    async def _persist_delete(self, kind: str, id: str) -> bool:
+        if id not in self.data[kind]:
+            return False
         data = {k: dict(v) for k, v in self.data.items()}
         data[kind].pop(id, None)
         await self._save(data)
+        return True

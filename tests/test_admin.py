@@ -1,0 +1,298 @@
+"""The Admin API: CRUD with status codes and bodies, auth, every bad input, secrets, OpenAPI."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate as validate_spec
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from aisix.openapi import openapi_document
+from tests.admin_client import ADMIN_KEY, AUTH, OTHER_ADMIN_KEY, admin_client, make_config
+
+BASE = "/aisix/admin"
+SECRET = "sk-upstream-secret-0123456789abcdef"
+MODEL = {"name": "gpt", "model": "openai/gpt-4.1-mini", "provider_config": {"api_key": SECRET}}
+KEY = {"key": "sk-client-key-0001", "allowed_models": ["gpt"]}
+
+
+@pytest.fixture(params=["file", "etcd"])
+async def admin(request, tmp_path):
+    """(client, gateway) over a file store and over a real etcd."""
+    etcd = request.getfixturevalue("etcd") if request.param == "etcd" else None
+    async with admin_client(make_config(tmp_path, etcd)) as pair:
+        yield pair
+
+
+@pytest.fixture
+async def client(tmp_path):
+    """An Admin API client over a file store (for tests that do not depend on the store)."""
+    async with admin_client(make_config(tmp_path)) as (c, _):
+        yield c
+
+
+async def _error(resp, status: int) -> dict:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+# -- CRUD ----------------------------------------------------------------------------
+
+async def test_models_crud(admin):
+    client, gw = admin
+    r = await client.post(f"{BASE}/models", json=MODEL, headers=AUTH)
+    assert r.status == 201
+    created = await r.json()
+    mid = created["id"]
+    assert uuid.UUID(mid)
+    assert created == {"id": mid, "name": "gpt", "model": "openai/gpt-4.1-mini",
+                       "provider_config": {"api_key": "****" + SECRET[-4:]}}
+    assert gw.holder.current.models["gpt"].provider_config.api_key == SECRET  # serves at once
+
+    r = await client.get(f"{BASE}/models", headers=AUTH)
+    assert r.status == 200 and await r.json() == {"total": 1, "list": [created]}
+    r = await client.get(f"{BASE}/models/{mid}", headers=AUTH)
+    assert r.status == 200 and await r.json() == created
+
+    update = {**MODEL, "name": "gpt-renamed", "rate_limit": {"rpm": 10}}
+    r = await client.put(f"{BASE}/models/{mid}", json=update, headers=AUTH)
+    assert r.status == 200
+    assert (await r.json())["rate_limit"] == {"rpm": 10}
+    assert set(gw.holder.current.models) == {"gpt-renamed"}
+
+    r = await client.put(f"{BASE}/models/my-model.v2", json=MODEL, headers=AUTH)
+    assert r.status == 201 and (await r.json())["id"] == "my-model.v2"
+    assert set(gw.holder.current.models) == {"gpt-renamed", "gpt"}
+    r = await client.get(f"{BASE}/models", headers=AUTH)
+    assert (await r.json())["total"] == 2
+
+    r = await client.delete(f"{BASE}/models/{mid}", headers=AUTH)
+    assert r.status == 200 and await r.json() == {"id": mid, "deleted": True}
+    assert set(gw.holder.current.models) == {"gpt"}
+    assert (await _error(await client.get(f"{BASE}/models/{mid}", headers=AUTH), 404))["code"] == "not_found"
+    assert (await _error(await client.delete(f"{BASE}/models/{mid}", headers=AUTH), 404))["type"] == "not_found_error"
+    err = await _error(await client.get(f"{BASE}/models/{uuid.uuid4()}", headers=AUTH), 404)
+    assert "not found" in err["message"]
+
+
+async def test_apikeys_crud(admin):
+    client, gw = admin
+    r = await client.post(f"{BASE}/apikeys", json=KEY, headers=AUTH)
+    assert r.status == 201
+    created = await r.json()
+    kid = created["id"]
+    assert created == {"id": kid, **KEY}  # the client key is what this API manages: returned as is
+    assert gw.holder.current.keys[KEY["key"]].allowed_models == ["gpt"]
+
+    r = await client.get(f"{BASE}/apikeys", headers=AUTH)
+    assert await r.json() == {"total": 1, "list": [created]}
+    r = await client.put(f"{BASE}/apikeys/{kid}", json={**KEY, "allowed_models": []}, headers=AUTH)
+    assert r.status == 200 and (await r.json())["allowed_models"] == []
+    assert gw.holder.current.keys[KEY["key"]].allowed_models == []
+    r = await client.put(f"{BASE}/apikeys/k2", json={"key": "sk-2", "allowed_models": ["a", "b"],
+                                                     "rate_limit": {"concurrency": 2, "tpd": 1000}}, headers=AUTH)
+    assert r.status == 201
+    r = await client.delete(f"{BASE}/apikeys/{kid}", headers=AUTH)
+    assert r.status == 200 and await r.json() == {"id": kid, "deleted": True}
+    assert set(gw.holder.current.keys) == {"sk-2"}
+    await _error(await client.get(f"{BASE}/apikeys/{kid}", headers=AUTH), 404)
+
+
+async def test_conflicts_are_409_naming_the_field(admin):
+    client, _ = admin
+    first = await (await client.post(f"{BASE}/models", json=MODEL, headers=AUTH)).json()
+    err = await _error(await client.post(f"{BASE}/models", json=MODEL, headers=AUTH), 409)
+    assert err["param"] == "name" and "`name`" in err["message"] and first["id"] in err["message"]
+    assert err["code"] == "conflict"
+    err = await _error(await client.put(f"{BASE}/models/other", json=MODEL, headers=AUTH), 409)
+    assert err["param"] == "name"
+    # the same resource may keep its own name
+    r = await client.put(f"{BASE}/models/{first['id']}", json=MODEL, headers=AUTH)
+    assert r.status == 200
+
+    await client.post(f"{BASE}/apikeys", json=KEY, headers=AUTH)
+    err = await _error(await client.post(f"{BASE}/apikeys", json=KEY, headers=AUTH), 409)
+    assert err["param"] == "key" and KEY["key"] not in err["message"]
+    r = await client.get(f"{BASE}/models", headers=AUTH)
+    assert (await r.json())["total"] == 1
+
+
+# -- auth --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers, code", [
+    ({}, "missing_admin_key"),
+    ({"Authorization": ""}, "missing_admin_key"),
+    ({"Authorization": "Bearer"}, "missing_admin_key"),
+    ({"Authorization": "Bearer wrong-key-000000"}, "invalid_admin_key"),
+    ({"Authorization": f"Bearer {ADMIN_KEY}x"}, "invalid_admin_key"),
+    ({"Authorization": f"Basic {ADMIN_KEY}"}, "invalid_admin_key"),
+    ({"Authorization": ADMIN_KEY}, "missing_admin_key"),
+])
+@pytest.mark.parametrize("method, path", [("GET", "/models"), ("POST", "/models"), ("GET", "/apikeys/x"),
+                                          ("PUT", "/apikeys/x"), ("DELETE", "/models/x"), ("GET", "/nowhere")])
+async def test_auth_required(client, headers, code, method, path):
+    r = await client.request(method, BASE + path, headers=headers, json=MODEL)
+    err = await _error(r, 401)
+    assert err["type"] == "authentication_error" and err["code"] == code
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_every_configured_admin_key_works(client):
+    for key in (ADMIN_KEY, OTHER_ADMIN_KEY):
+        r = await client.get(f"{BASE}/models", headers={"Authorization": f"bearer {key}"})
+        assert r.status == 200
+
+
+async def test_no_admin_key_configured_disables_the_api(tmp_path):
+    async with admin_client(make_config(tmp_path, admin_keys=())) as (client, _):
+        err = await _error(await client.get(f"{BASE}/models", headers=AUTH), 401)
+        assert err["code"] == "admin_api_disabled" and "admin_key" in err["message"]
+        assert (await client.get("/openapi")).status == 200
+
+
+# -- bad inputs ----------------------------------------------------------------------------
+
+BAD_MODELS = [
+    ({"model": "openai/x"}, "name", "Field required"),
+    ({"name": "a"}, "model", "Field required"),
+    ({"name": 1, "model": "openai/x"}, "name", "valid string"),
+    ({"name": "", "model": "openai/x"}, "name", "at least 1"),
+    ({"name": "a", "model": "nope/x"}, "model", "unknown provider `nope`"),
+    ({"name": "a", "model": "openai"}, "model", "{provider}/{model_id}"),
+    ({"name": "a", "model": "openai/"}, "model", "{provider}/{model_id}"),
+    ({"name": "a", "model": 5}, "model", "valid string"),
+    ({"name": "a", "model": "openai/x", "provider_config": "k"}, "provider_config", "dictionary"),
+    ({"name": "a", "model": "openai/x", "provider_config": {"api_key": 5}}, "provider_config.api_key", "string"),
+    ({"name": "a", "model": "openai/x", "provider_config": {"api_base": "ftp://h"}}, "provider_config.api_base", "http"),
+    ({"name": "a", "model": "openai/x", "provider_config": {"connect_timeout_ms": 0}},
+     "provider_config.connect_timeout_ms", "greater than or equal to 1"),
+    ({"name": "a", "model": "openai/x", "rate_limit": {"rpm": "5"}}, "rate_limit.rpm", "valid integer"),
+    ({"name": "a", "model": "openai/x", "rate_limit": {"rpm": 1.5}}, "rate_limit.rpm", "valid integer"),
+    ({"name": "a", "model": "openai/x", "rate_limit": {"rpm": 0}}, "rate_limit.rpm", "greater than or equal to 1"),
+    ({"name": "a", "model": "openai/x", "rate_limit": {"rps": 1}}, "rate_limit.rps", "unknown field"),
+    ({"name": "a", "model": "openai/x", "rate_limit": 5}, "rate_limit", "valid dictionary"),
+    ({"name": "a", "model": "openai/x", "colour": "red"}, "colour", "unknown field"),
+]
+BAD_KEYS = [
+    ({"allowed_models": []}, "key", "Field required"),
+    ({"key": "k"}, "allowed_models", "Field required"),
+    ({"key": "", "allowed_models": []}, "key", "at least 1"),
+    ({"key": 7, "allowed_models": []}, "key", "valid string"),
+    ({"key": "k", "allowed_models": "gpt"}, "allowed_models", "valid list"),
+    ({"key": "k", "allowed_models": [1]}, "allowed_models.0", "valid string"),
+    ({"key": "k", "allowed_models": [], "rate_limit": {"tpm": -1}}, "rate_limit.tpm", "greater than or equal to 1"),
+    ({"key": "k", "allowed_models": [], "name": "x"}, "name", "unknown field"),
+]
+
+
+@pytest.mark.parametrize("kind, body, field, words",
+                         [("models", *b) for b in BAD_MODELS] + [("apikeys", *b) for b in BAD_KEYS])
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_invalid_bodies_are_400_naming_the_field(client, kind, body, field, words, method):
+    path = f"{BASE}/{kind}" + ("/some-id" if method == "PUT" else "")
+    err = await _error(await client.request(method, path, json=body, headers=AUTH), 400)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_field"
+    assert err["param"] == field
+    assert f"field `{field}`" in err["message"] and words in err["message"], err["message"]
+    r = await client.get(f"{BASE}/{kind}", headers=AUTH)
+    assert (await r.json())["total"] == 0
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"", "empty"), (b"   ", "empty"), (b"{", "not valid JSON"), (b"{'name': 'a'}", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"), (b"[]", "JSON object"), (b'"model"', "JSON object"), (b"null", "JSON object"),
+    (b"42", "JSON object"),
+])
+@pytest.mark.parametrize("method, path", [("POST", "/models"), ("PUT", "/models/x"), ("POST", "/apikeys"),
+                                          ("PUT", "/apikeys/x")])
+async def test_bad_json_is_400(client, raw, words, method, path):
+    r = await client.request(method, BASE + path, data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    err = await _error(r, 400)
+    assert err["code"] == "invalid_json" and words in err["message"]
+
+
+async def test_ids(client):
+    err = await _error(await client.post(f"{BASE}/models", json={**MODEL, "id": "mine"}, headers=AUTH), 400)
+    assert err["param"] == "id" and "PUT" in err["message"]
+    err = await _error(await client.put(f"{BASE}/models/a", json={**MODEL, "id": "b"}, headers=AUTH), 400)
+    assert err["param"] == "id"
+    r = await client.put(f"{BASE}/models/a", json={**MODEL, "id": "a"}, headers=AUTH)
+    assert r.status == 201
+    for bad in (".hidden", "a%20b", "x" * 129, "%C3%A9"):
+        err = await _error(await client.put(f"{BASE}/models/{bad}", json=MODEL, headers=AUTH), 400)
+        assert err["code"] == "invalid_id"
+        await _error(await client.get(f"{BASE}/models/{bad}", headers=AUTH), 400)
+
+
+async def test_unknown_routes_methods_and_big_bodies(client):
+    err = await _error(await client.get(f"{BASE}/routes", headers=AUTH), 404)
+    assert err["code"] == "not_found"
+    r = await client.patch(f"{BASE}/models/x", json=MODEL, headers=AUTH)
+    err = await _error(r, 405)
+    assert err["code"] == "method_not_allowed" and "PUT" in r.headers["Allow"]
+    r = await client.post(f"{BASE}/models", data=b"{" + b" " * (2 * 1024 * 1024) + b"}", headers=AUTH)
+    assert (await _error(r, 413))["code"] == "request_too_large"
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+async def test_provider_secret_is_masked_and_survives_a_round_trip(admin, caplog):
+    caplog.set_level(logging.DEBUG)
+    client, gw = admin
+    r = await client.post(f"{BASE}/models", json=MODEL, headers=AUTH)
+    got = await r.json()
+    assert got["provider_config"]["api_key"] == "****cdef"
+    # GET → edit → PUT with the masked value keeps the stored secret
+    got["rate_limit"] = {"rpm": 5}
+    r = await client.put(f"{BASE}/models/{got['id']}", json=got, headers=AUTH)
+    assert r.status == 200
+    assert gw.store.get("models", got["id"])["provider_config"]["api_key"] == SECRET
+    assert gw.holder.current.models["gpt"].provider_config.api_key == SECRET
+    # a new key replaces it
+    new = {**MODEL, "provider_config": {"api_key": "short"}}
+    r = await client.put(f"{BASE}/models/{got['id']}", json=new, headers=AUTH)
+    assert (await r.json())["provider_config"]["api_key"] == "****"
+    assert gw.holder.current.models["gpt"].provider_config.api_key == "short"
+    for r in [await client.get(f"{BASE}/models", headers=AUTH), await client.get(f"{BASE}/models/{got['id']}", headers=AUTH)]:
+        assert SECRET not in await r.text() and '"short"' not in await r.text()
+    await client.post(f"{BASE}/models", json={**MODEL, "provider_config": {"api_key": 5}}, headers=AUTH)
+    await client.post(f"{BASE}/models", json={**MODEL, "name": "gpt"}, headers=AUTH)  # conflict path
+    await client.delete(f"{BASE}/models/{got['id']}", headers=AUTH)
+    assert SECRET not in caplog.text and "short" not in caplog.text and ADMIN_KEY not in caplog.text
+    assert "created model" in caplog.text  # the log does speak, just not secrets
+
+
+# -- OpenAPI ------------------------------------------------------------------------------
+
+async def test_openapi_document_is_valid_and_covers_every_route(client):
+    r = await client.get("/openapi")  # no auth needed: schemas only
+    assert r.status == 200
+    doc = await r.json()
+    assert doc["openapi"].startswith("3.")
+    validate_spec(doc)
+    for route in client.server.app.router.routes():
+        if route.method == "HEAD":
+            continue
+        for kind in ("models", "apikeys"):
+            path = route.resource.canonical.replace("{kind}", kind)
+            assert route.method.lower() in doc["paths"][path], (route.method, path)
+    assert doc["components"]["securitySchemes"]["adminKey"]["scheme"] == "bearer"
+
+
+def test_openapi_schemas_accept_and_reject_what_the_api_does():
+    registry = Registry().with_resource("urn:aisix", DRAFT202012.create_resource(openapi_document()))
+
+    def validator(name):
+        return OAS31Validator({"$ref": f"urn:aisix#/components/schemas/{name}"}, registry=registry)
+    assert validator("Model").is_valid(MODEL)
+    assert validator("ApiKey").is_valid(KEY)
+    assert not validator("Model").is_valid({"name": "a", "model": "nope/x"})
+    assert not validator("Model").is_valid({"name": "a"})
+    assert not validator("ApiKey").is_valid({"key": "k", "allowed_models": [], "extra": 1})
+    assert validator("Error").is_valid({"error": {"message": "m", "type": "t", "code": None}})
