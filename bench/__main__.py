@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 
@@ -12,6 +13,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated targets (direct,aisix,aisix-notel,nginx,litellm)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results)")
     a = ap.parse_args(argv)
+    missing = [m for m in ("httptools", "psutil", "matplotlib", "orjson") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"bench needs {', '.join(missing)}: {sys.executable} -m pip install {' '.join(missing)}",
+              file=sys.stderr)
+        return 2
     from bench.driver import run
     only = [t.strip() for t in a.only.split(",") if t.strip()] or None
     if only and "litellm" in only:
