@@ -21,7 +21,8 @@ class Call:
     ``record`` holds what is measured (usage in tokens once known, status); hooks add response
     headers to ``response_headers`` and keep their own per-call state in ``state``.
     ``estimated_completion_tokens`` is the gateway's own count of completion tokens when an
-    upstream stream ended without usage (one per content-bearing chunk).
+    upstream stream ended without usage (one per data event from the first token up to the
+    one that carries the finish_reason).
     """
 
     key: ApiKey

@@ -17,6 +17,7 @@ from .errors import GatewayError, invalid_request, upstream_unreachable
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
+from .ratelimit import REQUEST_BYTES
 from .resources import ApiKey, Model
 from .snapshot import Snapshot
 from .sse import SSEParser
@@ -95,14 +96,18 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
     return up
 
 
-def _prepare_call(request: web.Request, body: dict, operation: str) -> tuple[Call, Provider]:
-    gw = request.app[GATEWAY]
+async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, Provider, dict]:
+    """Authenticate (before reading the body, so an unauthenticated caller learns nothing else),
+    read the JSON body, resolve the model. Returns ``(call, provider, body)``."""
     rec = request[RECORD]
-    snap = gw.holder.current
+    snap = request.app[GATEWAY].holder.current  # this request's snapshot, kept to its end
     key = authenticate(request, snap)
+    body = await read_json_object(request)
     model = resolve_model(body, key, snap, rec)
     rec.operation = operation
-    return Call(key, model, rec, now=time.time()), get_provider(model.provider)
+    call = Call(key, model, rec, now=time.time())
+    call.state[REQUEST_BYTES] = len(await request.read())  # cached by aiohttp: no second read
+    return call, get_provider(model.provider), body
 
 
 def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
@@ -112,8 +117,7 @@ def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``, streamed (``"stream": true``) or not."""
     gw = request.app[GATEWAY]
-    body = await _checked_body(request)
-    call, provider = _prepare_call(request, body, "chat")
+    call, provider, body = await _prepare_call(request, "chat")
     rec = call.record
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -146,11 +150,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gw.pipeline.post_call(call, passed)
 
 
-async def _checked_body(request: web.Request) -> dict:
-    # authenticate before reading the body so an unauthenticated caller learns nothing else
-    authenticate(request, request.app[GATEWAY].holder.current)
-    body = await read_json_object(request)
-    return body
 
 
 async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
@@ -190,8 +189,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                     b = decoder.feed(ev)
                     if ev.data is not None:
                         last_data = now
-                        if rec.first_token_ns:
-                            data_events += 1
+                        if rec.first_token_ns and not decoder.finished and not decoder.done:
+                            data_events += 1  # the gateway's own count of completion tokens
                     if decoder.token and not rec.first_token_ns:
                         rec.first_token_ns = now
                         data_events = 1
@@ -270,8 +269,7 @@ async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) 
 async def embeddings(request: web.Request) -> web.Response:
     """``POST /v1/embeddings`` (https://platform.openai.com/docs/api-reference/embeddings)."""
     gw = request.app[GATEWAY]
-    body = await _checked_body(request)
-    call, provider = _prepare_call(request, body, "embeddings")
+    call, provider, body = await _prepare_call(request, "embeddings")
     rec = call.record
     passed = gw.pipeline.pre_call(call)
     try:

@@ -44,6 +44,20 @@ def error_from_event(err, name: str) -> GatewayError:
     return GatewayError(502, str(msg), etype, None if code is None else str(code))
 
 
+def _null_or_absent(data: bytes, key: bytes) -> bool:
+    """True if ``key`` (a quoted JSON key) is absent from ``data`` or its first occurrence is
+    followed by ``null`` (OpenAI sends ``"usage":null`` and ``"finish_reason":null`` on every
+    chunk). A cheap byte scan; when in doubt it says False and the caller parses."""
+    i = data.find(key)
+    if i < 0:
+        return True
+    i += len(key)
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n:":
+        i += 1
+    return data.startswith(b"null", i)
+
+
 class OpenAIStreamDecoder(StreamDecoder):
     """Relays OpenAI chunks byte for byte; drops the ``choices: []`` usage chunk unless asked for."""
 
@@ -57,7 +71,8 @@ class OpenAIStreamDecoder(StreamDecoder):
         if data == b"[DONE]":
             self.done = True
             return event.raw
-        if self.token_seen and b'"usage"' not in data and b'"error"' not in data and b"finish_reason\":\"" not in data:
+        if self.token_seen and _null_or_absent(data, b'"usage"') and _null_or_absent(data, b'"finish_reason"') \
+                and b'"error"' not in data:
             return event.raw  # the hot path after the first token: no parse
         try:
             obj = orjson.loads(data)
