@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter, deque
 
-from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..config import ObservabilityConfig
 from .records import RequestRecord
@@ -47,7 +47,8 @@ class Telemetry:
         if not self.enabled:
             return
         from .otel import setup
-        self.meter_provider, self.tracer_provider, self._ids = setup(cfg, service_instance_id)
+        self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(cfg, service_instance_id)
+        self._resource = self.tracer_provider.resource
         meter = self.meter_provider.get_meter("aisix")
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
         self.token_count = meter.create_counter("aisix_token_count", description="tokens used, by type")
@@ -59,7 +60,6 @@ class Telemetry:
             "aisix_llm_first_token_latency", unit="ms", description="streams: request start to first token")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
-        self.tracer = self.tracer_provider.get_tracer("aisix")
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
@@ -87,22 +87,33 @@ class Telemetry:
                 log.exception("telemetry batcher failed on a record")
 
     def drain(self, limit: int | None = None) -> int:
-        """Turn up to ``limit`` queued records into measurements and spans. Returns how many."""
+        """Turn up to ``limit`` queued records into measurements and spans. Returns how many.
+
+        Counters are summed per label set first and added once per set; each latency is one
+        histogram sample; each sampled request is one span, handed straight to the span processor.
+        """
         n = 0
         q = self.queue
+        requests: Counter = Counter()
+        tokens: Counter = Counter()
         while q and (limit is None or n < limit):
-            self._record(q.popleft())
+            self._record(q.popleft(), requests, tokens)
             n += 1
+        for (method, endpoint, status), count in requests.items():
+            self.request_count.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
+        for (model, kind), count in tokens.items():
+            self.token_count.add(count, {"model": model, "type": kind})
         if self.dropped != self._dropped_reported:
             self.dropped_count.add(self.dropped - self._dropped_reported)
             self._dropped_reported = self.dropped
         self.processed += n
         return n
 
-    def _record(self, r: RequestRecord) -> None:
-        http_attrs = {"method": r.method, "endpoint": r.endpoint, "status_code": str(r.status)}
-        self.request_count.add(1, http_attrs)
-        self.request_latency.record((r.end_ns - r.start_ns) / _NS_PER_MS, http_attrs)
+    def _record(self, r: RequestRecord, requests: Counter, tokens: Counter) -> None:
+        status = str(r.status)
+        requests[(r.method, r.endpoint, status)] += 1
+        self.request_latency.record((r.end_ns - r.start_ns) / _NS_PER_MS,
+                                    {"method": r.method, "endpoint": r.endpoint, "status_code": status})
         model = r.model
         if model is not None:
             m_attrs = {"model": model}
@@ -111,20 +122,17 @@ class Telemetry:
             if r.first_token_ns and r.stream:
                 self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
             if r.total_tokens is not None:
-                self.token_count.add(r.prompt_tokens, {"model": model, "type": "prompt"})
-                self.token_count.add(r.completion_tokens, {"model": model, "type": "completion"})
-                self.token_count.add(r.total_tokens, {"model": model, "type": "total"})
-        self._span(r)
+                tokens[(model, "prompt")] += r.prompt_tokens
+                tokens[(model, "completion")] += r.completion_tokens
+                tokens[(model, "total")] += r.total_tokens
+        if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
+            self._span(r)
 
     def _span(self, r: RequestRecord) -> None:
+        """One SERVER span, built after the fact with the ids the hot path chose (and sent upstream)."""
         wall = r.start_wall_ns - r.start_ns  # perf_counter ns → epoch ns
-        parent = None
-        if r.parent_span_id:
-            parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-                r.trace_id, r.parent_span_id, is_remote=True, trace_flags=TraceFlags(r.trace_flags))))
-        else:
-            self._ids.next_trace_id = r.trace_id
-        self._ids.next_span_id = r.span_id
+        flags = TraceFlags(r.trace_flags)
+        parent = SpanContext(r.trace_id, r.parent_span_id, is_remote=True, trace_flags=flags) if r.parent_span_id else None
         attrs = {"http.request.method": r.method, "url.path": r.path, "http.route": r.endpoint,
                  "http.response.status_code": r.status}
         if r.model is not None:
@@ -140,14 +148,15 @@ class Telemetry:
                 attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
             if r.finish_reasons:
                 attrs["gen_ai.response.finish_reasons"] = list(r.finish_reasons)
-        span = self.tracer.start_span(f"{r.method} {r.endpoint}", context=parent, kind=SpanKind.SERVER,
-                                      attributes=attrs, start_time=r.start_wall_ns)
-        if r.first_token_ns:
-            span.add_event("gen_ai.first_token", timestamp=r.first_token_ns + wall)
-        if r.status >= 500 or r.error:
-            span.set_status(Status(StatusCode.ERROR, r.error or None))
-            span.set_attribute("error.type", str(r.status))
-        span.end(end_time=r.end_ns + wall)
+        status = Status(StatusCode.UNSET)
+        if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
+            status = Status(StatusCode.ERROR, r.error or None)
+            attrs["error.type"] = str(r.status)
+        events = (Event("gen_ai.first_token", timestamp=r.first_token_ns + wall),) if r.first_token_ns else ()
+        self._spans.on_end(ReadableSpan(
+            f"{r.method} {r.endpoint}", SpanContext(r.trace_id, r.span_id, is_remote=False, trace_flags=flags),
+            parent, self._resource, attrs, events, kind=SpanKind.SERVER, status=status,
+            start_time=r.start_wall_ns, end_time=r.end_ns + wall, instrumentation_scope=self._scope))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Drain every queued record, then flush and shut down both exporters (bounded by ``timeout`` s)."""

@@ -9,14 +9,14 @@ import socket
 
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter, \
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Counter, Histogram, MeterProvider, ObservableCounter, \
     ObservableGauge, ObservableUpDownCounter, UpDownCounter
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ..config import ObservabilityConfig
 
@@ -28,24 +28,6 @@ LATENCY_BUCKETS_MS = (1.25, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5
 
 _CUMULATIVE = {k: AggregationTemporality.CUMULATIVE for k in
                (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)}
-
-
-class PresetIdGenerator(IdGenerator):
-    """Lets the batcher give a span the ids the hot path already chose (and sent upstream in
-    ``traceparent``): set ``next_span_id``/``next_trace_id`` before ``start_span``."""
-
-    def __init__(self) -> None:
-        self._random = RandomIdGenerator()
-        self.next_span_id = 0
-        self.next_trace_id = 0
-
-    def generate_span_id(self) -> int:
-        v, self.next_span_id = self.next_span_id, 0
-        return v or self._random.generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        v, self.next_trace_id = self.next_trace_id, 0
-        return v or self._random.generate_trace_id()
 
 
 class _OnceFilter(logging.Filter):
@@ -94,7 +76,7 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
 
 
 def setup(cfg: ObservabilityConfig, service_instance_id: str):
-    """Build ``(meter_provider, tracer_provider, id_generator)`` for ``cfg``.
+    """Build ``(meter_provider, tracer_provider, span_processor, scope)`` for ``cfg``.
 
     Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
@@ -111,12 +93,16 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str):
     reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
                                            export_timeout_millis=cfg.metrics.export_timeout_ms)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views)
+    # No exemplars: the batcher records outside any span context, so the default trace-based
+    # filter would only cost a context lookup per measurement.
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views,
+                                   exemplar_filter=AlwaysOffExemplarFilter())
 
-    ids = PresetIdGenerator()
-    tracer_provider = TracerProvider(resource=resource, id_generator=ids)
+    tracer_provider = TracerProvider(resource=resource)
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
     span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
-    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter, schedule_delay_millis=1000,
-                                                          export_timeout_millis=cfg.traces.export_timeout_ms))
-    return meter_provider, tracer_provider, ids
+    processor = BatchSpanProcessor(span_exporter, schedule_delay_millis=1000,
+                                   export_timeout_millis=cfg.traces.export_timeout_ms)
+    tracer_provider.add_span_processor(processor)
+    scope = InstrumentationScope("aisix", __import__("aisix").__version__)
+    return meter_provider, tracer_provider, processor, scope
