@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the gateway")
     s.add_argument("--config", help="YAML config file (default: the embedded default, a mock model)")
     s.add_argument("--data-dir", default="./aisix-data", help="where the embedded default keeps its data")
-    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the proxy port (SO_REUSEPORT); worker 0 also serves the Admin API")
+    s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--listen", help="proxy host:port (overrides server.proxy.listen)")
     s.add_argument("--admin-listen", help="Admin API host:port (overrides server.admin.listen)")
     s.add_argument("--log-level", default="INFO")
@@ -54,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"aisix: {e}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print("aisix: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(args.workers, argv if argv is not None else sys.argv[1:])
     import uvloop
 
     from .server import serve
+    worker = args.worker_index or 0
     try:
-        uvloop.run(serve(config, banner=_banner(creds)))
+        uvloop.run(serve(config, banner=_banner(creds) if worker == 0 else None, worker=worker,
+                         reuse_port=args.worker_index is not None))
     except (ConfigError, StoreError) as e:
         print(f"aisix: {e}", file=sys.stderr)
         return 2
@@ -68,6 +77,52 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def supervise(n: int, argv: list[str]) -> int:
+    """Run ``n`` copies of this command as workers on one port (``SO_REUSEPORT``); pass SIGTERM and
+    SIGINT on to them and wait. Returns the first non-zero exit code, else 0."""
+    import signal
+    import subprocess
+    import time
+
+    import os
+    import select
+
+    # Worker 0 first: it owns the store and seeds it; the others start once it says it is ready
+    # (one byte on a pipe), so no worker ever serves an empty configuration.
+    cmd = [sys.executable, "-m", "aisix", *argv, "--worker-index"]
+    procs: list[subprocess.Popen] = []
+
+    def start(i: int) -> bool:
+        r, w = os.pipe()
+        procs.append(subprocess.Popen([*cmd, str(i)], pass_fds=(w,), env={**os.environ, "AISIX_READY_FD": str(w)}))
+        os.close(w)
+        ready = bool(select.select([r], [], [], 120)[0] and os.read(r, 1))
+        os.close(r)
+        return ready
+
+    if not start(0) or not all(start(i) for i in range(1, n)):
+        for p in procs:
+            p.terminate()
+        return next((p.wait() for p in procs if p.wait()), 1)
+    print(f"aisix: all {n} workers ready", flush=True)
+
+    def forward(sig, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while any(p.poll() is None for p in procs):
+        for p in procs:
+            if p.poll() not in (None, 0) and code == 0:
+                code = p.returncode  # one worker failed: stop the others
+                forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return code or next((p.returncode for p in procs if p.returncode), 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from time import perf_counter_ns
@@ -129,18 +130,19 @@ def build_pipeline(holder: SnapshotHolder) -> Pipeline:
 
 
 async def start_gateway(config: Config, worker: int = 0) -> Gateway:
-    """Load the store (raising StoreError/ConfigError on a bad one) and build the gateway state."""
+    """Load the store (raising StoreError/ConfigError on a bad one) and build the gateway state.
+
+    Worker 0 (the only one without ``--workers``) owns the store and upserts the config file's
+    resources; other workers follow what it writes."""
     holder = SnapshotHolder()
-    store = create_store(config, holder)
+    store = create_store(config, holder, follower=worker > 0)
     await store.start()
-    try:
-        for m in config.models:
-            await store.upsert_by_unique("models", m.model_dump(exclude={"id"}, exclude_none=True))
-        for k in config.apikeys:
-            await store.upsert_by_unique("apikeys", k.model_dump(exclude={"id"}, exclude_none=True))
-    except BaseException:
-        await store.close()
-        raise
+    if worker == 0:
+        try:
+            await store.seed(config.models, config.apikeys)
+        except BaseException:
+            await store.close()
+            raise
     _, port = parse_listen(config.server.proxy.listen)
     telemetry = Telemetry(config.observability, instance_id(port, worker))
     return Gateway(config, holder, store, build_pipeline(holder), telemetry, UpstreamPool())
@@ -149,16 +151,17 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
 class Server:
     """Runs the proxy and Admin API listeners of one gateway process."""
 
-    def __init__(self, gateway: Gateway, reuse_port: bool = False):
+    def __init__(self, gateway: Gateway, reuse_port: bool = False, admin: bool = True):
         self.gateway = gateway
         self.reuse_port = reuse_port
+        self.admin = admin
         self.runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
         cfg = self.gateway.config
         grace = cfg.server.shutdown_grace_ms / 1000
         apps = [(create_proxy_app(self.gateway), cfg.server.proxy.listen)]
-        admin = create_admin_app_measured(self.gateway)
+        admin = create_admin_app_measured(self.gateway) if self.admin else None
         if admin is not None:
             apps.append((admin, cfg.server.admin.listen))
         self.gateway.telemetry.start()
@@ -186,7 +189,7 @@ class Server:
 async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     gateway = await start_gateway(config, worker)
-    server = Server(gateway, reuse_port)
+    server = Server(gateway, reuse_port, admin=worker == 0)
     try:
         await server.start()
     except BaseException:
@@ -199,6 +202,9 @@ async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool =
         loop.add_signal_handler(sig, stop.set)
     if banner:
         banner(gateway)
+    if fd := os.environ.pop("AISIX_READY_FD", None):  # tell a --workers supervisor we listen
+        os.write(int(fd), b"1")
+        os.close(int(fd))
     await stop.wait()
     log.info("shutting down: finishing in-flight requests (up to %.0f ms)", config.server.shutdown_grace_ms)
     await server.stop()

@@ -185,7 +185,8 @@ def gateway_config(upstream_base: str, *, prom_otlp: str | None = None, traces: 
 class GatewayProcess:
     """``python -m aisix serve --config FILE`` as a child process."""
 
-    def __init__(self, tmp_path: Path, config: dict, env: dict | None = None):
+    def __init__(self, tmp_path: Path, config: dict, env: dict | None = None, args: list[str] = ()):
+        self.args = list(args)
         self.dir = Path(tmp_path)
         self.dir.mkdir(parents=True, exist_ok=True)
         if config["deployment"]["file"]["path"].startswith("/nonexistent"):
@@ -204,7 +205,8 @@ class GatewayProcess:
 
     def start(self, timeout: float = 20) -> "GatewayProcess":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "aisix", "serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "aisix", "serve", "--config", str(self.config_path),
+                                      *self.args],
                                      cwd=self.dir, stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

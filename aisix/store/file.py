@@ -22,7 +22,7 @@ import orjson
 import yaml
 
 from ..resources import SCHEMAS
-from .base import ConfigStore, StoreError
+from .base import ConfigStore, StoreError, log
 
 #: leftover temp files (from a process killed mid-write) older than this are removed at start, s
 _STALE_TMP_S = 60.0
@@ -163,3 +163,53 @@ class FileStore(ConfigStore):
         data[kind].pop(id, None)
         await self._save(data)
         return True
+
+
+class FileFollower(ConfigStore):
+    """A read-only view of a document another process owns (the extra ``--workers`` of one
+    gateway): loads it, then re-reads it when its size, mtime or inode changes (polled every
+    ``poll`` s; an atomic rename always shows as a new inode). An unreadable or half-valid
+    version is skipped and the last good one kept. Writes raise :class:`StoreError`."""
+
+    def __init__(self, path: str, holder, poll: float = 0.25):
+        super().__init__(holder)
+        self.path = path
+        self.poll = poll
+        self._sig: tuple | None = None
+        self._task: asyncio.Task | None = None
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _reload(self) -> None:
+        self._sig = self._stat()
+        self.data = read_document(self.path)
+        self.publish()
+
+    async def start(self) -> None:
+        self._reload()
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="aisix-file-follower")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            if self._stat() != self._sig:
+                try:
+                    self._reload()
+                except StoreError as e:
+                    log.warning("keeping the last good configuration: %s", e)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _persist_put(self, kind: str, id: str, obj: dict) -> None:
+        raise StoreError(f"{self.path}: read-only in this worker; write through worker 0's Admin API")
+
+    async def _persist_delete(self, kind: str, id: str) -> bool:
+        raise StoreError(f"{self.path}: read-only in this worker; write through worker 0's Admin API")
