@@ -35,9 +35,12 @@ services:
 prometheus:
 	scripts/run-prometheus.sh 127.0.0.1:9090 .prometheus-data
 
-bench: install services
-	$(VENV)/bin/pip install --disable-pip-version-check -e '.[test,bench]'
+bench: install services $(VENV)/.bench.stamp
 	$(VENV)/bin/python -m bench $(if $(QUICK),--quick) $(if $(PEERS),--peers)
+
+$(VENV)/.bench.stamp: $(STAMP)
+	$(VENV)/bin/pip install --disable-pip-version-check -e '.[test,bench]'
+	touch $@
 
 clean:
 	rm -rf .prometheus-data .pytest_cache *.egg-info build $(STAMP)

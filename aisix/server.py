@@ -190,12 +190,7 @@ async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool =
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     gateway = await start_gateway(config, worker)
     server = Server(gateway, reuse_port, admin=worker == 0)
-    try:
-        await server.start()
-    except BaseException:
-        await gateway.telemetry.stop(timeout=1)
-        await gateway.store.close()
-        raise
+    await server.start()  # on failure it has already stopped what it started
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

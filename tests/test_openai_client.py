@@ -124,3 +124,17 @@ def test_embedded_default_serves_mock_model(tmp_path):
         assert proc.wait(15) == 0
         log.close()
     assert (tmp_path / "data" / "credentials.json").stat().st_mode & 0o077 == 0
+
+
+def test_mock_provider_embeddings_with_the_openai_client(tmp_path):
+    """The mock model answers embeddings too (base64, the openai client's default, and floats)."""
+    cfg = gateway_config("http://127.0.0.1:9/v1", models=[{"name": "mock", "model": "mock/mock-1"}],
+                         apikeys=[{"key": "sk-test", "allowed_models": ["mock"]}])
+    with GatewayProcess(tmp_path, cfg) as gw:
+        client = openai.OpenAI(base_url=gw.base_url, api_key="sk-test", max_retries=0)
+        r = client.embeddings.create(model="mock", input=["hello", "world"])
+        assert len(r.data) == 2 and len(r.data[0].embedding) == 16
+        assert r.data[0].embedding != r.data[1].embedding
+        again = client.embeddings.create(model="mock", input="hello", encoding_format="float", dimensions=16)
+        assert again.data[0].embedding == pytest.approx(r.data[0].embedding, rel=1e-6)
+        assert r.usage.prompt_tokens == 2 and r.usage.total_tokens == 2

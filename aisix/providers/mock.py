@@ -4,10 +4,16 @@ It produces the exact bytes an OpenAI server would (``chat.completion`` or a str
 ``chat.completion.chunk`` events with a usage chunk and ``data: [DONE]``), paced like a real
 model. ``provider_config`` settings: ``ttft_ms`` (time to first token, default 200),
 ``tpot_ms`` (time per output token, default 25), ``tokens`` (completion tokens, default 24).
+Embeddings (``POST /v1/embeddings``) are deterministic vectors of ``dimensions`` floats (default
+16, or the request's ``dimensions``) derived from each input's SHA-256, as floats or base64
+(``encoding_format``), https://platform.openai.com/docs/api-reference/embeddings/create.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import struct
 import time
 import uuid
 from typing import AsyncIterator
@@ -60,6 +66,8 @@ class MockProvider(OpenAIProvider):
 
     async def send(self, pool: UpstreamPool, req: UpstreamRequest, model: Model) -> _MockResponse:
         body = orjson.loads(req.body)
+        if req.url.endswith("/embeddings"):
+            return self._embeddings(body, model)
         ttft = _setting(model, "ttft_ms", 200) / 1000
         tpot = _setting(model, "tpot_ms", 25) / 1000
         n = int(_setting(model, "tokens", 24))
@@ -70,7 +78,7 @@ class MockProvider(OpenAIProvider):
         created = int(time.time())
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.model_id,
                 "system_fingerprint": "fp_mock"}
-        words = [_WORDS[i % len(_WORDS)] for i in range(n)]
+        words = [(" " if i and i % len(_WORDS) == 0 else "") + _WORDS[i % len(_WORDS)] for i in range(n)]
         headers = {"x-request-id": f"req_mock_{uuid.uuid4().hex[:16]}"}
         if not body.get("stream"):
             doc = {**base, "object": "chat.completion",
@@ -93,3 +101,27 @@ class MockProvider(OpenAIProvider):
         parts.append((tpot, tail + b"data: [DONE]\n\n"))
         headers["content-type"] = "text/event-stream; charset=utf-8"
         return _MockResponse(200, headers, parts)
+
+    def _embeddings(self, body: dict, model: Model) -> _MockResponse:
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            doc = {"error": {"message": "`input` must be a string or a non-empty list", "type": "invalid_request_error",
+                             "code": None, "param": "input"}}
+            return _MockResponse(400, {"content-type": "application/json"}, [(0, orjson.dumps(doc))])
+        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) and body["dimensions"] > 0 \
+            else int(_setting(model, "dimensions", 16))
+        data, tokens = [], 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item)) if isinstance(item, list) else str(item)
+            tokens += max(1, len(text) // 4)
+            seed = hashlib.sha256(text.encode()).digest()
+            raw = (seed * (dims * 4 // len(seed) + 1))[: dims * 4]
+            vec = [(b - 127.5) / 127.5 for b in raw[:dims]]
+            emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() \
+                if body.get("encoding_format") == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        doc = {"object": "list", "data": data, "model": model.model_id,
+               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return _MockResponse(200, {"content-type": "application/json"}, [(0, orjson.dumps(doc))])

@@ -60,6 +60,7 @@ class Telemetry:
             "aisix_llm_first_token_latency", unit="ms", description="streams: request start to first token")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
+        self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
