@@ -116,40 +116,53 @@ def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``, streamed (``"stream": true``) or not."""
-    gw = request.app[GATEWAY]
     call, provider, body = await _prepare_call(request, "chat")
-    rec = call.record
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid_request("`stream` must be a boolean.", "invalid_type", "stream")
     opts = body.get("stream_options")
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
-    rec.stream = call.stream = stream
-    passed = gw.pipeline.pre_call(call)
-    try:
-        upreq = provider.chat_request(call.model, body, stream, _upstream_headers(rec))
+    call.record.stream = call.stream = stream
+
+    async def go() -> web.StreamResponse:
+        upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
         up = await _call_upstream(request, call, provider, upreq)
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
-        try:
-            data = await up.read()
-        finally:
-            rec.llm_end_ns = perf_counter_ns()
-            up.close()
-        result = provider.chat_response(data)
-        rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
-        if result.usage is not None:
-            u = result.usage
-            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
-        return web.Response(body=result.body, content_type="application/json",
-                            headers=_passthrough(up, call.response_headers))
+        return await _whole(up, call, provider.chat_response)
+
+    return await _with_hooks(request, call, go)
+
+
+async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamResponse:
+    """Run the pre-call hooks, ``await go()``, then the post-call hooks on every way out; the hooks'
+    response headers go on errors too."""
+    pipeline = request.app[GATEWAY].pipeline
+    passed = pipeline.pre_call(call)
+    try:
+        return await go()
     except GatewayError as e:
         e.headers = {**call.response_headers, **e.headers}
         raise
     finally:
-        gw.pipeline.post_call(call, passed)
+        pipeline.post_call(call, passed)
 
 
+async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
+    """Read a whole upstream body, translate it (``translate(bytes) -> ChatResult``), record it."""
+    rec = call.record
+    try:
+        data = await up.read()
+    finally:
+        rec.llm_end_ns = perf_counter_ns()
+        up.close()
+    result = translate(data)
+    rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
+    if result.usage is not None:
+        u = result.usage
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+    return web.Response(body=result.body, content_type="application/json",
+                        headers=_passthrough(up, call.response_headers))
 
 
 async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
@@ -268,30 +281,14 @@ async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) 
 
 async def embeddings(request: web.Request) -> web.Response:
     """``POST /v1/embeddings`` (https://platform.openai.com/docs/api-reference/embeddings)."""
-    gw = request.app[GATEWAY]
     call, provider, body = await _prepare_call(request, "embeddings")
-    rec = call.record
-    passed = gw.pipeline.pre_call(call)
-    try:
-        upreq = provider.embeddings_request(call.model, body, _upstream_headers(rec))
+
+    async def go() -> web.Response:
+        upreq = provider.embeddings_request(call.model, body, _upstream_headers(call.record))
         up = await _call_upstream(request, call, provider, upreq)
-        try:
-            data = await up.read()
-        finally:
-            rec.llm_end_ns = perf_counter_ns()
-            up.close()
-        result = provider.embeddings_response(data, upreq)
-        rec.response_model = result.response_model
-        if result.usage is not None:
-            u = result.usage
-            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
-        return web.Response(body=result.body, content_type="application/json",
-                            headers=_passthrough(up, call.response_headers))
-    except GatewayError as e:
-        e.headers = {**call.response_headers, **e.headers}
-        raise
-    finally:
-        gw.pipeline.post_call(call, passed)
+        return await _whole(up, call, lambda data: provider.embeddings_response(data, upreq))
+
+    return await _with_hooks(request, call, go)
 
 
 async def list_models(request: web.Request) -> web.Response:

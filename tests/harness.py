@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from aiohttp import web
 
-from tests.services import HOST, ROOT, free_port
+from tests.services import HOST, free_port
 
 # -- the case shorthands of shared/cases/README.md ------------------------------------------
 _BASE = '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"up-1",'

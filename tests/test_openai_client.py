@@ -7,7 +7,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 import openai
 import pytest

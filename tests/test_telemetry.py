@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import time
-import urllib.request
 
 import aiohttp
 import pytest
