@@ -1,11 +1,16 @@
-"""Connections to upstream providers: one pooled, keep-alive aiohttp session per base URL.
+"""Connections to upstream providers, pooled and kept alive.
 
+``http://`` upstreams go through the raw asyncio + httptools client of
+:mod:`aisix.upstream_raw` (measured lighter than aiohttp's client; see there); ``https://``
+ones (and any URL it does not take) through one aiohttp session per base URL.
+``AISIX_UPSTREAM_CLIENT=aiohttp`` sends everything through aiohttp.
 Responses are read as raw bytes (``auto_decompress=False``, ``Accept-Encoding: identity``),
 so streamed SSE bytes reach the client exactly as the upstream sent them.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping, Protocol
 from urllib.parse import urlsplit
@@ -14,6 +19,11 @@ import aiohttp
 
 from .errors import GatewayError, upstream_timeout, upstream_unreachable
 from .resources import ProviderConfig
+
+try:
+    from .upstream_raw import RawPool
+except ImportError:  # httptools missing: aiohttp only
+    RawPool = None
 
 
 @dataclass(slots=True)
@@ -86,6 +96,9 @@ class UpstreamPool:
     """Keep-alive sessions keyed by ``scheme://host:port`` of the base URL."""
 
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    raw: "RawPool | None" = None  # the http:// pool, made on first use (it needs the running loop)
+    use_raw: bool = field(default_factory=lambda: RawPool is not None
+                          and os.environ.get("AISIX_UPSTREAM_CLIENT", "raw") != "aiohttp")
 
     def _session(self, url: str) -> aiohttp.ClientSession:
         parts = urlsplit(url)
@@ -104,6 +117,11 @@ class UpstreamPool:
         Raises :class:`GatewayError` 502 when the upstream cannot be reached, 504 when it
         does not answer within ``cfg.read_timeout_ms`` (connect: ``cfg.connect_timeout_ms``).
         """
+        if self.use_raw and req.method != "HEAD" and RawPool.handles(req.url):
+            if self.raw is None:
+                self.raw = RawPool()
+            return await self.raw.send(req.method, req.url, req.headers, req.body,
+                                       cfg.connect_timeout_ms / 1000, cfg.read_timeout_ms / 1000)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_ms / 1000,
                                         connect=cfg.connect_timeout_ms / 1000,
                                         sock_read=cfg.read_timeout_ms / 1000)
@@ -118,6 +136,8 @@ class UpstreamPool:
         return _AiohttpResponse(resp)
 
     async def close(self) -> None:
+        if self.raw is not None:
+            await self.raw.close()
         for session in self.sessions.values():
             await session.close()
         self.sessions.clear()
