@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
-_rand = random.SystemRandom() if False else random.Random()  # ids need uniqueness, not secrecy
+_rand = random.Random()  # ids need uniqueness, not secrecy: the fast generator
 
 
 class TraceContext(NamedTuple):
