@@ -7,6 +7,7 @@ server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from time import perf_counter_ns
 
@@ -86,13 +87,15 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
     rec = call.record
     rec.llm_start_ns = perf_counter_ns()
     up = await provider.send(gw.pool, upreq, call.model)
-    if up.status >= 400:
+    if not 200 <= up.status < 300:
         try:
             data = await up.read()
         finally:
             rec.llm_end_ns = perf_counter_ns()
             up.close()
-        raise provider.error_from_response(up.status, up.headers, data)
+        if 400 <= up.status < 600:
+            raise provider.error_from_response(up.status, up.headers, data)
+        raise upstream_unreachable(f"upstream {call.model.provider} answered HTTP {up.status}")
     return up
 
 
@@ -117,6 +120,9 @@ def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``, streamed (``"stream": true``) or not."""
     call, provider, body = await _prepare_call(request, "chat")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise invalid_request("`messages` must be a non-empty array of message objects.", "invalid_type", "messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid_request("`stream` must be a boolean.", "invalid_type", "stream")
@@ -165,6 +171,36 @@ async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
                         headers=_passthrough(up, call.response_headers))
 
 
+#: An upstream event larger than this (bytes, still without its blank line) ends the stream (502).
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class _IdleWatch:
+    """Closes the upstream when no data event came for ``idle_ms``; one timer per idle period,
+    re-armed lazily (the hot path only stores ``last``, a perf_counter_ns stamp)."""
+
+    __slots__ = ("up", "idle_ns", "last", "fired", "handle", "loop")
+
+    def __init__(self, up: UpstreamResponse, idle_ms: int):
+        self.up = up
+        self.idle_ns = idle_ms * 1_000_000
+        self.last = perf_counter_ns()
+        self.fired = False
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(idle_ms / 1000, self._check)
+
+    def _check(self) -> None:
+        left = self.last + self.idle_ns - perf_counter_ns()
+        if left > 0:
+            self.handle = self.loop.call_later(left / 1e9, self._check)
+            return
+        self.fired = True
+        self.up.close()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
                        call: Call) -> web.StreamResponse:
     """Relay the upstream's SSE events to the client as they arrive, byte for byte.
@@ -172,9 +208,9 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
     Events are framed by :class:`~aisix.sse.SSEParser` only to find their ends; each complete
     event goes out in the same write as the others of its read. The first token is stamped here.
     A failure after the 200 went out ends the stream with one OpenAI-shaped error event (no
-    ``[DONE]``) and is measured as 502 (upstream error or broken stream) or 504 (timeout).
-    A stream with no data event for ``stream_idle_timeout_ms`` ends: cleanly if a
-    ``finish_reason`` was seen, else as a 504.
+    ``[DONE]``) and is measured as 502 (upstream error, malformed or broken stream) or 504
+    (timeout). A stream with no data event for ``stream_idle_timeout_ms`` (comments don't count)
+    ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as a 504.
     """
     rec = call.record
     model = call.model
@@ -188,20 +224,20 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             up.close()
         raise upstream_unreachable(f"upstream {model.provider} did not answer with an event stream")
     parser = SSEParser()
-    idle_ns = model.provider_config.stream_idle_timeout_ms * 1_000_000
-    last_data = perf_counter_ns()
+    idle = _IdleWatch(up, model.provider_config.stream_idle_timeout_ms)
+    chunks = up.iter_chunks()
     data_events = 0
     error: GatewayError | None = None
-    clean = False
+    clean = ended = False
     try:
         try:
-            async for chunk in up.iter_chunks():
+            async for chunk in chunks:
                 now = perf_counter_ns()
                 parts = []
                 for ev in parser.feed(chunk):
                     b = decoder.feed(ev)
                     if ev.data is not None:
-                        last_data = now
+                        idle.last = now
                         if rec.first_token_ns and not decoder.finished and not decoder.done:
                             data_events += 1  # the gateway's own count of completion tokens
                     if decoder.token and not rec.first_token_ns:
@@ -218,13 +254,12 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                 if decoder.error is not None:
                     raise decoder.error
                 if decoder.done:
-                    clean = True
+                    clean = ended = True
+                    if parser.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
+                        clean = await _relay_final_lf(chunks, out)
                     break
-                if now - last_data > idle_ns:
-                    if not decoder.finished:
-                        raise GatewayError(504, f"upstream stream idle for over {idle_ns // 1_000_000} ms",
-                                           "timeout_error", "upstream_timeout")
-                    break
+                if len(parser.pending) > MAX_EVENT_BYTES:
+                    raise upstream_unreachable(f"upstream {model.provider} sent an event over {MAX_EVENT_BYTES} bytes")
             else:
                 tail = parser.close()
                 if tail is not None:
@@ -234,15 +269,21 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                     if b:
                         out = out or await _start_stream(request, up, call)
                         await out.write(b)
-            if not clean:
-                if not decoder.finished:
+                if not decoder.finished and not idle.fired:
                     raise upstream_unreachable("the upstream closed the stream before it finished")
-                end = decoder.end()
-                if end:
-                    out = out or await _start_stream(request, up, call)
-                    await out.write(end)
         except GatewayError as e:
             error = e
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a translator choked
+            error = upstream_unreachable(f"upstream {model.provider} sent a malformed event ({type(e).__name__})")
+        if idle.fired and error is None or idle.fired and error.status == 502:
+            error = None if decoder.finished else GatewayError(
+                504, f"upstream stream idle for over {model.provider_config.stream_idle_timeout_ms} ms",
+                "timeout_error", "upstream_timeout")
+        if error is None and not ended:
+            end = decoder.end()  # e.g. the [DONE] an upstream left out
+            if end:
+                out = out or await _start_stream(request, up, call)
+                await out.write(end)
         rec.llm_end_ns = perf_counter_ns()
         if decoder.usage is not None:
             u = decoder.usage
@@ -263,10 +304,23 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             rec.status = 200
         return out
     finally:
+        idle.cancel()
         if clean:
             up.release()
         else:
             up.close()
+
+
+async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:
+    """Wait briefly for the LF that completes a CRLF split across reads; relay it. Returns True if
+    the upstream read ended normally (the connection may be reused)."""
+    try:
+        nxt = await asyncio.wait_for(chunks.__anext__(), 0.2)
+    except (StopAsyncIteration, asyncio.TimeoutError, GatewayError):
+        return False
+    if nxt[:1] == b"\n" and out is not None:
+        await out.write(b"\n")
+    return True
 
 
 async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) -> web.StreamResponse:

@@ -14,6 +14,7 @@ import time
 from time import perf_counter_ns
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import proxy
 from .config import Config, parse_listen
@@ -51,6 +52,10 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
     request[RECORD] = rec
     try:
         try:
+            if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", ""):
+                # bodies are never inflated (auto_decompress=False): no decompression bomb can stall the loop
+                raise GatewayError(415, "Compressed request bodies (Content-Encoding) are not supported.",
+                                   "invalid_request_error", "unsupported_content_encoding")
             resp = await handler(request)
         except GatewayError as e:
             rec.error = e.message
@@ -64,18 +69,69 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         if rec.status == 0:
             rec.status = resp.status
         return resp
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         rec.status = CLIENT_CLOSED_REQUEST
         raise
+    except ConnectionResetError:  # the client went away while we wrote: nothing more to send
+        rec.status = CLIENT_CLOSED_REQUEST
+        return _GONE
     except Exception as e:
         log.exception("unhandled error on %s %s", request.method, rec.endpoint)
         rec.status = 500
         rec.error = f"internal error: {type(e).__name__}"
+        if request.writer is not None and request.writer.output_size > 0:
+            # the status line already went out (a stream): never write a second response into it
+            request.transport is not None and request.transport.close()
+            return _GONE
         err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
         return err.response()
     finally:
         rec.end_ns = perf_counter_ns()
         request.app[GATEWAY].telemetry.submit(rec)
+
+
+class _Gone(web.StreamResponse):
+    """Returned for a connection that is already closed: aiohttp's attempt to send it fails with
+    ConnectionError, which it handles quietly (no second response, no traceback)."""
+
+    async def prepare(self, request):
+        raise ConnectionResetError("the connection is closed")
+
+
+_GONE = _Gone()
+
+
+class _EnvelopeRequestHandler(RequestHandler):
+    """aiohttp's protocol handler, but errors its HTTP parser raises (a header over 8 KiB, a
+    malformed request line, ...) are answered in the OpenAI envelope, and logged without the
+    raw request head (which may carry ``Authorization``)."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status == 500:
+            return super().handle_error(request, status, exc, message)
+        log.info("bad HTTP request from %s: %s (HTTP %d)", request.remote, type(exc).__name__ if exc else "", status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already sent")
+        text = {400: "The request is not valid HTTP/1.1.", 413: "The request is too large.",
+                431: "The request headers are too large."}.get(status, "The request could not be handled.")
+        resp = GatewayError(status, text, error_type_for(status), "bad_http_request").response()
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections use :class:`_EnvelopeRequestHandler`."""
+
+    async def _make_server(self):
+        server = await super()._make_server()
+        server.__class__ = _EnvelopeServer  # the same object; only how it makes protocol handlers differs
+        return server
 
 
 def _http_error_message(e: web.HTTPException, request: web.Request) -> str:
@@ -167,8 +223,8 @@ class Server:
         self.gateway.telemetry.start()
         try:
             for app, listen in apps:
-                runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace,
-                                       handler_cancellation=True)
+                runner = _Runner(app, handle_signals=False, access_log=None, shutdown_timeout=grace,
+                                 handler_cancellation=True, auto_decompress=False, keepalive_timeout=75)
                 await runner.setup()
                 self.runners.append(runner)
                 host, port = parse_listen(listen)

@@ -110,6 +110,11 @@ class SSEParser:
         # `retry` and unknown fields are ignored, as the standard says
 
     @property
+    def awaiting_lf(self) -> bool:
+        """The last read ended on a CR that ended an event: an LF may follow in the next read."""
+        return self._skip_lf and not self._buf
+
+    @property
     def pending(self) -> bytes:
         """Bytes received that are not yet part of a complete event."""
         return self._buf

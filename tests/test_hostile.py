@@ -204,12 +204,14 @@ def test_unauthenticated_gzip_bomb_does_not_stall_the_event_loop():
     assert max(lat) < 0.5, f"event loop stalled {max(lat):.2f} s by one 2 MB unauthenticated request"
 
 
-def test_corrupt_gzip_request_body_is_a_400_envelope_not_a_500():
+def test_corrupt_gzip_request_body_is_a_4xx_envelope_not_a_500():
     """``Content-Encoding: gzip`` (or deflate) with a body that is not gzip: 500 internal_error and
-    a traceback in the log (aiohttp's RequestPayloadError escapes read_json_object)."""
+    a traceback in the log (aiohttp's RequestPayloadError escapes read_json_object). The gateway
+    now refuses compressed request bodies outright: 415, RFC 9110 §15.5.16's status for an
+    unsupported content coding."""
     status, headers, body = _split(_post("/v1/chat/completions", b"definitely not gzip",
                                          extra=b"Content-Encoding: gzip\r\n"))
-    assert status == 400, (status, body)
+    assert status == 415, (status, body)
     _assert_envelope(status, headers, body)
 
 

@@ -18,6 +18,10 @@ from ..sse import SSEEvent
 from ..upstream import UpstreamPool, UpstreamRequest, UpstreamResponse
 
 
+#: Token counts at or above this (2**40, ~1.1e12 tokens) are taken as malformed usage.
+MAX_TOKENS = 1 << 40
+
+
 @dataclass(slots=True)
 class Usage:
     """Token counts as OpenAI reports them (tokens)."""
@@ -35,8 +39,10 @@ class Usage:
             p = int(u.get("prompt_tokens") or 0)
             c = int(u.get("completion_tokens") or 0)
             t = int(u.get("total_tokens") or (p + c))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
+        if not (0 <= p < MAX_TOKENS and 0 <= c < MAX_TOKENS and 0 <= t < MAX_TOKENS):
+            return None  # nonsense counts would poison the cumulative token counters for good
         return cls(p, c, t)
 
 
@@ -124,6 +130,8 @@ class Provider:
                 message = err.get("message")
                 etype = err.get("type") if isinstance(err.get("type"), str) else etype
                 code = err.get("code")
+                if code is not None and not isinstance(code, (str, int)):
+                    code = orjson.dumps(code).decode()  # JSON, never a Python repr
             elif isinstance(err, str):
                 message = err
             elif isinstance(doc, dict) and isinstance(doc.get("message"), str):

@@ -131,9 +131,10 @@ class OpenAIProvider(Provider):
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise upstream_unreachable(f"upstream {self.name} sent a body that is not JSON") from e
-        if not isinstance(obj, dict):
-            raise upstream_unreachable(f"upstream {self.name} sent an unexpected body")
-        reasons = tuple(ch.get("finish_reason") for ch in obj.get("choices") or ()
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        if not isinstance(choices, list) and not isinstance(obj.get("data") if isinstance(obj, dict) else None, list):
+            raise upstream_unreachable(f"upstream {self.name} sent a body of an unexpected shape")
+        reasons = tuple(ch.get("finish_reason") for ch in choices or ()
                         if isinstance(ch, dict) and isinstance(ch.get("finish_reason"), str))
         model = obj.get("model") if isinstance(obj.get("model"), str) else None
         return ChatResult(body, Usage.from_openai(obj.get("usage")), model, reasons)

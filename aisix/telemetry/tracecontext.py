@@ -5,6 +5,7 @@ https://www.w3.org/TR/trace-context/#traceparent-header — ``00-{trace-id:32 he
 from __future__ import annotations
 
 import random
+import re
 from typing import NamedTuple
 
 _rand = random.Random()  # ids need uniqueness, not secrecy: the fast generator
@@ -16,22 +17,25 @@ class TraceContext(NamedTuple):
     flags: int
 
 
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
 def parse_traceparent(value: str | None) -> TraceContext | None:
-    """The incoming context, or None if the header is absent or invalid (then a new trace starts)."""
-    if not value or len(value) < 55:
+    """The incoming context, or None if the header is absent or invalid (then a new trace starts).
+    Lowercase hex only, version ``ff`` invalid, all-zero ids invalid, and a version ``00`` header
+    has exactly four fields (W3C Trace Context §3.2)."""
+    if not value:
         return None
-    parts = value.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+    m = _TRACEPARENT.fullmatch(value.strip())
+    if m is None:
         return None
-    if parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
+    version, trace, span, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
         return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
-    except ValueError:
-        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
     if trace_id == 0 or span_id == 0:
         return None
-    return TraceContext(trace_id, span_id, flags)
+    return TraceContext(trace_id, span_id, int(flags, 16))
 
 
 def new_trace_id() -> int:
