@@ -95,10 +95,13 @@ def _check_admin_key(header: str | None, keys: tuple[bytes, ...]) -> None:
     if not header or not token.strip():
         raise GatewayError(401, "missing admin key: send `Authorization: Bearer <admin key>`",
                            "authentication_error", "missing_admin_key", challenge)
-    given = token.strip().encode()
+    try:  # aiohttp keeps bytes that are not UTF-8 as surrogate escapes: back to those bytes
+        given = token.strip().encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # not from the wire (a lone surrogate): no key matches it
+        given = None
     ok = False
     for key in keys:
-        ok |= hmac.compare_digest(given, key)
+        ok |= given is not None and hmac.compare_digest(given, key)
     if not ok or scheme.lower() != "bearer":
         raise GatewayError(401, "invalid admin key", "authentication_error", "invalid_admin_key", challenge)
 

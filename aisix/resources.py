@@ -8,7 +8,9 @@ a ``rate_limit``. These schemas serve the config file, the stores and the Admin 
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 PROVIDERS = ("openai", "deepseek", "anthropic", "gemini", "mock")
 
 PositiveInt = Annotated[int, Field(ge=1)]
+
+#: C0 and C1 control characters and DEL (Unicode category Cc)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BEARER = re.compile(r"(?i)bearer\s")
+#: the same rules for the OpenAPI document (ECMA-262 syntax, which these are too)
+_NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_KEY_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
+_URL_PATTERN = r"^https?://[^\s/?#]+[^\s?#]*$"
+
+
+def _no_control(v: str | None) -> str | None:
+    if v is not None and _CONTROL.search(v):
+        raise ValueError("must not contain control characters")
+    return v
 
 
 class RateLimit(BaseModel):
@@ -38,19 +54,45 @@ class ProviderConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow")
-    api_key: str | None = Field(None, description="the upstream's API key (secret)")
-    api_base: str | None = Field(None, description="base URL, e.g. https://api.openai.com/v1")
+    api_key: str | None = Field(None, description="the upstream's API key (secret)",
+                                json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
+    api_base: str | None = Field(None, description="base URL, e.g. https://api.openai.com/v1 "
+                                 "(http or https, a host, no query or fragment)",
+                                 json_schema_extra={"pattern": _URL_PATTERN})
     connect_timeout_ms: PositiveInt = Field(10_000, description="TCP/TLS connect timeout, ms")
     read_timeout_ms: PositiveInt = Field(600_000, description="longest wait for any upstream byte, ms (504 after)")
     stream_idle_timeout_ms: PositiveInt = Field(
         300_000, description="a stream with no data event for this long is ended, ms (comments do not count)")
 
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, v: str | None) -> str | None:
+        return _no_control(v)  # it goes into a request header as it is
+
     @field_validator("api_base")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
+        """A URL the upstream clients can use, request paths appended to it: http(s), a host, a
+        valid port, no whitespace, no query or fragment. A trailing ``/`` is dropped (and what is
+        left is still valid, so a stored value always validates again)."""
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
-        return v.rstrip("/") if v else v
+        if _CONTROL.search(v) or any(c.isspace() for c in v):
+            raise ValueError("must not contain whitespace or control characters")
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError:
+            raise ValueError("is not a valid URL (bad host or port)") from None
+        if not parts.hostname:
+            raise ValueError("must name a host, e.g. http://127.0.0.1:8000/v1")
+        if port == 0:
+            raise ValueError("port must be 1-65535")
+        if "?" in v or "#" in v:
+            raise ValueError("must not have a query or a fragment (request paths are appended to it)")
+        return v.rstrip("/")
 
 
 class Model(BaseModel):
@@ -58,11 +100,17 @@ class Model(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
-    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`")
+    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`",
+                      json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
     model: str = Field(..., description="`{provider}/{model_id}`",
                        json_schema_extra={"pattern": f"^({'|'.join(PROVIDERS)})/.+$"})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
     rate_limit: RateLimit | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str) -> str:
+        return _no_control(v)
 
     @field_validator("model")
     @classmethod
@@ -88,9 +136,23 @@ class ApiKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
-    key: str = Field(..., min_length=1, max_length=512, description="the secret clients send")
+    key: str = Field(..., min_length=1, max_length=512,
+                     description="the secret clients send (no whitespace or control characters, no `Bearer ` prefix)",
+                     json_schema_extra={"pattern": _KEY_PATTERN})
     allowed_models: list[str] = Field(..., description="model names this key may use; [] allows none")
     rate_limit: RateLimit | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _usable_key(cls, v: str) -> str:
+        """A key a client can send as ``Authorization: Bearer <key>`` and that matches as sent."""
+        if _BEARER.match(v):
+            raise ValueError("must be the key itself, without the `Bearer ` scheme (clients add it)")
+        if v != v.strip():
+            raise ValueError("must not start or end with whitespace")
+        if any(c.isspace() for c in v):
+            raise ValueError("must not contain whitespace")
+        return _no_control(v)
 
 
 Kind = Literal["models", "apikeys"]

@@ -1,6 +1,8 @@
 """The Admin API: CRUD with status codes and bodies, auth, every bad input, secrets, OpenAPI."""
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import uuid
 
@@ -178,7 +180,18 @@ BAD_MODELS = [
     ({"name": "a", "model": "openai/x", "rate_limit": {"rps": 1}}, "rate_limit.rps", "unknown field"),
     ({"name": "a", "model": "openai/x", "rate_limit": 5}, "rate_limit", "valid dictionary"),
     ({"name": "a", "model": "openai/x", "colour": "red"}, "colour", "unknown field"),
-]
+    ({"name": "a\nb", "model": "openai/x"}, "name", "control characters"),
+    ({"name": "a\x00", "model": "openai/x"}, "name", "control characters"),
+    ({"name": "a\x85", "model": "openai/x"}, "name", "control characters"),
+    ({"name": "a", "model": "openai/x", "provider_config": {"api_key": "sk\r\nX-Injected: 1"}},
+     "provider_config.api_key", "control characters"),
+] + [({"name": "a", "model": "openai/x", "provider_config": {"api_base": base}}, "provider_config.api_base", words)
+     for base, words in [
+         ("http://", "host"), ("https://", "host"), ("http:///v1", "host"), ("http://:80/v1", "host"),
+         ("http://@/v1", "host"), ("http://h:99999/v1", "valid URL"), ("http://h:port/v1", "valid URL"),
+         ("http://[::1/v1", "valid URL"), ("http://h:0/v1", "port"), ("http://h/v1?key=1", "query"),
+         ("http://h/v1#x", "fragment"), ("http://h /v1", "whitespace"), (" http://h/v1", "http"),
+         ("http://h/v1\n", "whitespace"), ("http://h/\x00", "control"), ("HTTP://h/v1", "http"), ("", "http")]]
 BAD_KEYS = [
     ({"allowed_models": []}, "key", "Field required"),
     ({"key": "k"}, "allowed_models", "Field required"),
@@ -188,6 +201,14 @@ BAD_KEYS = [
     ({"key": "k", "allowed_models": [1]}, "allowed_models.0", "valid string"),
     ({"key": "k", "allowed_models": [], "rate_limit": {"tpm": -1}}, "rate_limit.tpm", "greater than or equal to 1"),
     ({"key": "k", "allowed_models": [], "name": "x"}, "name", "unknown field"),
+    ({"key": "Bearer sk-1", "allowed_models": []}, "key", "`Bearer `"),
+    ({"key": "bearer\tsk-1", "allowed_models": []}, "key", "`Bearer `"),
+    ({"key": "BEARER  sk-1", "allowed_models": []}, "key", "`Bearer `"),
+    ({"key": " sk-1", "allowed_models": []}, "key", "start or end with whitespace"),
+    ({"key": "sk-1\n", "allowed_models": []}, "key", "start or end with whitespace"),
+    ({"key": "sk 1", "allowed_models": []}, "key", "contain whitespace"),
+    ({"key": "sk\u00a01", "allowed_models": []}, "key", "contain whitespace"),
+    ({"key": "sk-\x01", "allowed_models": []}, "key", "control characters"),
 ]
 
 
@@ -202,6 +223,86 @@ async def test_invalid_bodies_are_400_naming_the_field(client, kind, body, field
     assert f"field `{field}`" in err["message"] and words in err["message"], err["message"]
     r = await client.get(f"{BASE}/{kind}", headers=AUTH)
     assert (await r.json())["total"] == 0
+
+
+@pytest.mark.parametrize("base, stored", [
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"), ("http://h/", "http://h"), ("https://h", "https://h"),
+    ("https://h:8443/v1///", "https://h:8443/v1"), ("http://[::1]:9/v1/", "http://[::1]:9/v1"),
+    ("http://user:pw@h/v1", "http://user:pw@h/v1"),
+    ("http://xn--bcher-kva.example/v1", "http://xn--bcher-kva.example/v1"),
+])
+async def test_accepted_api_base_is_served_as_stored(admin, base, stored):
+    """What the Admin API accepts (201) is what the snapshot serves: the proxy re-validates the
+    stored object, so validation must be idempotent (``"http://"`` used to be stored as
+    ``"http:"`` and then silently skipped)."""
+    client, gw = admin
+    r = await client.post(f"{BASE}/models", json={"name": "m", "model": "openai/x",
+                                                   "provider_config": {"api_base": base}}, headers=AUTH)
+    assert r.status == 201, await r.text()
+    assert (await r.json())["provider_config"]["api_base"] == stored
+    assert gw.holder.current.models["m"].provider_config.api_base == stored
+
+
+@pytest.mark.parametrize("key", ["sk-Bearer", "Bearer", "bearer-sk-1", "sk-é-ключ", "a" * 512, "k=+/~._-"])
+async def test_unusual_but_usable_keys_are_accepted_and_served(admin, key):
+    client, gw = admin
+    r = await client.post(f"{BASE}/apikeys", json={"key": key, "allowed_models": []}, headers=AUTH)
+    assert r.status == 201, await r.text()
+    assert key in gw.holder.current.keys
+
+
+def test_admin_validation_equals_snapshot_validation():
+    """Seeded random bodies built from hostile fragments: whatever the Admin API's validation
+    accepts, the store's (what builds the proxy's snapshot) accepts too, to the same object."""
+    import random
+
+    from pydantic import ValidationError
+
+    from aisix.admin import _validate
+    from aisix.errors import GatewayError
+    from aisix.resources import SCHEMAS
+    rng = random.Random(7)
+    texts = ["", " ", "a", "/", "//", "http://", "https://", "h", ":", ":80", ":0", ":65536", "@", "[::1]", "?", "#",
+             "v1", "\n", "\t", "\x00", "\x7f", "\u00a0", "é", "Bearer ", "bearer", "%20", "."]
+
+    def text(n):
+        return "".join(rng.choice(texts) for _ in range(rng.randint(0, n)))
+    accepted = 0
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            kind = "models"
+            doc = {"name": text(3), "model": rng.choice(["openai/x", "mock/m", "gemini/" + text(2)]),
+                   "provider_config": {"api_base": rng.choice(["http://", "https://", ""]) + text(5),
+                                       "api_key": text(2)}}
+        else:
+            kind = "apikeys"
+            doc = {"key": text(4), "allowed_models": [text(2)]}
+        try:
+            obj = _validate(kind, doc)
+        except GatewayError as e:
+            assert e.status == 400 and e.param
+            continue
+        accepted += 1
+        try:
+            item = SCHEMAS[kind].model_validate({**obj, "id": "x"})
+        except ValidationError as e:  # pragma: no cover - the failure being tested for
+            raise AssertionError(f"accepted by the Admin API, refused by the snapshot: {doc!r}: {e}") from None
+        assert item.model_dump(mode="json", exclude_unset=True, exclude={"id"}) == obj
+    assert accepted > 300
+
+
+async def test_non_utf8_or_non_ascii_authorization_is_401(client):
+    """A header with bytes that are not UTF-8 (aiohttp keeps them as surrogate escapes) was a 500
+    (UnicodeEncodeError), reachable without any key. Sent raw: aiohttp's client drops such bytes."""
+    url = client.make_url("/")
+    for value in (ADMIN_KEY.encode() + b"\xe9", b"\xff\xfe", "admin-kéy-for-tests".encode(), b"\xe9" * 30):
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(b"GET " + BASE.encode() + b"/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Authorization: Bearer " + value + b"\r\n\r\n")
+        head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 401 "), head + body
+        assert json.loads(body)["error"]["code"] == "invalid_admin_key"
 
 
 @pytest.mark.parametrize("raw, words", [

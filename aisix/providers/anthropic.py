@@ -23,18 +23,20 @@ Errors (https://docs.anthropic.com/en/api/errors): ``{"type":"error","error":{"t
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Mapping
 
 import orjson
 
 from ..errors import GatewayError, error_type_for, invalid_request
 from ..resources import Model
-from ..sse import SSEEvent
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Provider, StreamDecoder, Usage
-from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, function_tools,
-                        image_url_of, load_object, max_tokens_of, stop_list, text_of, tool_arguments,
-                        usage_object)
+from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
+                        function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
+                        json_text, load_object, malformed, max_tokens_of, message_of, opt_dict, opt_list,
+                        opt_str, shown, stop_list, str_or, text_of, tool_arguments, tool_calls_of,
+                        tool_choice_name, usage_object)
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -77,7 +79,7 @@ def _user_blocks(content, where: str) -> list[dict]:
                       else {"type": "url", "url": url})
             blocks.append({"type": "image", "source": source})
         else:
-            raise invalid_request(f"`{where}[{i}]`: part type `{kind}` is not supported by anthropic",
+            raise invalid_request(f"`{where}[{i}]`: part type `{shown(kind)}` is not supported by anthropic",
                                   "unsupported_content", where)
     return blocks
 
@@ -86,10 +88,7 @@ def _assistant_blocks(m: dict, where: str) -> list[dict]:
     blocks = [{"type": "text", "text": text_of(m.get("content"), f"{where}.content")}]
     if not blocks[0]["text"]:
         blocks = []
-    calls = m.get("tool_calls") or []
-    if not isinstance(calls, list):
-        raise invalid_request(f"`{where}.tool_calls` must be an array", "invalid_type", where)
-    for j, tc in enumerate(calls):
+    for j, tc in enumerate(tool_calls_of(m, where)):
         fn = tc.get("function") if isinstance(tc, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid_request(f"`{where}.tool_calls[{j}]` needs a function name", "invalid_tool_call", where)
@@ -113,7 +112,8 @@ def convert_messages(messages) -> tuple[str | list[dict] | None, list[dict]]:
 
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        role = m.get("role") if isinstance(m, dict) else None
+        m = message_of(m, where)
+        role = m.get("role")
         if role in ("system", "developer"):
             text = text_of(m.get("content"), f"{where}.content")
             if text:
@@ -128,7 +128,8 @@ def convert_messages(messages) -> tuple[str | list[dict] | None, list[dict]]:
             add("user", [{"type": "tool_result", "tool_use_id": tool_id(m.get("tool_call_id")),
                           "content": text_of(m.get("content"), f"{where}.content")}])
         else:
-            raise invalid_request(f"`{where}.role` `{role}` is not supported by anthropic", "invalid_role", where)
+            raise invalid_request(f"`{where}.role` `{shown(role)}` is not supported by anthropic", "invalid_role",
+                                  where)
     for msg in out:  # a lone text block reads better as the plain string form
         c = msg["content"]
         if len(c) == 1 and c[0]["type"] == "text":
@@ -153,8 +154,8 @@ def _tool_choice(choice, parallel) -> dict | None:
         tc = {"type": "any"}
     elif choice == "none":
         tc = {"type": "none"}
-    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
-        tc = {"type": "tool", "name": choice["function"]["name"]}
+    elif (name := tool_choice_name(choice)) is not None:
+        tc = {"type": "tool", "name": name}
     else:
         raise invalid_request("`tool_choice` is not valid", "invalid_tool_choice", "tool_choice")
     if parallel is False and (tc is None or tc["type"] != "none"):
@@ -193,18 +194,37 @@ def messages_request(model_id: str, body: dict, stream: bool, default_max_tokens
     return out
 
 
-def usage_of(u: Mapping) -> tuple[Usage, int]:
-    """Anthropic ``usage`` → (OpenAI usage, cached prompt tokens)."""
+def usage_of(u) -> tuple[Usage, int]:
+    """Anthropic ``usage`` → (OpenAI usage, cached prompt tokens); anything but an object counts 0."""
+    if not isinstance(u, Mapping):
+        u = {}
     cached = as_int(u.get("cache_read_input_tokens"))
     prompt = as_int(u.get("input_tokens")) + as_int(u.get("cache_creation_input_tokens")) + cached
     completion = as_int(u.get("output_tokens"))
     return Usage(prompt, completion, prompt + completion), cached
 
 
+def _finish(reason) -> str:
+    """``stop_reason`` → ``finish_reason`` (an unknown reason, or one that is not a string: ``stop``)."""
+    return FINISH_REASONS.get(reason, "stop") if isinstance(reason, str) else "stop"
+
+
+def _tool_call(block: dict, what: str) -> dict:
+    """A ``tool_use`` block → an OpenAI tool call (502 without a name, or with an ``input`` that
+    is not an object)."""
+    name = block.get("name")
+    if not isinstance(name, str) or not name:
+        raise malformed("anthropic", f"{what} (a `tool_use` without a `name`)")
+    args = opt_dict(block.get("input"), "anthropic", f"{what} (`input` of a `tool_use`)")
+    return {"id": str_or(block.get("id"), f"call_{uuid.uuid4().hex[:24]}"), "type": "function",
+            "function": {"name": name, "arguments": orjson.dumps(args).decode()}}
+
+
 class AnthropicProvider(Provider):
     name = "anthropic"
     default_api_base = "https://api.anthropic.com/v1"
 
+    @guard_request
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         cfg = model.provider_config
         default = (cfg.model_extra or {}).get("default_max_tokens")
@@ -216,44 +236,49 @@ class AnthropicProvider(Provider):
         doc = messages_request(model.model_id, body, stream, default)
         return UpstreamRequest(f"{self.base_url(model)}/messages", h, orjson.dumps(doc))
 
+    @guard_response
     def chat_response(self, body: bytes) -> ChatResult:
+        """The Messages API's response → a chat completion. Content of the wrong type (``content``
+        not an array, a ``text`` that is not a string, a ``tool_use`` without a name) is a 502;
+        metadata of the wrong type (``id``, ``model``, ``usage``, ``stop_reason``) is ignored."""
         obj = load_object(body, self.name)
         texts, reasoning, calls = [], [], []
-        for block in obj.get("content") or ():
+        for i, block in enumerate(opt_list(obj.get("content"), self.name, "response (`content`)")):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                texts.append(block.get("text") or "")
+                texts.append(opt_str(block.get("text"), self.name, f"response (`content[{i}].text`)"))
             elif kind == "thinking":
-                reasoning.append(block.get("thinking") or "")
+                reasoning.append(opt_str(block.get("thinking"), self.name, f"response (`content[{i}].thinking`)"))
             elif kind == "tool_use":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"),
-                                           "arguments": orjson.dumps(block.get("input") or {}).decode()}})
-        finish = FINISH_REASONS.get(obj.get("stop_reason"), "stop")
-        usage, cached = usage_of(obj.get("usage") or {})
-        model = obj.get("model") if isinstance(obj.get("model"), str) else ""
+                calls.append(_tool_call(block, f"response (`content[{i}]`)"))
+        finish = _finish(obj.get("stop_reason"))
+        usage, cached = usage_of(obj.get("usage"))
+        model = str_or(obj.get("model"), "")
         choice = {"index": 0, "message": assistant_message("".join(texts), calls, "".join(reasoning)),
                   "logprobs": None, "finish_reason": finish}
-        doc = chat_completion(obj.get("id") or "", model, [choice], usage_object(usage, cached))
+        doc = chat_completion(str_or(obj.get("id"), ""), model, [choice], usage_object(usage, cached))
         return ChatResult(doc, usage, model or None, (finish,))
 
     def stream_decoder(self, include_usage: bool) -> StreamDecoder:
         return AnthropicStreamDecoder(include_usage)
 
+    @guard_error
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         """``{"type":"error","error":{"type":..., "message":...}}`` → the OpenAI envelope, same
-        status; the Anthropic error type is kept as ``code``, ``Retry-After`` is kept."""
+        status; the Anthropic error type is kept as ``code``, ``Retry-After`` is kept. Another
+        body: see :func:`~aisix.providers.translate.error_envelope`."""
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             doc = None
         err = doc.get("error") if isinstance(doc, dict) else None
         if not isinstance(err, dict) or not isinstance(err.get("message"), str):
-            return super().error_from_response(status, headers, body)
+            return error_envelope(self.name, status, headers, body)
         atype = err.get("type") if isinstance(err.get("type"), str) else None
         etype = atype if atype in _SAME_TYPES else error_type_for(status)
         hdrs = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else {}
-        return GatewayError(status, err["message"], etype, atype, hdrs)
+        message = err["message"] or f"upstream {self.name} answered HTTP {status}"
+        return GatewayError(status, message, etype, atype, hdrs)
 
 
 class AnthropicStreamDecoder(ChunkDecoder):
@@ -282,43 +307,39 @@ class AnthropicStreamDecoder(ChunkDecoder):
             self.usage, cached = usage_of(self._raw_usage)
             self.usage_obj = usage_object(self.usage, cached)
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        self.token = False
-        if event.data is None:
-            return None
-        try:
-            obj = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
-            return None
-        kind = obj.get("type") or event.event
+    def on_event(self, obj: dict, name: str | None) -> bytes | None:
+        kind = obj.get("type") or name
         if kind == "content_block_delta":
             return self._delta(obj)
         if kind == "message_start":
-            msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
-            self.id = msg.get("id") or ""
-            self.response_model = msg.get("model") if isinstance(msg.get("model"), str) else None
+            msg = opt_dict(obj.get("message"), self.provider, "message_start event (`message`)")
+            self.id = str_or(msg.get("id"), "")
+            self.response_model = str_or(msg.get("model"), None)
             self._set_usage(msg.get("usage"))
             return self.chunk([self.choice(0, {"role": "assistant", "content": ""})])
         if kind == "content_block_start":
-            block = obj.get("content_block") if isinstance(obj.get("content_block"), dict) else {}
+            block = opt_dict(obj.get("content_block"), self.provider, "content_block_start event (`content_block`)")
             btype = block.get("type")
             if btype == "tool_use":
-                k = self.tool_index[obj.get("index")] = len(self.tool_index)
+                index = obj.get("index")
+                if index_of(index, -1) < 0:
+                    raise malformed(self.provider, "content_block_start event (`index`)")
+                call = _tool_call(block, "content_block_start event")
+                k = self.tool_index[index] = len(self.tool_index)
                 self.token = True
                 return self.chunk([self.choice(0, {"tool_calls": [
-                    {"index": k, "id": block.get("id"), "type": "function",
-                     "function": {"name": block.get("name"), "arguments": ""}}]})])
-            if btype == "text" and block.get("text"):
-                return self._text("content", block["text"])
+                    {"index": k, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}]})])
+            if btype == "text":
+                text = opt_str(block.get("text"), self.provider, "content_block_start event (`content_block.text`)")
+                return self._text("content", text) if text else None
             return None
         if kind == "message_delta":
             self._set_usage(obj.get("usage"))
-            reason = (obj.get("delta") or {}).get("stop_reason")
+            reason = opt_dict(obj.get("delta"), self.provider, "message_delta event (`delta`)").get("stop_reason")
             if reason is None:
                 return None
-            finish = FINISH_REASONS.get(reason, "stop")
+            finish = _finish(reason)
             self.finished = True
             self.finish_reasons.append(finish)
             return self.chunk([self.choice(0, {}, finish)])
@@ -327,7 +348,8 @@ class AnthropicStreamDecoder(ChunkDecoder):
         if kind == "error":
             err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
             atype = err.get("type") if isinstance(err.get("type"), str) else None
-            self.stream_error(str(err.get("message") or ""), atype if atype in _SAME_TYPES else "api_error", atype)
+            message = json_text(err["message"]) if err.get("message") is not None else ""
+            self.stream_error(message, atype if atype in _SAME_TYPES else "api_error", atype)
             return None
         return None  # ping, content_block_stop, and event types added later
 
@@ -337,17 +359,22 @@ class AnthropicStreamDecoder(ChunkDecoder):
         return self.chunk([self.choice(0, {field: text})])
 
     def _delta(self, obj: dict) -> bytes | None:
-        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+        what = "content_block_delta event"
+        delta = opt_dict(obj.get("delta"), self.provider, f"{what} (`delta`)")
         dtype = delta.get("type")
-        if dtype == "text_delta" and delta.get("text"):
-            return self._text("content", delta["text"])
-        if dtype == "thinking_delta" and delta.get("thinking"):
-            return self._text("reasoning_content", delta["thinking"])
-        if dtype == "input_json_delta" and delta.get("partial_json"):
-            k = self.tool_index.get(obj.get("index"))
-            if k is None:
+        if dtype == "text_delta":
+            text = opt_str(delta.get("text"), self.provider, f"{what} (`delta.text`)")
+            return self._text("content", text) if text else None
+        if dtype == "thinking_delta":
+            text = opt_str(delta.get("thinking"), self.provider, f"{what} (`delta.thinking`)")
+            return self._text("reasoning_content", text) if text else None
+        if dtype == "input_json_delta":
+            part = opt_str(delta.get("partial_json"), self.provider, f"{what} (`delta.partial_json`)")
+            index = obj.get("index")
+            k = self.tool_index.get(index) if index_of(index, -1) >= 0 else None
+            if not part or k is None:
                 return None
             self.token = True
             return self.chunk([self.choice(0, {"tool_calls": [
-                {"index": k, "function": {"arguments": delta["partial_json"]}}]})])
+                {"index": k, "function": {"arguments": part}}]})])
         return None  # signature_delta, citations_delta, empty fragments

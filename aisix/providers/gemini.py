@@ -32,6 +32,7 @@ Embeddings: see :mod:`aisix.providers.gemini_embed`.
 """
 from __future__ import annotations
 
+import math
 import mimetypes
 import uuid
 from typing import Mapping
@@ -40,13 +41,14 @@ import orjson
 
 from ..errors import GatewayError, error_type_for, invalid_request
 from ..resources import Model
-from ..sse import SSEEvent
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Provider, StreamDecoder, Usage
 from .gemini_embed import batch_embed_request, embeddings_to_openai
-from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, function_tools,
-                        image_url_of, load_object, max_tokens_of, stop_list, text_of, tool_arguments,
-                        usage_object)
+from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
+                        function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
+                        json_text, load_object, malformed, max_tokens_of, message_of, new_chat_id, opt_dict,
+                        opt_list, opt_str, shown, stop_list, str_or, text_of, tool_arguments, tool_calls_of,
+                        tool_choice_name, usage_object)
 
 _FILTERED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
              "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION")
@@ -56,9 +58,10 @@ FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", **{r: "content_filter"
 SIGNATURE_MARK = "~"
 
 
-def finish_reason(reason: str, called: bool) -> str:
-    """Gemini ``finishReason`` → OpenAI ``finish_reason`` (``tool_calls`` if the candidate called a function)."""
-    mapped = FINISH_REASONS.get(reason, "stop")
+def finish_reason(reason, called: bool) -> str:
+    """Gemini ``finishReason`` → OpenAI ``finish_reason`` (``tool_calls`` if the candidate called a
+    function); an unknown reason, or one that is not a string, is ``stop``."""
+    mapped = FINISH_REASONS.get(reason, "stop") if isinstance(reason, str) else "stop"
     return "tool_calls" if called and mapped == "stop" else mapped
 
 
@@ -89,7 +92,7 @@ def _user_parts(content, where: str) -> list[dict]:
                 mime = mimetypes.guess_type(url.split("?")[0])[0]
                 parts.append({"fileData": {**({"mimeType": mime} if mime else {}), "fileUri": url}})
         else:
-            raise invalid_request(f"`{where}[{i}]`: part type `{kind}` is not supported by gemini",
+            raise invalid_request(f"`{where}[{i}]`: part type `{shown(kind)}` is not supported by gemini",
                                   "unsupported_content", where)
     return parts
 
@@ -119,7 +122,8 @@ def convert_messages(messages) -> tuple[dict | None, list[dict]]:
 
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        role = m.get("role") if isinstance(m, dict) else None
+        m = message_of(m, where)
+        role = m.get("role")
         if role in ("system", "developer"):
             text = text_of(m.get("content"), f"{where}.content")
             if text:
@@ -129,7 +133,7 @@ def convert_messages(messages) -> tuple[dict | None, list[dict]]:
         elif role == "assistant":
             text = text_of(m.get("content"), f"{where}.content")
             parts = [{"text": text}] if text else []
-            for j, tc in enumerate(m.get("tool_calls") or ()):
+            for j, tc in enumerate(tool_calls_of(m, where)):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise invalid_request(f"`{where}.tool_calls[{j}]` needs a function name", "invalid_tool_call", where)
@@ -152,7 +156,7 @@ def convert_messages(messages) -> tuple[dict | None, list[dict]]:
             add("user", [{"functionResponse": {"name": name,
                                                "response": _function_response(m.get("content"), f"{where}.content")}}])
         else:
-            raise invalid_request(f"`{where}.role` `{role}` is not supported by gemini", "invalid_role", where)
+            raise invalid_request(f"`{where}.role` `{shown(role)}` is not supported by gemini", "invalid_role", where)
     return ({"parts": system} if system else None), contents
 
 
@@ -171,7 +175,11 @@ def _generation_config(body: dict) -> dict:
     rf = body.get("response_format")
     if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
         cfg["responseMimeType"] = "application/json"
-        schema = (rf.get("json_schema") or {}).get("schema") if rf["type"] == "json_schema" else None
+        js = rf.get("json_schema")
+        if rf["type"] == "json_schema" and js is not None and not isinstance(js, dict):
+            raise invalid_request("`response_format.json_schema` must be an object", "invalid_type",
+                                  "response_format.json_schema")
+        schema = js.get("schema") if rf["type"] == "json_schema" and js else None
         if isinstance(schema, dict):
             cfg["responseJsonSchema"] = schema
     return cfg
@@ -180,11 +188,11 @@ def _generation_config(body: dict) -> dict:
 def _tool_config(choice) -> dict | None:
     if choice is None:
         return None
-    if choice in ("auto", "none", "required"):
+    if isinstance(choice, str) and choice in ("auto", "none", "required"):
         mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice]
         return {"functionCallingConfig": {"mode": mode}}
-    if isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}}
+    if (name := tool_choice_name(choice)) is not None:
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
     raise invalid_request("`tool_choice` is not valid", "invalid_tool_choice", "tool_choice")
 
 
@@ -223,23 +231,30 @@ def new_call_id(signature=None) -> str:
     return f"{base}{SIGNATURE_MARK}{signature}" if isinstance(signature, str) and signature else base
 
 
-def _tool_call(part: dict) -> dict:
+def _tool_call(part: dict, what: str) -> dict:
     fc = part["functionCall"]
+    name = fc.get("name")
+    if not isinstance(name, str) or not name:
+        raise malformed("gemini", f"{what} (a `functionCall` without a `name`)")
+    args = opt_dict(fc.get("args"), "gemini", f"{what} (`functionCall.args`)")
     return {"id": new_call_id(part.get("thoughtSignature")), "type": "function",
-            "function": {"name": fc.get("name"), "arguments": orjson.dumps(fc.get("args") or {}).decode()}}
+            "function": {"name": name, "arguments": orjson.dumps(args).decode()}}
 
 
-def read_parts(candidate: dict) -> tuple[str, str, list[dict]]:
-    """A candidate's (text, thought text, tool calls without ``index``)."""
+def read_parts(candidate: dict, what: str = "response") -> tuple[str, str, list[dict]]:
+    """A candidate's (text, thought text, tool calls without ``index``). 502 when ``content`` or
+    ``content.parts`` or a part's ``text`` has the wrong type, or a ``functionCall`` is unusable."""
     text, thought, calls = [], [], []
-    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
-    for part in content.get("parts") or ():
+    content = opt_dict(candidate.get("content"), "gemini", f"{what} (`content`)")
+    for part in opt_list(content.get("parts"), "gemini", f"{what} (`content.parts`)"):
         if not isinstance(part, dict):
             continue
-        if isinstance(part.get("functionCall"), dict):
-            calls.append(_tool_call(part))
-        elif isinstance(part.get("text"), str):
-            (thought if part.get("thought") else text).append(part["text"])
+        if part.get("functionCall") is not None:
+            if not isinstance(part["functionCall"], dict):
+                raise malformed("gemini", f"{what} (`functionCall`)")
+            calls.append(_tool_call(part, what))
+        elif part.get("text") is not None:
+            (thought if part.get("thought") else text).append(opt_str(part["text"], "gemini", f"{what} (`text`)"))
     return "".join(text), "".join(thought), calls
 
 
@@ -253,47 +268,57 @@ class GeminiProvider(Provider):
             h["x-goog-api-key"] = model.provider_config.api_key
         return h
 
+    @guard_request
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         method = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
         url = f"{self.base_url(model)}/{model_path(model.model_id)}{method}"
         return UpstreamRequest(url, self._headers(model, headers), orjson.dumps(generate_request(body)))
 
+    @guard_response
     def chat_response(self, body: bytes) -> ChatResult:
+        """A ``GenerateContentResponse`` → a chat completion. Content of the wrong type
+        (``candidates``/``parts`` not arrays, a ``text`` that is not a string, a ``functionCall``
+        without a name) is a 502; metadata of the wrong type (ids, indexes, reasons, usage) is ignored."""
         obj = load_object(body, self.name)
         choices, reasons = [], []
-        for pos, cand in enumerate(obj.get("candidates") or ()):
+        for pos, cand in enumerate(opt_list(obj.get("candidates"), self.name, "response (`candidates`)")):
             if not isinstance(cand, dict):
                 continue
-            text, thought, calls = read_parts(cand)
+            text, thought, calls = read_parts(cand, f"response (`candidates[{pos}]`)")
             for k, c in enumerate(calls):
                 c["index"] = k
             finish = finish_reason(cand.get("finishReason") or "STOP", bool(calls))
             reasons.append(finish)
-            choices.append({"index": cand.get("index", pos), "message": assistant_message(text, calls, thought),
+            choices.append({"index": index_of(cand.get("index"), pos),
+                            "message": assistant_message(text, calls, thought),
                             "logprobs": None, "finish_reason": finish})
         if not choices and isinstance(obj.get("promptFeedback"), dict):  # the prompt itself was blocked
             reasons.append("content_filter")
             choices.append({"index": 0, "message": assistant_message(None, [], None), "logprobs": None,
                             "finish_reason": "content_filter"})
         u = usage_of(obj.get("usageMetadata"))
-        model = obj.get("modelVersion") if isinstance(obj.get("modelVersion"), str) else ""
-        cid = obj.get("responseId") or f"chatcmpl-{uuid.uuid4().hex}"
+        model = str_or(obj.get("modelVersion"), "")
+        cid = str_or(obj.get("responseId"), None) or new_chat_id()
         doc = chat_completion(cid, model, choices, u[1] if u else None)
         return ChatResult(doc, u[0] if u else None, model or None, tuple(reasons))
 
     def stream_decoder(self, include_usage: bool) -> StreamDecoder:
         return GeminiStreamDecoder(include_usage)
 
+    @guard_request
     def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
         return batch_embed_request(self.base_url(model), model_path(model.model_id), body,
                                    self._headers(model, headers))
 
+    @guard_response
     def embeddings_response(self, body: bytes, request: UpstreamRequest | None = None) -> ChatResult:
         return embeddings_to_openai(load_object(body, self.name), request)
 
+    @guard_error
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
         """``{"error":{"code","message","status"}}`` → the OpenAI envelope with the same HTTP status;
-        the Google status (e.g. ``RESOURCE_EXHAUSTED``) becomes ``code``."""
+        the Google status (e.g. ``RESOURCE_EXHAUSTED``) becomes ``code``. Another body: see
+        :func:`~aisix.providers.translate.error_envelope`."""
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -302,14 +327,15 @@ class GeminiProvider(Provider):
             doc = doc[0]
         err = doc.get("error") if isinstance(doc, dict) else None
         if not isinstance(err, dict) or not isinstance(err.get("message"), str):
-            return super().error_from_response(status, headers, body)
+            return error_envelope(self.name, status, headers, body)
         hdrs = {}
         if "retry-after" in headers:
             hdrs["Retry-After"] = headers["retry-after"]
         elif (delay := _retry_delay(err.get("details"))) is not None:
             hdrs["Retry-After"] = delay
         code = err.get("status") if isinstance(err.get("status"), str) else None
-        return GatewayError(status, err["message"], error_type_for(status), code, hdrs)
+        message = err["message"] or f"upstream {self.name} answered HTTP {status}"
+        return GatewayError(status, message, error_type_for(status), code, hdrs)
 
 
 def _retry_delay(details) -> str | None:
@@ -320,6 +346,8 @@ def _retry_delay(details) -> str | None:
             try:
                 secs = float(delay[:-1])
             except ValueError:
+                continue
+            if not math.isfinite(secs):
                 continue
             return str(max(0, int(-(-secs // 1))))
     return None
@@ -344,36 +372,29 @@ class GeminiStreamDecoder(ChunkDecoder):
         self.started: set[int] = set()     # candidates whose role chunk went out
         self.tool_count: dict[int, int] = {}  # candidate → tool calls so far
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        self.token = False
-        if event.data is None:
-            return None
-        try:
-            obj = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
-            return None
+    def on_event(self, obj: dict, name: str | None) -> bytes | None:
         err = obj.get("error")
         if isinstance(err, dict):
             status = err.get("status") if isinstance(err.get("status"), str) else None
             code = err.get("code")
-            etype = error_type_for(code) if isinstance(code, int) and code < 500 else "api_error"
-            self.stream_error(str(err.get("message") or ""), etype, status)
+            etype = (error_type_for(code) if isinstance(code, int) and not isinstance(code, bool) and code < 500
+                     else "api_error")
+            message = json_text(err["message"]) if err.get("message") is not None else ""
+            self.stream_error(message, etype, status)
             return None
         if not self.id:
-            self.id = obj.get("responseId") or f"chatcmpl-{uuid.uuid4().hex}"
+            self.id = str_or(obj.get("responseId"), None) or new_chat_id()
         if self.response_model is None and isinstance(obj.get("modelVersion"), str):
             self.response_model = obj["modelVersion"]
         u = usage_of(obj.get("usageMetadata"))
         if u is not None:
             self.usage, self.usage_obj = u
         out, finishes = [], []
-        for pos, cand in enumerate(obj.get("candidates") or ()):
+        for pos, cand in enumerate(opt_list(obj.get("candidates"), self.provider, "stream event (`candidates`)")):
             if not isinstance(cand, dict):
                 continue
-            idx = cand.get("index", pos)
-            text, thought, calls = read_parts(cand)
+            idx = index_of(cand.get("index"), pos)
+            text, thought, calls = read_parts(cand, f"stream event (`candidates[{pos}]`)")
             delta: dict = {}
             if idx not in self.started:
                 self.started.add(idx)

@@ -63,7 +63,15 @@ def batch_embed_request(base_url: str, model_path: str, body: dict, headers: dic
 
 
 def _encode(values: list[float]) -> str:
-    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+    """Little-endian float32, base64. 502 for a value float32 cannot hold."""
+    try:
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+    except (struct.error, OverflowError):
+        raise upstream_unreachable("upstream gemini sent an embedding value out of float32 range") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def embeddings_to_openai(obj: dict, request: UpstreamRequest | None) -> ChatResult:
@@ -77,6 +85,8 @@ def embeddings_to_openai(obj: dict, request: UpstreamRequest | None) -> ChatResu
         values = e.get("values") if isinstance(e, dict) else None
         if not isinstance(values, list):
             raise upstream_unreachable("upstream gemini sent an embedding without values")
+        if not all(map(_is_number, values)):
+            raise upstream_unreachable("upstream gemini sent a malformed embedding (a value that is not a number)")
         data.append({"object": "embedding", "index": i,
                      "embedding": _encode(values) if req and req.encode_base64 else values})
     meta = obj.get("usageMetadata")

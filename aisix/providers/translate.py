@@ -6,14 +6,27 @@ Shapes follow the OpenAI API reference: the chat completion object
 (https://platform.openai.com/docs/api-reference/chat-streaming/streaming) and the usage
 object with ``prompt_tokens_details.cached_tokens`` and
 ``completion_tokens_details.reasoning_tokens``.
+
+Malformed input never crashes a translator. Each field read is type-checked where it enters: a
+client request of the wrong shape is a 400 naming the field (``param``); an upstream body or
+stream event whose *content* has the wrong type (``content`` not an array, a ``text`` that is not
+a string, a tool call without a name) is a 502 ``upstream_unreachable`` ("upstream X sent a
+malformed ..."; mid-stream it ends the stream as an error event), while *metadata* of the wrong
+type (ids, indexes, ``stop_reason``, usage) is ignored. A narrow last-resort guard per entry point
+(:data:`MALFORMED`) turns anything that still slips through into the same 400 / 502. Error
+bodies keep the upstream's status; their ``message``/``code`` are strings, JSON text when the
+upstream sent something else (:func:`json_text`), never a Python repr.
 """
 from __future__ import annotations
 
+import functools
 import time
+import uuid
 
 import orjson
 
-from ..errors import GatewayError, invalid_request, upstream_unreachable
+from ..errors import GatewayError, error_type_for, invalid_request, upstream_unreachable
+from ..sse import SSEEvent
 from .base import StreamDecoder, Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -22,6 +35,140 @@ DONE = b"data: [DONE]\n\n"
 def sse(obj) -> bytes:
     """One SSE event as OpenAI frames it: ``data: {json}\\n\\n``."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+#: What translation code raises on data of a shape it did not expect. Inputs are validated where
+#: they enter (each field read is type-checked); the guards below turn anything that still slips
+#: through into a GatewayError, so no other exception leaves a translator.
+MALFORMED = (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError)
+
+
+def malformed(provider: str, what: str) -> GatewayError:
+    """502: the upstream's 2xx body or stream event does not have the documented shape."""
+    return upstream_unreachable(f"upstream {provider} sent a malformed {what}")
+
+
+def guard_request(fn):
+    """For ``chat_request``/``embeddings_request``: a client request that trips the translation
+    (a shape no boundary check caught) is a 400, never a 500."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except MALFORMED:
+            raise invalid_request(f"the request cannot be translated for {self.name}: a field has an "
+                                  "unexpected shape or is nested too deeply", "invalid_request") from None
+    return wrapper
+
+
+def guard_response(fn):
+    """For ``chat_response``/``embeddings_response``: a malformed upstream body is a 502."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except MALFORMED:
+            raise malformed(self.name, "response") from None
+    return wrapper
+
+
+def json_text(v) -> str:
+    """An upstream error's ``message``/``code`` as text: a string as it is, anything else as its
+    JSON encoding (never a Python repr)."""
+    if isinstance(v, str):
+        return v
+    try:
+        return orjson.dumps(v).decode()
+    except TypeError:  # orjson.JSONEncodeError: only for what orjson.loads cannot produce
+        return ""
+
+
+def shown(v, limit: int = 64) -> str:
+    """A client's value quoted in an error message: a string as it is, anything else as JSON,
+    cut to ``limit`` characters (never a Python repr)."""
+    text = json_text(v) if v is not None else "null"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def error_envelope(provider: str, status: int, headers, body: bytes) -> GatewayError:
+    """An upstream 4xx/5xx whose body is not the provider's own error shape: an OpenAI-style
+    ``{"error": {...}}`` is used if present, else a generic message; same status either way,
+    ``Retry-After`` kept. ``code`` and ``message`` are strings (JSON text if the upstream sent
+    something else), never Python reprs."""
+    message, etype, code = None, error_type_for(status), None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(err, dict):
+        message = err.get("message")
+        if isinstance(err.get("type"), str) and err["type"]:
+            etype = err["type"]
+        code = err.get("code")
+    elif isinstance(err, str):
+        message = err
+    elif isinstance(doc, dict):
+        message = doc.get("message")
+    message = json_text(message) if message is not None else ""
+    if not message:
+        message = f"upstream {provider} answered HTTP {status}"
+    code = (json_text(code) or None) if code is not None else None
+    hdrs = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else {}
+    return GatewayError(status, message, etype, code, hdrs)
+
+
+def guard_error(fn):
+    """For ``error_from_response``: whatever the error body holds, the client gets the upstream's
+    status with a generic message rather than a crash."""
+    @functools.wraps(fn)
+    def wrapper(self, status, headers, body):
+        try:
+            return fn(self, status, headers, body)
+        except MALFORMED:
+            return GatewayError(status, f"upstream {self.name} answered HTTP {status}", error_type_for(status))
+    return wrapper
+
+
+def opt_str(v, provider: str, what: str) -> str:
+    """An optional string field of an upstream body (missing/null → ``""``); 502 for another type."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    raise malformed(provider, what)
+
+
+def opt_dict(v, provider: str, what: str) -> dict:
+    """An optional object field of an upstream body (missing/null → ``{}``); 502 for another type."""
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        return v
+    raise malformed(provider, what)
+
+
+def opt_list(v, provider: str, what: str) -> list:
+    """An optional array field of an upstream body (missing/null → ``[]``); 502 for another type."""
+    if v is None:
+        return []
+    if isinstance(v, list):
+        return v
+    raise malformed(provider, what)
+
+
+def str_or(v, default: str) -> str:
+    """A metadata string (an id, a model name) if it is one, else ``default``."""
+    return v if isinstance(v, str) and v else default
+
+
+def index_of(v, default: int) -> int:
+    """A choice / content-block index if it is a non-negative integer, else ``default``."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+
+def new_chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 def load_object(body: bytes, provider: str) -> dict:
@@ -114,8 +261,38 @@ def function_tools(tools, where: str = "tools") -> list[dict]:
         fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid_request(f"`{where}[{i}]` must be a function tool with a name", "invalid_tool", where)
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise invalid_request(f"`{where}[{i}].function.description` must be a string", "invalid_type",
+                                  f"{where}[{i}].function.description")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise invalid_request(f"`{where}[{i}].function.parameters` must be a JSON Schema object", "invalid_type",
+                                  f"{where}[{i}].function.parameters")
         out.append(fn)
     return out
+
+
+def message_of(m, where: str) -> dict:
+    """One entry of ``messages``: it must be an object (400 naming it otherwise)."""
+    if not isinstance(m, dict):
+        raise invalid_request(f"`{where}` must be an object", "invalid_type", where)
+    return m
+
+
+def tool_calls_of(m: dict, where: str) -> list:
+    """An assistant message's ``tool_calls`` (missing/null → ``[]``); 400 if it is not an array."""
+    calls = m.get("tool_calls")
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise invalid_request(f"`{where}.tool_calls` must be an array", "invalid_type", f"{where}.tool_calls")
+    return calls
+
+
+def tool_choice_name(choice) -> str | None:
+    """The function name of a ``{"type": "function", "function": {"name": ...}}`` tool choice, else None."""
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def stop_list(stop) -> list[str] | None:
@@ -196,6 +373,32 @@ class ChunkDecoder(StreamDecoder):
 
     def end(self) -> bytes | None:
         return None if self.done else self.tail()
+
+    def feed(self, event: SSEEvent) -> bytes | None:
+        """Parse the event's JSON and hand the object to :meth:`on_event`. A non-JSON or
+        non-object ``data`` is skipped; an event of the wrong shape ends the stream with a 502
+        (:attr:`error`), as does any translation failure, so nothing else ever escapes."""
+        self.token = False
+        if event.data is None:
+            return None
+        try:
+            obj = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        try:
+            return self.on_event(obj, event.event)
+        except GatewayError as e:
+            self.error = e
+        except MALFORMED:
+            self.error = malformed(self.provider, "stream event")
+        self.token = False
+        return None
+
+    def on_event(self, obj: dict, name: str | None) -> bytes | None:
+        """One upstream event (a JSON object; ``name`` is its SSE ``event:`` field) → client bytes."""
+        raise NotImplementedError
 
     def stream_error(self, message: str, etype: str, code: str | None) -> None:
         """An error the upstream sent mid-stream: the proxy ends the stream with it (502)."""
