@@ -19,7 +19,9 @@ Shape (AISIX's, extended)::
     apikeys: [...]     # upserted by key at start-up
 
 The standard OpenTelemetry variables override the file: ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``,
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_SDK_DISABLED``
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_SDK_DISABLED``,
+``OTEL_TRACES_SAMPLER`` (``always_on``/``always_off``/``traceidratio``, ``parentbased_*`` alike)
+with ``OTEL_TRACES_SAMPLER_ARG``
 (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/).
 """
 from __future__ import annotations
@@ -106,6 +108,8 @@ class MetricsConfig(_Strict):
 class TracesConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:4317"
     export_timeout_ms: int = Field(2000, ge=100)
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
 
 
 class ObservabilityConfig(_Strict):
@@ -145,6 +149,16 @@ def apply_env(config: Config, env=os.environ) -> Config:
         obs.traces.otlp_endpoint = v
     if v := env.get("OTEL_SERVICE_NAME"):
         obs.service_name = v
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in ("always_on", "parentbased_always_on"):
+        obs.traces.sample_ratio = 1.0
+    elif sampler in ("always_off", "parentbased_always_off"):
+        obs.traces.sample_ratio = 0.0
+    elif sampler in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            obs.traces.sample_ratio = min(1.0, max(0.0, float(env.get("OTEL_TRACES_SAMPLER_ARG", "1"))))
+        except ValueError:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: not a number: {env.get('OTEL_TRACES_SAMPLER_ARG')!r}") from None
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         obs.enabled = False
     return config

@@ -48,6 +48,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         rec.trace_id, rec.parent_span_id, rec.trace_flags = ctx
     else:
         rec.trace_id = new_trace_id()
+        # TraceIdRatioBased, as the OTel SDK decides it: the trace id's low 64 bits under a bound
+        rec.trace_flags = 1 if (rec.trace_id & 0xFFFFFFFFFFFFFFFF) < request.app[GATEWAY].telemetry.sample_bound else 0
     rec.span_id = new_span_id()
     request[RECORD] = rec
     try:

@@ -79,3 +79,14 @@ def test_port_in_use_fails_cleanly_and_leaves_no_listener(tmp_path):
     assert r.returncode == 1 and "cannot start" in r.stderr, r.stderr
     with socket.socket() as s:  # the proxy port it bound first was released with the process
         s.bind(("127.0.0.1", proxy_port))
+
+
+def test_otel_traces_sampler_variables(tmp_path):
+    path = write(tmp_path, "observability:\n  traces: {sample_ratio: 0.5}\n")
+    assert load_config(str(path), env={}).observability.traces.sample_ratio == 0.5
+    ratio = load_config(str(path), env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                        "OTEL_TRACES_SAMPLER_ARG": "0.25"}).observability.traces.sample_ratio
+    assert ratio == 0.25
+    assert load_config(str(path), env={"OTEL_TRACES_SAMPLER": "always_off"}).observability.traces.sample_ratio == 0
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        load_config(str(path), env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"})

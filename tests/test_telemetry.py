@@ -229,3 +229,20 @@ def test_telemetry_queue_full_drops_and_counts():
     assert tel.drain() == 3
     tel.meter_provider.shutdown(timeout_millis=100)
     tel.tracer_provider.shutdown()
+
+
+async def test_trace_sampling_ratio_zero_keeps_sampled_parents_only(tmp_path, upstream, trace_sink):
+    """``sample_ratio: 0``: new traces are not recorded (the upstream sees flags 00), but a request
+    whose incoming traceparent is sampled still gets its span (parent-based)."""
+    cfg = gateway_config(upstream.base_url, traces=trace_sink.endpoint)
+    cfg["observability"]["traces"]["sample_ratio"] = 0.0
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with GatewayProcess(tmp_path, cfg) as gw:
+        for _ in range(5):
+            assert (await post_raw(gw.url + CHAT, chat("whole", False))).status == 200
+        assert upstream.last("whole").headers["traceparent"].endswith("-00")
+        assert (await post_raw(gw.url + CHAT, chat("stream", True), headers={"traceparent": parent})).status == 200
+        assert upstream.last("stream").headers["traceparent"].endswith("-01")
+    assert trace_sink.wait_for(1)
+    time.sleep(0.5)
+    assert [s["trace_id"] for s in trace_sink.spans] == ["4bf92f3577b34da6a3ce929d0e0e4736"]

@@ -36,6 +36,8 @@ class Telemetry:
 
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
         self.enabled = cfg.enabled
+        #: new traces whose id's low 64 bits are under this are sampled (trace-id ratio)
+        self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if cfg.enabled else 1 << 64
         self.max_queue = cfg.queue_size
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
