@@ -81,39 +81,45 @@ def main(argv: list[str] | None = None) -> int:
 def supervise(n: int, argv: list[str]) -> int:
     """Run ``n`` copies of this command as workers on one port (``SO_REUSEPORT``); pass SIGTERM and
     SIGINT on to them and wait. Returns the first non-zero exit code, else 0."""
+    import os
+    import select
     import signal
     import subprocess
     import time
 
-    import os
-    import select
-
     # Worker 0 first: it owns the store and seeds it; the others start once it says it is ready
-    # (one byte on a pipe), so no worker ever serves an empty configuration.
+    # (one byte on a pipe), so no worker ever serves an empty configuration. Signals are passed on
+    # from the start, so a SIGTERM during start-up leaves no worker behind.
     cmd = [sys.executable, "-m", "aisix", *argv, "--worker-index"]
     procs: list[subprocess.Popen] = []
-
-    def start(i: int) -> bool:
-        r, w = os.pipe()
-        procs.append(subprocess.Popen([*cmd, str(i)], pass_fds=(w,), env={**os.environ, "AISIX_READY_FD": str(w)}))
-        os.close(w)
-        ready = bool(select.select([r], [], [], 120)[0] and os.read(r, 1))
-        os.close(r)
-        return ready
-
-    if not start(0) or not all(start(i) for i in range(1, n)):
-        for p in procs:
-            p.terminate()
-        return next((p.wait() for p in procs if p.wait()), 1)
-    print(f"aisix: all {n} workers ready", flush=True)
+    stopping: list[int] = []
 
     def forward(sig, _frame):
+        stopping.append(sig)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+
+    def start(i: int) -> bool:
+        if stopping:
+            return False
+        r, w = os.pipe()
+        procs.append(subprocess.Popen([*cmd, str(i)], pass_fds=(w,), env={**os.environ, "AISIX_READY_FD": str(w)}))
+        os.close(w)
+        ready = bool(select.select([r], [], [], 120)[0] and os.read(r, 1))
+        os.close(r)
+        return ready and not stopping
+
+    if not start(0) or not all(start(i) for i in range(1, n)):
+        asked_to_stop = bool(stopping)
+        forward(signal.SIGTERM, None)
+        codes = [p.wait() for p in procs]
+        return 0 if asked_to_stop else next((c for c in codes if c), 1)
+    print(f"aisix: all {n} workers ready", flush=True)
+
     code = 0
     while any(p.poll() is None for p in procs):
         for p in procs:

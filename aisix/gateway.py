@@ -23,6 +23,7 @@ class Gateway:
     pipeline: Pipeline
     telemetry: Telemetry
     pool: UpstreamPool
+    draining: bool = False  # set at shutdown: a cancellation from now on is the server's doing
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

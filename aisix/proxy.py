@@ -279,18 +279,12 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             error = None if decoder.finished else GatewayError(
                 504, f"upstream stream idle for over {model.provider_config.stream_idle_timeout_ms} ms",
                 "timeout_error", "upstream_timeout")
+        rec.llm_end_ns = perf_counter_ns()
         if error is None and not ended:
             end = decoder.end()  # e.g. the [DONE] an upstream left out
             if end:
                 out = out or await _start_stream(request, up, call)
                 await out.write(end)
-        rec.llm_end_ns = perf_counter_ns()
-        if decoder.usage is not None:
-            u = decoder.usage
-            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
-        call.estimated_completion_tokens = data_events
-        rec.response_model = decoder.response_model
-        rec.finish_reasons = tuple(decoder.finish_reasons)
         if error is not None:
             rec.error = error.message
             if out is None:
@@ -303,7 +297,14 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
         if rec.status == 0:
             rec.status = 200
         return out
-    finally:
+    finally:  # every way out, a client disconnect (cancellation) included, records what the stream got
+        rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
+        if decoder.usage is not None:
+            u = decoder.usage
+            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        call.estimated_completion_tokens = data_events
+        rec.response_model = decoder.response_model
+        rec.finish_reasons = tuple(decoder.finish_reasons)
         idle.cancel()
         if clean:
             up.release()

@@ -72,7 +72,11 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
             rec.status = resp.status
         return resp
     except asyncio.CancelledError:
-        rec.status = CLIENT_CLOSED_REQUEST
+        gw = request.app[GATEWAY]
+        # cancelled by the shutdown after the grace ran out: the gateway's failure, not the client's
+        rec.status = 503 if gw.draining else CLIENT_CLOSED_REQUEST
+        if gw.draining:
+            rec.error = "cut at shutdown: server.shutdown_grace_ms ran out"
         raise
     except ConnectionResetError:  # the client went away while we wrote: nothing more to send
         rec.status = CLIENT_CLOSED_REQUEST
@@ -236,7 +240,9 @@ class Server:
             raise
 
     async def stop(self) -> None:
-        """Stop accepting, wait for in-flight requests (up to the grace), then flush telemetry."""
+        """Stop accepting, wait for in-flight requests (up to the grace), then flush telemetry.
+        Requests still running when the grace runs out are cut and measured as 503."""
+        self.gateway.draining = True
         await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
         self.runners.clear()
         await self.gateway.pool.close()

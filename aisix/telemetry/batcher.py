@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections import Counter, deque
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -174,11 +176,20 @@ class Telemetry:
             return
         self.drain()
 
-        def _shutdown():
-            self.tracer_provider.shutdown()
-            self.meter_provider.shutdown(timeout_millis=timeout * 1000)
+        # Metrics first (a hung trace collector must not hold them back), each in a daemon thread
+        # with a deadline: the process never waits on an exporter longer than ``timeout`` s.
+        deadline = time.monotonic() + timeout
+        for name, shutdown in (("metrics", lambda: self.meter_provider.shutdown(timeout_millis=timeout * 1000)),
+                               ("traces", self.tracer_provider.shutdown)):
+            done = threading.Event()
 
-        try:
-            await asyncio.wait_for(asyncio.to_thread(_shutdown), timeout + 1)
-        except asyncio.TimeoutError:
-            log.warning("telemetry exporters did not flush within %.1f s", timeout)
+            def run(fn=shutdown, ev=done):
+                try:
+                    fn()
+                finally:
+                    ev.set()
+
+            threading.Thread(target=run, name=f"aisix-{name}-shutdown", daemon=True).start()
+            left = max(0.1, deadline - time.monotonic())
+            if not await asyncio.get_running_loop().run_in_executor(None, done.wait, left):
+                log.warning("telemetry: the %s exporter did not flush within %.1f s; giving up", name, timeout)

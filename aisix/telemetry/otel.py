@@ -96,9 +96,9 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str):
     # No exemplars: the batcher records outside any span context, so the default trace-based
     # filter would only cost a context lookup per measurement.
     meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views,
-                                   exemplar_filter=AlwaysOffExemplarFilter())
+                                   exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
 
-    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
     span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
     processor = BatchSpanProcessor(span_exporter, schedule_delay_millis=1000,
