@@ -41,7 +41,7 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
     envelope, and submits the record. A client that went away is measured as 499."""
     start_ns = perf_counter_ns()
     resource = request.match_info.route.resource
-    rec = RequestRecord(request.method, resource.canonical if resource is not None else UNMATCHED,
+    rec = RequestRecord(request.method, resource.canonical if resource is not None else _unmatched_endpoint(request),
                         request.path, time.time_ns(), start_ns)
     ctx = parse_traceparent(request.headers.get("traceparent"))
     if ctx is not None:
@@ -94,6 +94,15 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
     finally:
         rec.end_ns = perf_counter_ns()
         request.app[GATEWAY].telemetry.submit(rec)
+
+
+def _unmatched_endpoint(request: web.Request) -> str:
+    """The ``endpoint`` label of a request no route took: its route's template when only the method
+    was wrong (405; our routes are plain paths), else ``unmatched``."""
+    for res in request.app.router.resources():
+        if res.canonical == request.path:
+            return res.canonical
+    return UNMATCHED
 
 
 class _Gone(web.StreamResponse):

@@ -318,9 +318,11 @@ async def test_c10_label_values_stay_bounded(gw, upstream):
             statuses += await asyncio.gather(*(one("POST", f"{CHAT}/{uuid.uuid4()}") for _ in range(25)))
             statuses += await asyncio.gather(*(one("GET", f"/x/{uuid.uuid4()}") for _ in range(25)))
         statuses += await asyncio.gather(*(one("POST", CHAT, key=f"sk-wrong-{uuid.uuid4()}") for _ in range(100)))
+        assert await one("GET", CHAT) == 405  # a wrong method keeps its route's template
     assert statuses.count(400) == 500 and statuses.count(404) == 500 and statuses.count(401) == 100
     m = gw.metrics
     m.wait_value(REQ, 500, endpoint="unmatched", timeout=15)
+    m.wait_value(REQ, 1, endpoint=CHAT, method="GET", status_code="405")
     series = m.prom.query(f'{{__name__=~"aisix_.*", instance="{m.instance}"}}')
     endpoints = {s["metric"].get("endpoint") for s in series} - {None}
     models = {s["metric"].get("model") for s in series} - {None}
