@@ -87,7 +87,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         rec.error = f"internal error: {type(e).__name__}"
         if request.writer is not None and request.writer.output_size > 0:
             # the status line already went out (a stream): never write a second response into it
-            request.transport is not None and request.transport.close()
+            if request.transport is not None:
+                request.transport.close()
             return _GONE
         err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
         return err.response()
