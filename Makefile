@@ -27,6 +27,7 @@ test: install services
 # Prometheus with its OTLP receiver (built once, ~3 min, when none is found).
 services:
 	@command -v etcd >/dev/null || { $(call apt_install,etcd-server); }
+	@command -v etcdctl >/dev/null || { $(call apt_install,etcd-client); }
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(call apt_install,nginx-light); } \
 		|| echo "make services: warning: nginx-light not installed (only bench needs it)" >&2
 	@bin=$$(scripts/prometheus-bin.sh) && flag=$$(scripts/prometheus-bin.sh --flag) && echo "prometheus: $$bin $$flag"
