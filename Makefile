@@ -18,7 +18,7 @@ $(STAMP): setup.cfg $(wildcard pyproject.toml setup.py)
 	touch $@
 
 serve: install
-	$(VENV)/bin/python -m aisix serve $(if $(CONFIG),--config $(CONFIG))
+	$(VENV)/bin/python -m aisix serve $(if $(CONFIG),--config $(CONFIG)) $(SERVE_ARGS)
 
 test: install services
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -94,7 +94,9 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
             rec.llm_end_ns = perf_counter_ns()
             up.close()
         if 400 <= up.status < 600:
-            raise provider.error_from_response(up.status, up.headers, data)
+            err = provider.error_from_response(up.status, up.headers, data)
+            err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
+            raise err
         raise upstream_unreachable(f"upstream {call.model.provider} answered HTTP {up.status}")
     return up
 

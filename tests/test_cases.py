@@ -218,7 +218,7 @@ async def test_c05_upstream_error_after_200(gw, upstream, sink):
 ], ids=["429", "400", "401", "503-html"])
 async def test_c06_plain_json_error_for_a_stream(gw, upstream, status, ctype, payload, retry):
     key = f"C06-{status}"
-    headers = {"Content-Type": ctype, **({"Retry-After": retry} if retry else {})}
+    headers = {"Content-Type": ctype, "x-request-id": f"req_{key}", **({"Retry-After": retry} if retry else {})}
     upstream.script(key, status=status, headers=headers, body=payload)
     d = Delta(gw.metrics, *COMMON, S(REQ, endpoint=CHAT, status_code=str(status)))
     got = await post_raw(gw.url + CHAT, body(key))
@@ -226,6 +226,7 @@ async def test_c06_plain_json_error_for_a_stream(gw, upstream, status, ctype, pa
     assert got.headers["Content-Type"].startswith("application/json")
     if retry:
         assert got.headers["Retry-After"] == retry
+    assert got.headers["x-request-id"] == f"req_{key}"  # the upstream's request id passes back on errors too
     doc = json.loads(got.body)
     assert set(doc["error"]) >= {"message", "type", "code"}
     assert b"data:" not in got.body
