@@ -8,6 +8,7 @@ Models: ``m`` (the emulator), ``m-badkey`` (a wrong upstream key), ``m-down`` (a
 from __future__ import annotations
 
 import openai
+import pytest
 
 from tests.harness import GatewayMetrics, GatewayProcess, gateway_config
 from tests.services import HOST, free_port
@@ -73,3 +74,15 @@ class E2E:
 
     def __exit__(self, *exc) -> None:
         self.proc.__exit__(*exc)
+
+
+def assert_unreachable_502_and_timeout_504(gw: "E2E", emu, messages: list, stream: bool) -> None:
+    """``m-down`` (a closed port) answers 502 ``upstream_unreachable``; ``m-slow`` (500 ms read
+    timeout, the emulator holding its answer 2 s) answers 504 ``timeout_error``."""
+    with pytest.raises(openai.InternalServerError) as e:
+        gw.client().chat.completions.create(model="m-down", messages=messages, stream=stream)
+    assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
+    emu.reply(head_delay=2.0)
+    with pytest.raises(openai.APIStatusError) as e:
+        gw.client().chat.completions.create(model="m-slow", messages=messages, stream=stream)
+    assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"

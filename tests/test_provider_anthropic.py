@@ -15,7 +15,7 @@ from aisix.providers.anthropic import AnthropicStreamDecoder, messages_request
 from aisix.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.anthropic import AnthropicEmulator
-from tests.provider_e2e import E2E, PROMPT, TOTAL, COMPLETION, FIRST
+from tests.provider_e2e import assert_unreachable_502_and_timeout_504, E2E, PROMPT, TOTAL, COMPLETION, FIRST
 
 P = get_provider("anthropic")
 USER = {"role": "user", "content": "hi"}
@@ -429,13 +429,7 @@ def test_e2e_wrong_upstream_key_is_401(gw):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_e2e_unreachable_is_502_and_timeout_is_504(gw, emu, stream):
-    with pytest.raises(openai.InternalServerError) as e:
-        gw.client().chat.completions.create(model="m-down", messages=[USER], stream=stream)
-    assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
-    emu.reply(head_delay=2.0)
-    with pytest.raises(openai.APIStatusError) as e:
-        gw.client().chat.completions.create(model="m-slow", messages=[USER], stream=stream)
-    assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
+    assert_unreachable_502_and_timeout_504(gw, emu, [USER], stream)
 
 
 @pytest.mark.parametrize("mode", ["error_after", "drop_after"])

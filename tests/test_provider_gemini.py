@@ -18,7 +18,7 @@ from aisix.providers.gemini_embed import EmbedRequest
 from aisix.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.gemini import GeminiEmulator, embedding_values
-from tests.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL
+from tests.provider_e2e import assert_unreachable_502_and_timeout_504, COMPLETION, E2E, FIRST, PROMPT, TOTAL
 
 P = get_provider("gemini")
 USER = {"role": "user", "content": "hi"}
@@ -475,13 +475,7 @@ def test_e2e_wrong_upstream_key(gw):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_e2e_unreachable_is_502_and_timeout_is_504(gw, emu, stream):
-    with pytest.raises(openai.InternalServerError) as e:
-        gw.client().chat.completions.create(model="m-down", messages=[USER], stream=stream)
-    assert e.value.status_code == 502 and e.value.body["code"] == "upstream_unreachable"
-    emu.reply(head_delay=2.0)
-    with pytest.raises(openai.APIStatusError) as e:
-        gw.client().chat.completions.create(model="m-slow", messages=[USER], stream=stream)
-    assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
+    assert_unreachable_502_and_timeout_504(gw, emu, [USER], stream)
 
 
 @pytest.mark.parametrize("mode", ["error_after", "drop_after"])
