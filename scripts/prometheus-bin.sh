@@ -6,12 +6,12 @@
 # (--web.enable-otlp-receiver on 3.x, --enable-feature=otlp-write-receiver on 2.x).
 # Looks at, in order: $PROMETHEUS; a `prometheus` on PATH that knows the
 # receiver; $HOME/.cache/aisix/prometheus/prometheus-otlp, built once from
-# Debian's sources by ../shared/tools/build-prometheus-otlp.sh (about 3 min)
+# Debian's sources by scripts/build-prometheus-otlp.sh (about 3-5 min)
 # unless --no-build is given.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE="$HOME/.cache/aisix/prometheus"
-BUILD="$(dirname "$ROOT")/shared/tools/build-prometheus-otlp.sh"
+BUILD="$ROOT/scripts/build-prometheus-otlp.sh"
 
 want_flag=0 build=1
 for a in "$@"; do

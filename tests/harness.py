@@ -28,7 +28,7 @@ from aiohttp import web
 
 from tests.services import HOST, free_port
 
-# -- the case shorthands of shared/cases/README.md ------------------------------------------
+# -- the case shorthands of tests/test_cases.py (C01-C11) --------------------------------------
 _BASE = '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"up-1",'
 ROLE = _BASE + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
 STOP = _BASE + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'

@@ -1,6 +1,4 @@
-# Copied from ../shared/tools/otlp_grpc_trace_sink.py (aisix shared tools) so that tests
-# do not depend on paths outside the repository; unchanged but for this header
-# (and the shebang, dropped). Used in-process by tests/services.py:trace_sink().
+# Used in-process by tests/services.py:trace_sink().
 """Minimal OTLP/gRPC trace receiver for tests (stand-in for Jaeger's :4317).
 
 Uses grpcio + the generated service in the `opentelemetry-proto` package.

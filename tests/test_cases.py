@@ -1,4 +1,4 @@
-"""The cases of shared/cases/README.md (C01–C10): inputs other gateways got wrong.
+"""Cases C01–C10: inputs other gateways got wrong (reconstructed from public bug reports).
 
 One gateway process for the module (alias ``m1`` → a scripted upstream on loopback, key
 ``sk-test``), exporting metrics to the session's real Prometheus and traces to a real OTLP/gRPC
