@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, Listen, embedded_default, load_config
 from .store import StoreError
 
@@ -29,8 +30,13 @@ def _banner(creds):
     return show
 
 
+#: The --log-level values (case-insensitive), the stdlib logging level names.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="aisix", description="An OpenAI-compatible AI gateway.")
+    ap.add_argument("--version", action="version", version=f"aisix {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gateway")
     s.add_argument("--config", help="YAML config file (default: the embedded default, a mock model)")
@@ -40,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--listen", help="proxy host:port (overrides server.proxy.listen)")
     s.add_argument("--admin-listen", help="Admin API host:port (overrides server.admin.listen)")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="logging threshold (DEBUG adds one line per request)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.config:
             config, creds = load_config(args.config), None

@@ -131,6 +131,12 @@ class Config(_Strict):
     #: where the config came from (a path, or "embedded default"), for messages
     source: str = Field("embedded default", exclude=True)
 
+    @field_validator("models", "apikeys", mode="before")
+    @classmethod
+    def _null_is_empty(cls, v):
+        """``models:`` with no value (YAML null) means no models, not an error."""
+        return [] if v is None else v
+
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]

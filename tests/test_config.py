@@ -90,3 +90,17 @@ def test_otel_traces_sampler_variables(tmp_path):
     assert load_config(str(path), env={"OTEL_TRACES_SAMPLER": "always_off"}).observability.traces.sample_ratio == 0
     with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
         load_config(str(path), env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"})
+
+
+def test_null_models_and_apikeys_mean_empty_lists(tmp_path):
+    cfg = load_config(str(write(tmp_path, "models:\napikeys:\n")), env={})
+    assert cfg.models == [] and cfg.apikeys == []
+
+
+def test_cli_version_and_bad_log_level(tmp_path):
+    from aisix import __version__
+    r = subprocess.run([sys.executable, "-m", "aisix", "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == f"aisix {__version__}"
+    r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--log-level", "foo"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "invalid choice: 'FOO'" in r.stderr and "Traceback" not in r.stderr
