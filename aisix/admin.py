@@ -17,7 +17,8 @@ bad JSON or a bad field → 400, name/key taken → 409, unknown id → 404, sto
 Secrets: ``provider_config.api_key`` is never logged and responses show it masked
 (:func:`~aisix.resources.mask_secret`); a PUT that sends back the masked value keeps the
 stored key, so a GET → edit → PUT round trip is safe. Client API keys (``key``) are returned
-as they are: they are what the Admin API manages.
+as they are: they are what the Admin API manages. A ``POST`` of an API key without ``key``
+generates one (``sk-`` and 32 random URL-safe characters) and returns it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from pydantic import ValidationError
 from .errors import GatewayError, error_type_for, invalid_request
 from .gateway import GATEWAY
 from .openapi import ADMIN_PREFIX, openapi_document
-from .resources import SCHEMAS, describe_validation_error, mask_secret
+from .resources import SCHEMAS, describe_validation_error, mask_secret, new_client_key
 from .store import ConflictError, StoreError, StoreUnavailable
 
 log = logging.getLogger("aisix.admin")
@@ -137,6 +138,8 @@ async def _create(request: web.Request) -> web.Response:
     if doc.get("id") is not None:
         raise invalid_request("field `id`: assigned by the server on create; "
                               f"use PUT {ADMIN_PREFIX}/{kind}/{{id}} to choose one", "invalid_field", "id")
+    if kind == "apikeys" and "key" not in doc:
+        doc["key"] = new_client_key()  # returned in the response: the caller's only copy to hand out
     obj = _validate(kind, doc)
     rid = str(uuid.uuid4())
     stored, _ = await _write(request, kind, rid, obj)

@@ -34,7 +34,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .resources import ApiKey, Model
+from .resources import ApiKey, Model, new_client_key
 
 
 class ConfigError(Exception):
@@ -212,7 +212,7 @@ def embedded_default(data_dir: str = "./aisix-data", env=os.environ) -> tuple[Co
             creds = json.load(f)
         assert isinstance(creds.get("admin_key"), str) and isinstance(creds.get("client_key"), str)
     except FileNotFoundError:
-        creds = {"admin_key": "admin-" + secrets.token_urlsafe(24), "client_key": "sk-" + secrets.token_urlsafe(24)}
+        creds = {"admin_key": "admin-" + secrets.token_urlsafe(24), "client_key": new_client_key()}
         fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(creds, f)

@@ -47,13 +47,14 @@ def _paths(kind: str, schema: str, noun: str) -> dict:
     item_id = {"name": "id", "in": "path", "required": True, "description": f"The {noun}'s id",
                "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
     body = {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+    create = {"required": True, "content": {"application/json": {"schema": _ref(f"{schema}Create")}}}
     tag = [kind]
     return {
         f"{ADMIN_PREFIX}/{kind}": {
             "get": {"operationId": f"list_{kind}", "tags": tag, "summary": f"List {noun}s",
                     "responses": {"200": _json(_ref(f"{schema}List"), f"Every {noun}"), **_errors(401)}},
             "post": {"operationId": f"create_{kind}", "tags": tag, "summary": f"Create a {noun} (id assigned)",
-                     "requestBody": body,
+                     "requestBody": create,
                      "responses": {"201": _json(_ref(schema), f"The stored {noun} with its new id"),
                                    **_errors(400, 401, 409, 503)}},
         },
@@ -79,6 +80,9 @@ def openapi_document() -> dict:
     schemas = dict(top.get("$defs", {}))
     schemas["Error"] = _ERROR
     schemas["Deleted"] = _DELETED
+    schemas["ModelCreate"] = _ref("Model")
+    # POST without `key` generates one (returned in the 201)
+    schemas["ApiKeyCreate"] = {**schemas["ApiKey"], "required": [r for r in schemas["ApiKey"]["required"] if r != "key"]}
     for schema, _noun in _KINDS.values():
         schemas[f"{schema}List"] = {"type": "object", "required": ["total", "list"],
                                     "properties": {"total": {"type": "integer", "minimum": 0},

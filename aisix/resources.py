@@ -9,6 +9,7 @@ a ``rate_limit``. These schemas serve the config file, the stores and the Admin 
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -153,6 +154,11 @@ class ApiKey(BaseModel):
         if any(c.isspace() for c in v):
             raise ValueError("must not contain whitespace")
         return _no_control(v)
+
+
+def new_client_key() -> str:
+    """A fresh client API key: ``sk-`` + 32 URL-safe characters from :mod:`secrets` (192 bits)."""
+    return "sk-" + secrets.token_urlsafe(24)
 
 
 Kind = Literal["models", "apikeys"]
