@@ -22,7 +22,7 @@ from .ratelimit import REQUEST_BYTES
 from .resources import ApiKey, Model
 from .snapshot import Snapshot
 from .sse import SSEParser
-from .telemetry import RequestRecord
+from .telemetry import RequestRecord, request_id
 from .telemetry.tracecontext import format_traceparent
 from .upstream import UpstreamResponse
 
@@ -328,6 +328,7 @@ async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:
 
 async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) -> web.StreamResponse:
     headers = _passthrough(up, call.response_headers)
+    headers.setdefault("x-request-id", request_id(call.record))
     headers["Content-Type"] = up.headers.get("content-type", "text/event-stream")
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
@@ -357,7 +358,23 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one model the caller's key may use, in OpenAI's model shape
+    (https://platform.openai.com/docs/api-reference/models/retrieve); 404 ``model_not_found``
+    for a model that does not exist or that the key may not use (which of the two is not told)."""
+    snap = request.app[GATEWAY].holder.current
+    key = authenticate(request, snap)
+    name = request.match_info["model"]
+    model = snap.models.get(name) if name in key.allowed_models else None
+    if model is None:
+        raise GatewayError(404, f"The model `{name}` does not exist.", "invalid_request_error",
+                           "model_not_found", param="model")
+    return web.Response(body=orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": model.provider}),
+                        content_type="application/json")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -24,25 +24,38 @@ from .hooks import Pipeline
 from .proxy import RECORD
 from .snapshot import SnapshotHolder
 from .store import create_store
-from .telemetry import RequestRecord, Telemetry, parse_traceparent
+from .telemetry import RequestRecord, Telemetry, parse_traceparent, request_id
 from .telemetry.otel import instance_id
 from .telemetry.tracecontext import new_span_id, new_trace_id
 from .upstream import UpstreamPool
 
 log = logging.getLogger("aisix")
+#: One DEBUG line per request (``--log-level debug``): method, route, status, model, ms, request id.
+access_log = logging.getLogger("aisix.access")
 
 #: ``endpoint`` label of requests that matched no route (keeps label values bounded).
 UNMATCHED = "unmatched"
 
 
+#: Probes on the proxy listener, never measured as proxy traffic.
+HEALTH_PATHS = frozenset(("/livez", "/readyz"))
+#: Set on the Admin API app: its requests are counted in ``aisix_admin_request_count``.
+ADMIN_APP = web.AppKey("aisix_admin_app", bool)
+
+
 @web.middleware
 async def measure(request: web.Request, handler) -> web.StreamResponse:
     """Times the request from arrival to the last body byte sent, turns errors into the OpenAI
-    envelope, and submits the record. A client that went away is measured as 499."""
+    envelope, and submits the record. A client that went away is measured as 499. Every
+    response not already carrying one gets the gateway's ``x-request-id``
+    (:func:`~aisix.telemetry.request_id`)."""
+    if request.path in HEALTH_PATHS:
+        return await handler(request)
     start_ns = perf_counter_ns()
     resource = request.match_info.route.resource
     rec = RequestRecord(request.method, resource.canonical if resource is not None else _unmatched_endpoint(request),
                         request.path, time.time_ns(), start_ns)
+    rec.admin = request.app.get(ADMIN_APP, False)
     ctx = parse_traceparent(request.headers.get("traceparent"))
     if ctx is not None:
         rec.trace_id, rec.parent_span_id, rec.trace_flags = ctx
@@ -66,6 +79,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
             resp = GatewayError(e.status, _http_error_message(e, request), error_type_for(e.status),
                                 _http_error_code(e.status), headers=_allow_header(e)).response()
         if not resp.prepared:
+            if "x-request-id" not in resp.headers:
+                resp.headers["x-request-id"] = request_id(rec)
             await resp.prepare(request)
             await resp.write_eof()
         if rec.status == 0:
@@ -95,6 +110,9 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
     finally:
         rec.end_ns = perf_counter_ns()
         request.app[GATEWAY].telemetry.submit(rec)
+        if access_log.isEnabledFor(logging.DEBUG):
+            access_log.debug("%s %s %d model=%s %.1fms id=%s", rec.method, rec.endpoint, rec.status,
+                             rec.model or "-", (rec.end_ns - rec.start_ns) / 1e6, request_id(rec))
 
 
 def _unmatched_endpoint(request: web.Request) -> str:
@@ -176,7 +194,22 @@ def create_proxy_app(gateway: Gateway) -> web.Application:
     app = web.Application(middlewares=[measure], client_max_size=MAX_BODY_BYTES)
     app[GATEWAY] = gateway
     proxy.add_routes(app)
+    app.router.add_get("/livez", _livez)
+    app.router.add_get("/readyz", _readyz)
     return app
+
+
+async def _livez(request: web.Request) -> web.Response:
+    """``GET /livez``: 200 while the process serves HTTP at all."""
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 once the store is loaded (the listener opens only after that) and
+    until shutdown begins; 503 while draining, so a load balancer stops sending new requests."""
+    if request.app[GATEWAY].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 def create_admin_app_measured(gateway: Gateway) -> web.Application | None:
@@ -188,6 +221,7 @@ def create_admin_app_measured(gateway: Gateway) -> web.Application | None:
     app = create_admin_app(gateway)
     app.middlewares.insert(0, measure)
     app[GATEWAY] = gateway
+    app[ADMIN_APP] = True
     return app
 
 

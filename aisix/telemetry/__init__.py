@@ -3,7 +3,7 @@
 spans; the SDK's exporters (OTLP HTTP for metrics, OTLP gRPC for traces) ship them from
 their own threads."""
 from .batcher import Telemetry
-from .records import RequestRecord
+from .records import RequestRecord, request_id
 from .tracecontext import TraceContext, parse_traceparent
 
-__all__ = ["Telemetry", "RequestRecord", "TraceContext", "parse_traceparent"]
+__all__ = ["Telemetry", "RequestRecord", "request_id", "TraceContext", "parse_traceparent"]

@@ -62,6 +62,8 @@ class Telemetry:
             "aisix_llm_latency", unit="ms", description="upstream call to response received")
         self.first_token_latency = meter.create_histogram(
             "aisix_llm_first_token_latency", unit="ms", description="streams: request start to first token")
+        self.admin_request_count = meter.create_counter(
+            "aisix_admin_request_count", description="Admin API requests processed (not in aisix_request_count)")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
         self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
@@ -104,8 +106,9 @@ class Telemetry:
         while q and (limit is None or n < limit):
             self._record(q.popleft(), requests, tokens)
             n += 1
-        for (method, endpoint, status), count in requests.items():
-            self.request_count.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
+        for (admin, method, endpoint, status), count in requests.items():
+            counter = self.admin_request_count if admin else self.request_count
+            counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
         for (model, kind), count in tokens.items():
             self.token_count.add(count, {"model": model, "type": kind})
         if self.dropped != self._dropped_reported:
@@ -116,7 +119,11 @@ class Telemetry:
 
     def _record(self, r: RequestRecord, requests: Counter, tokens: Counter) -> None:
         status = str(r.status)
-        requests[(r.method, r.endpoint, status)] += 1
+        requests[(r.admin, r.method, r.endpoint, status)] += 1
+        if r.admin:  # the control plane: its own counter and its span, none of the proxy's series
+            if r.trace_flags & 1:
+                self._span(r)
+            return
         self.request_latency.record((r.end_ns - r.start_ns) / _NS_PER_MS,
                                     {"method": r.method, "endpoint": r.endpoint, "status_code": status})
         model = r.model

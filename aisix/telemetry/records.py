@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 
+def request_id(rec: "RequestRecord") -> str:
+    """The gateway's own id of a request, sent as ``x-request-id`` when the upstream sent none:
+    the trace id (32 hex digits), ``-``, the id of the gateway's span (16 hex digits), so a
+    client's error can be found in the traces."""
+    return f"{rec.trace_id:032x}-{rec.span_id:016x}"
+
+
 class RequestRecord:
     """What one HTTP request did. The hot path only sets fields; the batcher derives metrics
     and the span from them after the fact.
@@ -15,7 +22,7 @@ class RequestRecord:
                  "model", "provider", "request_model", "response_model", "operation", "stream",
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
-                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error")
+                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -43,6 +50,7 @@ class RequestRecord:
         self.parent_span_id = 0
         self.trace_flags = 1
         self.error: str | None = None
+        self.admin = False  # an Admin API request: counted apart from the proxy's seed series
 
     def set_usage(self, prompt: int, completion: int, total: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
