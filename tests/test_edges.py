@@ -134,3 +134,37 @@ async def test_debug_log_has_one_line_per_request_without_secrets(tmp_path, upst
     assert len(lines) == 1, out
     assert f"POST {CHAT} 200 model=m1" in lines[0] and "ms id=" in lines[0]
     assert "sk-test" not in out and "sk-upstream" not in out
+
+
+def test_example_config_loads_and_serves_the_mock(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aisix.config import load_config
+    from tests.services import HOST, free_port
+    example = Path(__file__).resolve().parents[1] / "aisix.example.yaml"
+    cfg = load_config(str(example), env={})
+    assert {m.name for m in cfg.models} == {"mock", "gpt-4o"} and cfg.apikeys[0].rate_limit.concurrency == 4
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aisix", "serve", "--config", str(example),
+                             "--listen", f"{HOST}:{port}", "--admin-listen", f"{HOST}:{free_port()}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "OTEL_SDK_DISABLED": "true"})
+    try:
+        deadline = time.monotonic() + 20
+        while not (_listening(port) and get(f"http://{HOST}:{port}/readyz")[0] == 200):
+            assert time.monotonic() < deadline and proc.poll() is None, "the example config did not serve"
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://{HOST}:{port}/v1", api_key="sk-client-change-me", max_retries=0)
+        r = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
