@@ -1,12 +1,13 @@
 """The state one gateway process shares between its apps (set at start-up, read per request)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from .config import Config
 from .hooks import Pipeline
+from .routing import Router
 from .snapshot import SnapshotHolder
 from .store import ConfigStore
 from .telemetry import Telemetry
@@ -24,6 +25,7 @@ class Gateway:
     telemetry: Telemetry
     pool: UpstreamPool
     draining: bool = False  # set at shutdown: a cancellation from now on is the server's doing
+    router: Router = field(default_factory=Router)  # deployments' health, this process's view
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -20,7 +20,8 @@ class Call:
 
     ``record`` holds what is measured (usage in tokens once known, status); hooks add response
     headers to ``response_headers`` and keep their own per-call state in ``state``.
-    ``estimated_completion_tokens`` is the gateway's own count of completion tokens when an
+    ``model`` is the alias the client asked for (limits count against it); ``target`` the
+    deployment the current attempt goes to. ``estimated_completion_tokens`` is the gateway's own count of completion tokens when an
     upstream stream ended without usage (one per data event from the first token up to the
     one that carries the finish_reason).
     """
@@ -33,6 +34,8 @@ class Call:
     response_headers: dict[str, str] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     estimated_completion_tokens: int = 0
+    target: Model | None = None  # the deployment the current attempt goes to (a one-upstream Model)
+    upstream_called: bool = False  # the current attempt reached the upstream call
 
 
 class Hook:

@@ -22,6 +22,7 @@ from .providers import Provider, StreamDecoder, get_provider
 from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
 from .redact import redact
 from .relay import StreamRelay
+from .routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
 from .resources import ApiKey, Model
 from .snapshot import Snapshot
 from .telemetry import RequestRecord, request_id
@@ -93,10 +94,15 @@ def _passthrough(up: UpstreamResponse, extra: dict[str, str]) -> dict[str, str]:
 
 
 async def _call_upstream(request: web.Request, call: Call, provider: Provider, upreq) -> UpstreamResponse:
+    """Send ``upreq`` to the attempt's target (``call.target``); a non-2xx answer is read whole
+    and raised as the :class:`GatewayError` it stands for (``upstream_status`` set). The first
+    call of a request starts ``aisix_llm_latency`` (the client-visible one)."""
     gw = request.app[GATEWAY]
-    rec = call.record
-    rec.llm_start_ns = perf_counter_ns()
-    up = await provider.send(gw.pool, upreq, call.model)
+    rec, target = call.record, call.target
+    start = perf_counter_ns()
+    rec.llm_start_ns = rec.llm_start_ns or start
+    call.upstream_called = True
+    up = await provider.send(gw.pool, upreq, target)
     if not 200 <= up.status < 300:
         try:
             data = await up.read()
@@ -106,12 +112,13 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
         if 400 <= up.status < 600:
             err = provider.error_from_response(up.status, up.headers, data)
             if provider.refused_credentials(up.status, err):
-                err = upstream_refused_credentials(err, call.model)
+                err = upstream_refused_credentials(err, target)
         else:
-            err = upstream_unreachable(f"upstream {call.model.provider} answered HTTP {up.status}")
+            err = upstream_unreachable(f"upstream {target.provider} answered HTTP {up.status}")
         err.upstream_status = up.status
         err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
         raise err
+    gw.router.succeeded(target, (perf_counter_ns() - start) / 1e6)
     return up
 
 
@@ -129,17 +136,19 @@ def _upstream_failed(request: web.Request, call: Call, err: GatewayError, reques
     """An upstream call failed with ``err``: mask every secret in its message (it reaches the
     client, the span and the log), then log one rate-limited line."""
     gw = request.app[GATEWAY]
-    secrets = (*gw.holder.current.secrets, call.model.provider_config.api_key,
+    target = call.target
+    secrets = (*gw.holder.current.secrets, target.provider_config.api_key,
                *(k.key for k in gw.config.deployment.admin.admin_key))
     err.message = redact(err.message, secrets)
     call.record.upstream_status = err.upstream_status or 0
-    upstream_failure(call.model.name, call.model.provider, call.model.model_id, err.status, err.code,
-                     err.upstream_status, request_id, err.message)
+    call.record.upstream_errors.append((target.name, str(err.upstream_status) if err.upstream_status else "none"))
+    upstream_failure(target.name, target.provider, target.model_id, err.status, err.code,
+                     err.upstream_status, request_id, err.message, target.deployment_id)
 
 
-async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, Provider, dict]:
+async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, dict]:
     """Authenticate (before reading the body, so an unauthenticated caller learns nothing else),
-    read the JSON body, resolve the model. Returns ``(call, provider, body)``."""
+    read the JSON body, resolve the model. Returns ``(call, body)``."""
     rec = request[RECORD]
     snap = request.app[GATEWAY].holder.current  # this request's snapshot, kept to its end
     key = authenticate(request, snap)
@@ -148,7 +157,7 @@ async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, Pro
     rec.operation = operation
     call = Call(key, model, rec, now=time.time())
     call.state[REQUEST_BYTES] = len(await request.read())  # cached by aiohttp: no second read
-    return call, get_provider(model.provider), body
+    return call, body
 
 
 def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
@@ -157,7 +166,7 @@ def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``, streamed (``"stream": true``) or not."""
-    call, provider, body = await _prepare_call(request, "chat")
+    call, body = await _prepare_call(request, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise invalid_request("`messages` must be a non-empty array of message objects.", "invalid_type", "messages")
@@ -168,22 +177,92 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
     call.record.stream = call.stream = stream
 
-    async def go() -> web.StreamResponse:
-        upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
+    async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
+        upreq = provider.chat_request(target, body, stream, _upstream_headers(call.record))
         try:
             up = await _call_upstream(request, call, provider, upreq)
         except GatewayError as e:
-            if not (stream and provider.refused_stream_options(call.model, e)):
+            if not (stream and provider.refused_stream_options(target, e)):
                 raise
             log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
-                     call.model.name, e.status)
-            upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
+                     target.name, e.status)
+            upreq = provider.chat_request(target, body, stream, _upstream_headers(call.record))
             up = await _call_upstream(request, call, provider, upreq)
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
         return await _whole(up, call, provider.chat_response)
 
-    return await _with_hooks(request, call, go)
+    return await _with_hooks(request, call, lambda: route(request, call, attempt))
+
+
+async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse:
+    """Make the call, retrying and falling back as the model's ``routing`` and ``fallbacks`` say,
+    only before the first byte went to the client: ``await attempt(provider, target)`` per try
+    (a stream under way never raises; it ends in the stream). A failure that is not retryable
+    (:func:`~aisix.routing.retryable`: a client error, or not in ``retry_on``) goes back as is;
+    so does the last one when every attempt failed. A 429's ``Retry-After`` is waited for (at
+    most :data:`~aisix.routing.MAX_RETRY_WAIT_S`) only when no other deployment is ready.
+    ``x-aisix-deployment`` (``alias/id``) and ``x-aisix-attempts`` say where it went."""
+    gw = request.app[GATEWAY]
+    router, rec = gw.router, call.record
+    chain = [call.model, *(m for f in call.model.fallbacks if (m := gw.holder.current.models.get(f)) is not None)]
+    attempts, error = 0, None
+    for n, model in enumerate(chain):
+        if n:
+            rec.fallbacks.append(model.name)
+        tried: set[str] = set()
+        for _ in range(1 + model.retries):
+            target = router.choose(model, tried, time.monotonic())
+            tried.add(target.deployment_id)
+            attempts += 1
+            call.target = target
+            rec.provider, rec.request_model = target.provider, target.model_id
+            call.response_headers["x-aisix-deployment"] = f"{model.name}/{target.deployment_id}"
+            call.response_headers["x-aisix-attempts"] = str(attempts)
+            router.started(target)
+            start = perf_counter_ns()
+            call.upstream_called = False
+            try:
+                resp = await attempt(get_provider(target.provider), target)
+            except GatewayError as e:
+                if not call.upstream_called:  # refused before the call (e.g. a request this provider can't express)
+                    raise
+                rec.attempts.append((model.name, target.deployment_id, attempt_status(e), start, perf_counter_ns()))
+                _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
+                router.failed(target, e, time.monotonic())
+                if not retryable(e, model):
+                    raise
+                error = e
+                if not await _wait_before_retry(router, model, target, e):
+                    break  # this model can't be retried in time: on to the fallbacks
+                continue
+            finally:
+                router.finished(target)
+            rec.attempts.append((model.name, target.deployment_id, "200", start, perf_counter_ns()))
+            return resp
+    raise error
+
+
+def attempt_status(err: GatewayError) -> str:
+    """The ``status_code`` label of a failed attempt: the upstream's HTTP status, or
+    ``connect_error`` / ``timeout`` when it did not answer."""
+    kind = failure_kind(err)
+    return kind if isinstance(kind, str) else str(err.upstream_status if err.upstream_status != 200 else kind)
+
+
+async def _wait_before_retry(router: Router, model: Model, failed: Model, err: GatewayError) -> bool:
+    """After a failure with a retry hint: go elsewhere at once if another deployment is ready;
+    else wait the hint if it is short. False when the model can't be retried in time."""
+    hint = retry_after_s(err)
+    if hint is None or hint == 0:
+        return True
+    now = time.monotonic()
+    if any(t.deployment_id != failed.deployment_id and router.state(t).cooldown_until <= now for t in model.targets):
+        return True
+    if hint > MAX_RETRY_WAIT_S:
+        return False
+    await asyncio.sleep(hint)
+    return True
 
 
 async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamResponse:
@@ -194,8 +273,6 @@ async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamRespons
     try:
         return await go()
     except GatewayError as e:
-        if call.record.llm_start_ns:  # the upstream was called: this is its failure
-            _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
         e.headers = {**call.response_headers, **e.headers}
         raise
     finally:
@@ -257,7 +334,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
     count) ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as a 504.
     """
     rec = call.record
-    model = call.model
+    model = call.target
     if media_type(up.headers.get("content-type", "")) != "text/event-stream":
         try:
             await up.read()
@@ -354,14 +431,14 @@ async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) 
 
 async def embeddings(request: web.Request) -> web.Response:
     """``POST /v1/embeddings`` (https://platform.openai.com/docs/api-reference/embeddings)."""
-    call, provider, body = await _prepare_call(request, "embeddings")
+    call, body = await _prepare_call(request, "embeddings")
 
-    async def go() -> web.Response:
-        upreq = provider.embeddings_request(call.model, body, _upstream_headers(call.record))
+    async def attempt(provider: Provider, target: Model) -> web.Response:
+        upreq = provider.embeddings_request(target, body, _upstream_headers(call.record))
         up = await _call_upstream(request, call, provider, upreq)
         return await _whole(up, call, lambda data: provider.embeddings_response(data, upreq))
 
-    return await _with_hooks(request, call, go)
+    return await _with_hooks(request, call, lambda: route(request, call, attempt))
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -13,7 +13,8 @@ import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 #: Provider names a model's ``model`` field may start with. ``openai`` also covers any
 #: OpenAI-compatible server reached through ``provider_config.api_base``.
@@ -100,17 +101,88 @@ class ProviderConfig(BaseModel):
         return v.rstrip("/")
 
 
-class Model(BaseModel):
-    """A model alias. ``model`` is ``{provider}/{model_id}``, e.g. ``openai/gpt-4o-mini``."""
+def _provider_model(v: str) -> str:
+    """``{provider}/{model_id}`` with a known provider. Raises ValueError."""
+    provider, sep, model_id = v.partition("/")
+    if not sep or not model_id:
+        raise ValueError("must be `{provider}/{model_id}`, e.g. `openai/gpt-4o-mini`")
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider `{provider}` (known: {', '.join(PROVIDERS)})")
+    return v
+
+
+_MODEL_PATTERN = f"^({'|'.join(PROVIDERS)})/.+$"
+_DEPLOYMENT_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: Failures a deployment attempt can have that ``routing.retry_on`` may name besides HTTP statuses.
+RETRY_KINDS = ("connect_error", "timeout")
+#: Upstream statuses never retried whatever ``retry_on`` says: the request itself is at fault.
+NEVER_RETRIED = frozenset({400, 401, 403, 404, 413, 422})
+
+
+class Deployment(BaseModel):
+    """One upstream serving a model alias: where to send it, and its share of the traffic."""
 
     model_config = ConfigDict(extra="forbid")
+    id: str = Field(..., description="unique within the model; the `deployment` label of the metrics",
+                    json_schema_extra={"pattern": _DEPLOYMENT_ID})
+    model: str = Field(..., description="`{provider}/{model_id}`", json_schema_extra={"pattern": _MODEL_PATTERN})
+    provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
+    weight: int = Field(1, ge=1, le=1_000_000, description="share of the traffic under `weighted` (default 1)")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not re.fullmatch(_DEPLOYMENT_ID, v):
+            raise ValueError("must be 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
+        return v
+
+    _check_model = field_validator("model")(classmethod(lambda cls, v: _provider_model(v)))
+
+
+class Routing(BaseModel):
+    """How a model's deployments share requests and what happens when one fails (before the
+    first byte went to the client; a stream under way is never replayed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["weighted", "round_robin", "least_busy", "lowest_latency"] = Field(
+        "weighted", description="weighted: random by weight; round_robin: in turn; least_busy: fewest in flight; "
+        "lowest_latency: lowest moving average of the time to the upstream's first byte")
+    retries: int = Field(2, ge=0, le=10, description="further attempts after the first, across deployments")
+    retry_on: list[Literal["connect_error", "timeout"] | Annotated[int, Field(ge=400, le=599)]] = Field(
+        ["connect_error", "timeout", 429, 500, 502, 503, 504],
+        description="failures that are retried: connect_error, timeout, or an upstream HTTP status "
+        "(400, 401, 403, 404, 413 and 422 never are)")
+    allowed_fails: PositiveInt = Field(3, description="failures of one deployment within cooldown_ms that put it "
+                                       "in cooldown")
+    cooldown_ms: int = Field(30_000, ge=0, le=86_400_000, description="how long a failing deployment is skipped, ms")
+
+
+class Model(BaseModel):
+    """A model alias. Either one upstream, ``model`` (``{provider}/{model_id}``, e.g.
+    ``openai/gpt-4o-mini``) with its ``provider_config``, or several ``deployments`` with
+    ``routing``; ``fallbacks`` are other aliases tried in order when every deployment failed.
+
+    :attr:`targets` is the model as its deployments, each a one-upstream ``Model`` (same
+    ``name``) whose :attr:`deployment_id` says which; the one-upstream shape is one target,
+    ``default``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["model"], "not": {"required": ["deployments"]}},
+                  {"required": ["deployments"], "not": {"required": ["model"]}}]})
     id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
     name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`",
                       json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
-    model: str = Field(..., description="`{provider}/{model_id}`",
-                       json_schema_extra={"pattern": f"^({'|'.join(PROVIDERS)})/.+$"})
+    deployments: list[Deployment] | None = Field(None, min_length=1, max_length=64,
+                                                 description="several upstreams for this alias (instead of `model`)")
+    model: str | None = Field(None, validate_default=True, description="`{provider}/{model_id}` (or give "
+                              "`deployments`)", json_schema_extra={"pattern": _MODEL_PATTERN})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
+    routing: Routing = Field(default_factory=Routing)
+    fallbacks: list[str] = Field([], max_length=16, description="other aliases tried in order when every "
+                                 "deployment of this one failed")
     rate_limit: RateLimit | None = None
+    _targets: tuple = PrivateAttr(())
+    _deployment: str = PrivateAttr("default")
 
     @field_validator("name")
     @classmethod
@@ -119,21 +191,62 @@ class Model(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _provider_model(cls, v: str) -> str:
-        provider, sep, model_id = v.partition("/")
-        if not sep or not model_id:
-            raise ValueError("must be `{provider}/{model_id}`, e.g. `openai/gpt-4o-mini`")
-        if provider not in PROVIDERS:
-            raise ValueError(f"unknown provider `{provider}` (known: {', '.join(PROVIDERS)})")
-        return v
+    def _provider_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("deployments") is None:
+            raise PydanticCustomError("missing", "Field required")  # one upstream, `model`, or `deployments`
+        return v if v is None else _provider_model(v)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "Model":
+        if self.deployments is not None:
+            if self.model is not None or self.provider_config != ProviderConfig():
+                raise ValueError("give either `model` with `provider_config`, or `deployments`, not both")
+            ids = [d.id for d in self.deployments]
+            if len(set(ids)) != len(ids):
+                raise ValueError("deployment ids must be unique within the model")
+        if self.name in self.fallbacks or len(set(self.fallbacks)) != len(self.fallbacks):
+            raise ValueError("`fallbacks` must name other models, each once")
+        return self
+
+    def model_post_init(self, context) -> None:
+        if self.deployments is None:
+            self._targets = (self,)
+            return
+        targets = []
+        for d in self.deployments:
+            t = Model.model_construct(name=self.name, model=d.model, provider_config=d.provider_config,
+                                      deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None)
+            t._deployment = d.id
+            t._targets = (t,)
+            targets.append(t)
+        self._targets = tuple(targets)
+
+    @property
+    def targets(self) -> tuple["Model", ...]:
+        """The deployments as one-upstream models, in configured order."""
+        return self._targets
+
+    @property
+    def deployment_id(self) -> str:
+        """This target's deployment id (``default`` for the one-upstream shape)."""
+        return self._deployment
+
+    @property
+    def retries(self) -> int:
+        """Further attempts after the first: ``routing.retries``, but 0 for a one-upstream model
+        that sets no ``routing`` (as before routing existed: the client's SDK does its own retries)."""
+        if self.deployments is None and "routing" not in self.model_fields_set:
+            return 0
+        return self.routing.retries
 
     @property
     def provider(self) -> str:
-        return self.model.partition("/")[0]
+        """The provider of the (first) upstream."""
+        return (self.model or self._targets[0].model).partition("/")[0]
 
     @property
     def model_id(self) -> str:
-        return self.model.partition("/")[2]
+        return (self.model or self._targets[0].model).partition("/")[2]
 
 
 class ApiKey(BaseModel):

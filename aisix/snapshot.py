@@ -26,8 +26,8 @@ class Snapshot:
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
         models = MappingProxyType({m.name: m for m in models})
         keys = MappingProxyType({k.key: k for k in keys})
-        secrets = tuple(k for k in keys) + tuple(m.provider_config.api_key for m in models.values()
-                                                 if m.provider_config.api_key)
+        secrets = tuple(k for k in keys) + tuple(t.provider_config.api_key for m in models.values()
+                                                 for t in m.targets if t.provider_config.api_key)
         return cls(models, keys, revision, secrets)
 
 

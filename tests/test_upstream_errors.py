@@ -120,7 +120,7 @@ def test_upstream_refusing_the_gateway_key_is_told_apart(gw, upstream, prometheu
     while "request_id=req_up_401" not in gw.output() and time.monotonic() < deadline:
         time.sleep(0.05)
     line = next(ln for ln in gw.output().splitlines() if "request_id=req_up_401" in ln)
-    assert "upstream call failed: model=m1 provider=openai upstream_model=up-1 status=401 " \
+    assert "upstream call failed: model=m1 deployment=default provider=openai upstream_model=up-1 status=401 " \
            "code=upstream_auth_failed upstream_status=401" in line
 
 

@@ -67,6 +67,15 @@ class Telemetry:
         self.upstream_error_count = meter.create_counter(
             "aisix_upstream_error_count", description="failed upstream calls, by model and what the upstream "
             "answered (upstream_status: its HTTP status, 200 for an error in a stream, none when it did not answer)")
+        self.upstream_request_count = meter.create_counter(
+            "aisix_upstream_request_count", description="upstream attempts, by model alias, deployment and what the "
+            "attempt got (status_code: the upstream's HTTP status, or connect_error / timeout)")
+        self.upstream_latency = meter.create_histogram(
+            "aisix_upstream_latency", unit="ms", description="one upstream attempt: call to its end (streams: the "
+            "last byte; a failure: when it failed)")
+        self.fallback_count = meter.create_counter(
+            "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
+            "for and the fallback")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
         self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
@@ -107,8 +116,10 @@ class Telemetry:
         requests: Counter = Counter()
         tokens: Counter = Counter()
         upstream_errors: Counter = Counter()
+        attempts: Counter = Counter()
+        fallbacks: Counter = Counter()
         while q and (limit is None or n < limit):
-            self._record(q.popleft(), requests, tokens, upstream_errors)
+            self._record(q.popleft(), requests, tokens, upstream_errors, attempts, fallbacks)
             n += 1
         for (admin, method, endpoint, status), count in requests.items():
             counter = self.admin_request_count if admin else self.request_count
@@ -117,13 +128,18 @@ class Telemetry:
             self.token_count.add(count, {"model": model, "type": kind})
         for (model, upstream_status), count in upstream_errors.items():
             self.upstream_error_count.add(count, {"model": model, "upstream_status": upstream_status})
+        for (model, deployment, status), count in attempts.items():
+            self.upstream_request_count.add(count, {"model": model, "deployment": deployment, "status_code": status})
+        for (model, fallback), count in fallbacks.items():
+            self.fallback_count.add(count, {"model": model, "fallback": fallback})
         if self.dropped != self._dropped_reported:
             self.dropped_count.add(self.dropped - self._dropped_reported)
             self._dropped_reported = self.dropped
         self.processed += n
         return n
 
-    def _record(self, r: RequestRecord, requests: Counter, tokens: Counter, upstream_errors: Counter) -> None:
+    def _record(self, r: RequestRecord, requests: Counter, tokens: Counter, upstream_errors: Counter,
+                attempts: Counter, fallbacks: Counter) -> None:
         status = str(r.status)
         requests[(r.admin, r.method, r.endpoint, status)] += 1
         if r.admin:  # the control plane: its own counter and its span, none of the proxy's series
@@ -139,8 +155,13 @@ class Telemetry:
                 self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs)
             if r.first_token_ns and r.stream:
                 self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
-            if r.upstream_status is not None:
-                upstream_errors[(model, str(r.upstream_status) if r.upstream_status else "none")] += 1
+            for e in r.upstream_errors:
+                upstream_errors[e] += 1
+            for alias, deployment, status, start, end in r.attempts:
+                attempts[(alias, deployment, status)] += 1
+                self.upstream_latency.record((end - start) / _NS_PER_MS, {"model": alias, "deployment": deployment})
+            for fb in r.fallbacks:
+                fallbacks[(model, fb)] += 1
             if r.total_tokens is not None:
                 tokens[(model, "prompt")] += r.prompt_tokens
                 tokens[(model, "completion")] += r.completion_tokens

@@ -23,7 +23,7 @@ class RequestRecord:
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
                  "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status",
-                 "usage_estimated")
+                 "usage_estimated", "attempts", "fallbacks", "upstream_errors")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -54,6 +54,10 @@ class RequestRecord:
         self.admin = False  # an Admin API request: counted apart from the proxy's seed series
         self.upstream_status: int | None = None  # a failed upstream call: what it answered (0: nothing)
         self.usage_estimated = False  # prompt/completion tokens are the gateway's estimate (no total)
+        #: one per upstream attempt: (model alias, deployment id, status_code label, start_ns, end_ns)
+        self.attempts: list[tuple[str, str, str, int, int]] = []
+        self.fallbacks: list[str] = []  # the fallback aliases tried, in order
+        self.upstream_errors: list[tuple[str, str]] = []  # each failed upstream call: (model alias, upstream_status label)
 
     def set_usage(self, prompt: int, completion: int, total: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total

@@ -1,0 +1,242 @@
+"""Routing (issue 11): several deployments behind one alias, strategies, retries before the first
+byte only, cooldown, fallbacks, and the per-attempt series. Router unit tests, then real gateway
+processes on loopback with scripted upstreams, the official openai client and a real Prometheus."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import openai
+import pytest
+
+from aisix.errors import GatewayError, upstream_unreachable
+from aisix.resources import Model
+from aisix.routing import Router, failure_kind, retryable
+from tests.harness import (ROLE, STOP, TXT, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config,
+                           post_raw)
+from tests.services import HOST, free_port
+
+DONE = b"data: [DONE]\n\n"
+JSON = {"Content-Type": "application/json"}
+
+
+def group(strategy="weighted", weights=(1, 1), **routing) -> Model:
+    return Model(name="g", deployments=[{"id": f"d{i}", "model": "openai/x", "weight": w}
+                                        for i, w in enumerate(weights)],
+                 routing={"strategy": strategy, **routing})
+
+
+def failure(status: int | None, upstream_status: int | None, headers=None) -> GatewayError:
+    e = GatewayError(status or 502, "x", "api_error", None, headers)
+    e.upstream_status = upstream_status
+    return e
+
+
+# -- Router, sans IO ----------------------------------------------------------------------------
+def test_weights_hold_over_a_thousand_choices():
+    m, r = group(weights=(3, 1)), Router(random.Random(1))
+    picks = [r.choose(m, set(), 0).deployment_id for _ in range(1000)]
+    assert abs(picks.count("d0") / 1000 - 0.75) < 0.04
+
+
+def test_round_robin_least_busy_and_lowest_latency():
+    r = Router()
+    m = group("round_robin", (1, 1, 1))
+    assert [r.choose(m, set(), 0).deployment_id for _ in range(6)] == ["d0", "d1", "d2"] * 2
+    m = group("least_busy")
+    r.started(m.targets[0])
+    assert r.choose(m, set(), 0).deployment_id == "d1"
+    r.started(m.targets[1])
+    r.started(m.targets[1])
+    assert r.choose(m, set(), 0).deployment_id == "d0"
+    m = group("lowest_latency")
+    r.succeeded(m.targets[0], 50)
+    r.succeeded(m.targets[1], 10)
+    assert r.choose(m, set(), 0).deployment_id == "d1"
+    for _ in range(10):
+        r.succeeded(m.targets[1], 200)  # the moving average follows
+    assert r.choose(m, set(), 0).deployment_id == "d0"
+
+
+def test_tried_deployments_are_skipped_until_all_were_tried():
+    m, r = group(weights=(1, 1)), Router()
+    assert r.choose(m, {"d0"}, 0).deployment_id == "d1"
+    assert r.choose(m, {"d0", "d1"}, 0).deployment_id in ("d0", "d1")
+
+
+def test_cooldown_after_allowed_fails_and_after_a_429_retry_after():
+    m, r = group(allowed_fails=2, cooldown_ms=10_000), Router()
+    d0 = m.targets[0]
+    r.failed(d0, failure(500, 500), 100.0)
+    assert r.state(d0).cooldown_until == 0  # one failure of two allowed
+    r.failed(d0, failure(500, 500), 101.0)
+    assert r.state(d0).cooldown_until == 111.0
+    assert all(r.choose(m, set(), 105.0).deployment_id == "d1" for _ in range(50))
+    assert any(r.choose(m, set(), 112.0).deployment_id == "d0" for _ in range(50))
+    d1 = m.targets[1]
+    r.failed(d1, failure(429, 429, {"Retry-After": "2"}), 200.0)
+    assert r.state(d1).cooldown_until == 202.0
+    r.failed(d0, failure(400, 400), 200.0)  # the request's fault: not the deployment's
+    r.failed(d0, failure(404, 404), 200.0)
+    assert r.state(d0).cooldown_until == 111.0 and len(r.state(d0).fails) == 0
+
+
+def test_all_cooling_down_tries_the_one_whose_cooldown_ends_first():
+    m, r = group(allowed_fails=1, cooldown_ms=10_000), Router()
+    r.failed(m.targets[0], failure(500, 500), 100.0)
+    r.failed(m.targets[1], failure(500, 500), 95.0)
+    assert r.choose(m, set(), 101.0).deployment_id == "d1"
+
+
+def test_what_is_retried():
+    m = group()
+    assert failure_kind(upstream_unreachable("refused")) == "connect_error"
+    assert failure_kind(failure(504, None)) == "timeout"
+    assert failure_kind(failure(429, 200)) == 429  # an error event in a stream that answered 200
+    assert [retryable(failure(s, s), m) for s in (429, 500, 502, 503, 504)] == [True] * 5
+    assert [retryable(failure(s, s), m) for s in (400, 401, 403, 404, 413, 422)] == [False] * 6
+    m2 = group(retry_on=[400, "timeout"])
+    assert not retryable(failure(400, 400), m2) and not retryable(upstream_unreachable("x"), m2)
+    assert retryable(failure(504, None), m2)
+
+
+def test_one_upstream_models_keep_no_gateway_retries_unless_routing_is_given():
+    assert Model(name="a", model="openai/x").retries == 0
+    assert Model(name="a", model="openai/x", routing={"retries": 1}).retries == 1
+    assert group().retries == 2
+
+
+def test_config_shape_is_validated():
+    with pytest.raises(ValueError, match="unique"):
+        Model(name="g", deployments=[{"id": "a", "model": "openai/x"}, {"id": "a", "model": "openai/y"}])
+    with pytest.raises(ValueError, match="not both"):
+        Model(name="g", model="openai/x", deployments=[{"id": "a", "model": "openai/x"}])
+    with pytest.raises(ValueError, match="other models"):
+        Model(name="g", model="openai/x", fallbacks=["g"])
+    with pytest.raises(ValueError, match="Field required"):
+        Model(name="g")
+    m = Model(name="g", deployments=[{"id": "a", "model": "anthropic/c", "provider_config": {"api_key": "k"}}])
+    assert (m.targets[0].provider, m.targets[0].model_id, m.targets[0].provider_config.api_key) == ("anthropic", "c", "k")
+    assert Model.model_validate(m.model_dump(mode="json", exclude_unset=True)).targets[0].deployment_id == "a"
+
+
+# -- real gateways ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ups():
+    ups = [ScriptedUpstream().start() for _ in range(3)]
+    yield ups
+    for up in ups:
+        up.stop()
+
+
+def dep(i: str, base: str, **kw) -> dict:
+    return {"id": i, "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": base,
+                                                                  "connect_timeout_ms": 2000}, **kw}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, ups, prometheus):
+    a, b, c = ups
+    dead = f"http://{HOST}:{free_port()}/v1"
+    models = [
+        {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
+        {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
+         "routing": {"strategy": "round_robin"}, "fallbacks": ["backup"]},
+        {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
+    ]
+    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair"]}])
+    with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
+        yield g
+
+
+def client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key="sk-test", max_retries=0)
+
+
+def seen(up, key: str) -> int:
+    return sum(1 for s in up.seen if s.body["messages"][-1]["content"] == key)
+
+
+def test_every_request_succeeds_with_one_deployment_of_two_down(gw, ups, prometheus):
+    a = ups[0]
+    a.script("hd", status=200, headers=JSON, body=b'{"id":"c","object":"chat.completion","model":"up-1","choices":'
+             b'[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+             b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+    m = GatewayMetrics(prometheus, gw.instance)
+    ok, attempts = 0, 0
+    for _ in range(20):
+        r = client(gw).chat.completions.with_raw_response.create(model="half-down",
+                                                                  messages=[{"role": "user", "content": "hd"}])
+        ok += r.parse().choices[0].message.content == "ok"
+        attempts += int(r.headers["x-aisix-attempts"])
+        assert r.headers["x-aisix-deployment"] == "half-down/up"
+    assert ok == 20 and seen(a, "hd") == 20
+    down = attempts - 20  # every attempt beyond the first of each request went to the dead one
+    m.wait_value("aisix_upstream_request_count_total", 20, model="half-down", deployment="up", status_code="200")
+    m.wait_value("aisix_upstream_request_count_total", down, model="half-down", deployment="down",
+                 status_code="connect_error")
+    m.wait_value("aisix_request_count_total", 20, endpoint="/v1/chat/completions", status_code="200")
+
+
+def test_429_with_retry_after_cools_the_deployment_down(gw, ups):
+    a, b, _ = ups
+    a.script("cool", status=429, headers={**JSON, "Retry-After": "2"},
+             body=b'{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}')
+    b.script("cool", writes=[(0, ev(ROLE)), (0, ev(TXT("b"))), (0, ev(STOP)), (0, DONE)])
+    t0 = time.monotonic()
+    for _ in range(8):
+        got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+            "model": "pair", "stream": True, "messages": [{"role": "user", "content": "cool"}]}))
+        assert got.status == 200 and got.headers["x-aisix-deployment"] == "pair/b"
+    if time.monotonic() - t0 < 1.9:  # all within the 2 s: the 429ing deployment was asked once
+        assert seen(a, "cool") == 1
+    assert seen(b, "cool") == 8
+
+
+def test_all_deployments_failing_falls_back(gw, ups, prometheus):
+    a, b, c = ups
+    boom = b'{"error":{"message":"boom","type":"server_error"}}'
+    a.script("fb", status=500, headers=JSON, body=boom)
+    b.script("fb", status=500, headers=JSON, body=boom)
+    c.script("fb", writes=[(0, ev(ROLE)), (0, ev(TXT("from backup"))), (0, ev(STOP)), (0, DONE)])
+    m = GatewayMetrics(prometheus, gw.instance)
+    before = m.value("aisix_fallback_count_total", model="pair", fallback="backup")
+    na, nb = seen(a, "fb"), seen(b, "fb")
+    r = client(gw).chat.completions.with_raw_response.create(model="pair", stream=True,
+                                                              messages=[{"role": "user", "content": "fb"}])
+    text = "".join(ch.choices[0].delta.content or "" for ch in r.parse())
+    assert text == "from backup"
+    assert r.headers["x-aisix-deployment"] == "backup/default" and r.headers["x-aisix-attempts"] == "4"
+    assert (seen(a, "fb") - na, seen(b, "fb") - nb) in ((2, 1), (1, 2))  # 1 + 2 retries, round robin
+    assert c.last("fb").body["model"] == "up-2"
+    m.wait_value("aisix_fallback_count_total", before + 1, model="pair", fallback="backup")
+    # the client's request is counted once, with the status it got; the model label stays the alias asked for
+    m.wait_value("aisix_upstream_request_count_total", 1, model="backup", deployment="default", status_code="200")
+
+
+def test_a_stream_cut_after_its_first_chunk_is_not_retried(gw, ups):
+    a, b, _ = ups
+    for up in (a, b):
+        up.script("cut", writes=[(0, ev(ROLE)), (0, ev(TXT("once")))], end="reset")
+    na, nb = seen(a, "cut"), seen(b, "cut")
+    got = []
+    with pytest.raises(openai.APIError):
+        for c in client(gw).chat.completions.create(model="pair", stream=True,
+                                                    messages=[{"role": "user", "content": "cut"}]):
+            got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "once"
+    assert seen(a, "cut") - na + seen(b, "cut") - nb == 1
+
+
+def test_a_400_is_not_retried(gw, ups):
+    a, b, _ = ups
+    for up in (a, b):
+        up.script("bad", status=400, headers=JSON,
+                  body=b'{"error":{"message":"bad","type":"invalid_request_error","param":"messages","code":null}}')
+    na, nb = seen(a, "bad"), seen(b, "bad")
+    with pytest.raises(openai.BadRequestError) as e:
+        client(gw).chat.completions.create(model="pair", messages=[{"role": "user", "content": "bad"}])
+    assert e.value.param == "messages" and e.value.response.headers["x-aisix-attempts"] == "1"
+    assert seen(a, "bad") - na + seen(b, "bad") - nb == 1
