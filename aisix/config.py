@@ -3,7 +3,7 @@
 Shape (AISIX's, extended)::
 
     server:
-      proxy: {listen: "127.0.0.1:3000"}
+      proxy: {listen: "127.0.0.1:3000", client_write_timeout_ms: 30000}
       admin: {listen: "127.0.0.1:3001"}
       shutdown_grace_ms: 30000
     deployment:
@@ -34,7 +34,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .resources import ApiKey, Model, new_client_key
+from .resources import MAX_INT, ApiKey, Model, new_client_key
 
 
 class ConfigError(Exception):
@@ -63,8 +63,16 @@ class Listen(_Strict):
         return v
 
 
+class ProxyListen(Listen):
+    """The proxy listener. ``client_write_timeout_ms``: a client that takes no bytes for this long
+    while the gateway has output waiting for it is disconnected (measured 499)."""
+
+    client_write_timeout_ms: int = Field(30_000, ge=1, le=MAX_INT, description=(
+        "a client that reads nothing of a response for this long is disconnected, ms (499)"))
+
+
 class ServerConfig(_Strict):
-    proxy: Listen = Listen(listen="127.0.0.1:3000")
+    proxy: ProxyListen = ProxyListen(listen="127.0.0.1:3000")
     admin: Listen = Listen(listen="127.0.0.1:3001")
     shutdown_grace_ms: int = Field(30_000, ge=0, description="in-flight requests get this long after SIGTERM, ms")
 

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 #: OpenAI-compatible server reached through ``provider_config.api_base``.
 PROVIDERS = ("openai", "deepseek", "anthropic", "gemini", "mock")
 
-PositiveInt = Annotated[int, Field(ge=1)]
+#: The largest integer a field takes: int64, what JSON stores, etcd, OTLP and Redis all hold.
+MAX_INT = 2**63 - 1
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_INT)]
 
 #: C0 and C1 control characters and DEL (Unicode category Cc)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -64,3 +64,46 @@ async def test_an_upstream_body_over_max_response_bytes_is_a_502_too_large(tmp_p
             err = _error(got)
             assert err["code"] == "upstream_response_too_large" and "1048576" in err["message"], err
         assert (await post_raw(gw.url + CHAT, _chat("small", True))).status == 200
+
+
+# -- item 3: a client that stops reading --------------------------------------------------------
+def _stuck_client(gw, body: dict) -> socket.socket:
+    """A raw client with a tiny receive buffer that sends ``body`` and then reads nothing at all."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small TCP window
+    s.connect((HOST, int(gw.listen.rsplit(":", 1)[1])))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\n"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+async def test_a_client_that_stops_reading_is_cut_after_client_write_timeout_ms(tmp_path, upstream, prometheus):
+    """A client that stops reading held its stream, and its concurrency slot, for ever: the
+    handler stayed blocked writing (with the upstream already closed by the idle timeout), and
+    every other request of the key got 429. Now writes time out after
+    ``server.proxy.client_write_timeout_ms``: the connection is closed, measured 499, the slot freed."""
+    chunk = ev(TXT("x" * 16_000))
+    upstream.script("flood", writes=[(0, ev(ROLE))] + [(0, chunk)] * 1500 + [(0, ev(STOP)), (0, DONE)])
+    upstream.script("probe", writes=[(0, ev(ROLE)), (0, ev(TXT("a"))), (0, ev(STOP)), (0, DONE)])
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url, stream_idle_timeout_ms=1000,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["m1"], "rate_limit": {"concurrency": 1}}])
+    cfg["server"]["proxy"]["client_write_timeout_ms"] = 1500
+    with GatewayProcess(tmp_path, cfg) as gw:
+        stuck = _stuck_client(gw, _chat("flood", True))
+        try:
+            await asyncio.sleep(0.5)
+            assert (await post_raw(gw.url + CHAT, _chat("probe", True))).status == 429  # the slot is taken
+            statuses = []
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                got = await post_raw(gw.url + CHAT, _chat("probe", True))
+                statuses.append(got.status)
+                if got.status == 200:
+                    break
+                await asyncio.sleep(0.25)
+            assert statuses[-1] == 200, f"the stuck client still holds the slot: {statuses}"
+        finally:
+            stuck.close()
+        m = GatewayMetrics(prometheus, gw.instance)
+        m.wait_value("aisix_request_count_total", 1, endpoint=CHAT, status_code="499")
