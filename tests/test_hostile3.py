@@ -107,3 +107,41 @@ async def test_a_client_that_stops_reading_is_cut_after_client_write_timeout_ms(
             stuck.close()
         m = GatewayMetrics(prometheus, gw.instance)
         m.wait_value("aisix_request_count_total", 1, endpoint=CHAT, status_code="499")
+
+
+# -- item 4: one request can't stall everyone ---------------------------------------------------
+def _peak_rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) // 1024
+
+
+def test_a_body_of_ten_million_tiny_messages_is_refused_before_it_is_parsed(tmp_path, upstream):
+    """An authenticated 28 MiB body of 10 M ``{}`` messages took the gateway from ~110 MB to ~1 GB
+    and blocked its loop for ~1 s (four at once: ~3 GB, ~2 s). Bodies of over 1 M JSON values are
+    now refused before parsing (413), and over 100 000 messages is a 400 in OpenAI's words."""
+    upstream.script("a", status=200, headers=JSON, body=json.dumps(
+        {"id": "c1", "object": "chat.completion", "created": 1, "model": "up-1", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}).encode())
+    with GatewayProcess(tmp_path, gateway_config(upstream.base_url)) as gw:
+        before = _peak_rss_mb(gw.proc.pid)
+
+        def post(body: bytes) -> tuple[int, dict]:
+            req = urllib.request.Request(gw.url + CHAT, data=body, headers={"Authorization": "Bearer sk-test", **JSON})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        flood = b'{"model":"m1","messages":[' + b",".join([b"{}"] * 10_000_000) + b"]}"
+        status, doc = post(flood)
+        assert status == 413 and doc["error"]["code"] == "request_too_large", (status, doc)
+        grew = _peak_rss_mb(gw.proc.pid) - before
+        assert grew < 300, f"peak RSS grew by {grew} MB for one refused body"
+
+        many = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "a"}] * 100_001}).encode()
+        status, doc = post(many)
+        assert status == 400 and doc["error"]["code"] == "array_above_max_length", (status, doc)
+        assert doc["error"]["param"] == "messages" and "100000" in doc["error"]["message"]
+        ok = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "a"}] * 1000}).encode()
+        assert post(ok)[0] == 200
