@@ -1,7 +1,8 @@
 """The state one gateway process shares between its apps (set at start-up, read per request)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -24,6 +25,8 @@ class Gateway:
     telemetry: Telemetry
     pool: UpstreamPool
     draining: bool = False  # set at shutdown: a cancellation from now on is the server's doing
+    #: the tasks handling requests now (the middleware keeps it); cancelled when the grace runs out
+    inflight: set[asyncio.Task] = field(default_factory=set)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -33,6 +33,9 @@ log = logging.getLogger("aisix")
 #: One DEBUG line per request (``--log-level debug``): method, route, status, model, ms, request id.
 access_log = logging.getLogger("aisix.access")
 
+#: After the grace, the longest wait for cancelled requests to unwind before telemetry is flushed (s).
+SHUTDOWN_SLACK_S = 1.0
+
 #: ``endpoint`` label of requests that matched no route (keeps label values bounded).
 UNMATCHED = "unmatched"
 
@@ -65,6 +68,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         rec.trace_flags = 1 if (rec.trace_id & 0xFFFFFFFFFFFFFFFF) < request.app[GATEWAY].telemetry.sample_bound else 0
     rec.span_id = new_span_id()
     request[RECORD] = rec
+    inflight = request.app[GATEWAY].inflight
+    inflight.add(request.task)
     try:
         try:
             if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", ""):
@@ -108,6 +113,7 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
         return err.response()
     finally:
+        inflight.discard(request.task)
         rec.end_ns = perf_counter_ns()
         request.app[GATEWAY].telemetry.submit(rec)
         if access_log.isEnabledFor(logging.DEBUG):
@@ -328,10 +334,20 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, wait for in-flight requests (up to the grace), then flush telemetry.
-        Requests still running when the grace runs out are cut and measured as 503."""
+        Requests still running when the grace runs out are cancelled then (not after a second
+        wait, as aiohttp's ``shutdown_timeout`` alone would do) and measured as 503."""
         self.gateway.draining = True
-        await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+        cleanups = [asyncio.ensure_future(r.cleanup()) for r in self.runners]
         self.runners.clear()
+        if cleanups:
+            _, pending = await asyncio.wait(cleanups, timeout=self.gateway.config.server.shutdown_grace_ms / 1000)
+            if pending:
+                for task in list(self.gateway.inflight):
+                    task.cancel()
+                await asyncio.wait(pending, timeout=SHUTDOWN_SLACK_S)
+            for t in cleanups:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.warning("stopping a listener failed: %r", t.exception())
         await self.gateway.pool.close()
         await self.gateway.store.close()
         await self.gateway.telemetry.stop()
