@@ -186,3 +186,23 @@ async def test_a_stream_longer_than_the_grace_is_cut_at_the_grace(tmp_path, upst
     finally:
         gw.kill()
         gw._logf.close()
+
+
+# -- item 8: smaller ones ------------------------------------------------------------------------
+async def test_spans_lost_while_the_trace_receiver_is_down_are_counted(tmp_path, upstream, prometheus):
+    """With the trace receiver down, every span was lost (370 of 390) and
+    ``aisix_telemetry_dropped_total`` stayed 0: it counted only records dropped by the queue. The
+    spans the exporter fails to deliver are now counted there, ``reason="span_export_failed"``."""
+    upstream.script("t", writes=[(0, ev(ROLE)), (0, ev(TXT("a"))), (0, ev(STOP)), (0, DONE)])
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url)  # traces: a dead port
+    n = 40
+    with GatewayProcess(tmp_path, cfg) as gw:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(n):
+                async with s.post(gw.url + CHAT, json=_chat("t", True), headers={"Authorization": "Bearer sk-test"}) as r:
+                    assert r.status == 200
+                    await r.read()
+        m = GatewayMetrics(prometheus, gw.instance)
+        # every request's span (+ the harness's readiness probe) is lost, and counted
+        m.wait_value("aisix_telemetry_dropped_total", n + 1, timeout=30, reason="span_export_failed")
+        assert m.value("aisix_telemetry_dropped_total", reason="queue_full") == 0
