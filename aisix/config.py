@@ -74,7 +74,7 @@ class ProxyListen(Listen):
 class ServerConfig(_Strict):
     proxy: ProxyListen = ProxyListen(listen="127.0.0.1:3000")
     admin: Listen = Listen(listen="127.0.0.1:3001")
-    shutdown_grace_ms: int = Field(30_000, ge=0, description="in-flight requests get this long after SIGTERM, ms")
+    shutdown_grace_ms: int = Field(30_000, ge=0, le=MAX_INT, description="in-flight requests get this long after SIGTERM, ms")
 
 
 class AdminKey(_Strict):
@@ -109,13 +109,13 @@ class DeploymentConfig(_Strict):
 
 class MetricsConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
-    export_interval_ms: int = Field(5000, ge=100)
-    export_timeout_ms: int = Field(2000, ge=100)
+    export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
+    export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
 
 
 class TracesConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:4317"
-    export_timeout_ms: int = Field(2000, ge=100)
+    export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description=(
         "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
 
@@ -125,7 +125,7 @@ class ObservabilityConfig(_Strict):
     service_name: str = "aisix"
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
-    queue_size: int = Field(65_536, ge=1, description="telemetry records waiting for the batcher; more are dropped")
+    queue_size: int = Field(65_536, ge=1, le=MAX_INT, description="telemetry records waiting for the batcher; more are dropped")
 
 
 class Config(_Strict):

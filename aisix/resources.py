@@ -13,7 +13,7 @@ import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 #: Provider names a model's ``model`` field may start with. ``openai`` also covers any
 #: OpenAI-compatible server reached through ``provider_config.api_base``.
@@ -28,6 +28,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _BEARER = re.compile(r"(?i)bearer\s")
 #: the same rules for the OpenAPI document (ECMA-262 syntax, which these are too)
 _NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_NAME_PATTERN = r"^(?!\s)[^\x00-\x1f\x7f-\x9f]*(?<!\s)$"
 _KEY_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
 _URL_PATTERN = r"^https?://[^\s/?#]+[^\s?#]*$"
 
@@ -36,6 +37,19 @@ def _no_control(v: str | None) -> str | None:
     if v is not None and _CONTROL.search(v):
         raise ValueError("must not contain control characters")
     return v
+
+
+def _model_name(v: str) -> str:
+    """A model name as clients send it: no control characters, nothing around it that would make
+    a look-alike (``"m1 "`` is not ``"m1"``, yet would show as it in logs and metric labels)."""
+    _no_control(v)
+    if v != v.strip():
+        raise ValueError("must not start or end with whitespace")
+    return v
+
+
+#: A model name where one is referred to (``allowed_models``): the rules of :attr:`Model.name`.
+ModelName = Annotated[str, AfterValidator(_model_name), Field(json_schema_extra={"pattern": _NAME_PATTERN})]
 
 
 class RateLimit(BaseModel):
@@ -106,8 +120,9 @@ class Model(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
-    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`",
-                      json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
+    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model` "
+                      "(no control characters, no leading or trailing whitespace)",
+                      json_schema_extra={"pattern": _NAME_PATTERN})
     model: str = Field(..., description="`{provider}/{model_id}`",
                        json_schema_extra={"pattern": f"^({'|'.join(PROVIDERS)})/.+$"})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
@@ -116,7 +131,7 @@ class Model(BaseModel):
     @field_validator("name")
     @classmethod
     def _printable_name(cls, v: str) -> str:
-        return _no_control(v)
+        return _model_name(v)
 
     @field_validator("model")
     @classmethod
@@ -145,7 +160,7 @@ class ApiKey(BaseModel):
     key: str = Field(..., min_length=1, max_length=512,
                      description="the secret clients send (no whitespace or control characters, no `Bearer ` prefix)",
                      json_schema_extra={"pattern": _KEY_PATTERN})
-    allowed_models: list[str] = Field(..., description="model names this key may use; [] allows none")
+    allowed_models: list[ModelName] = Field(..., description="model names this key may use; [] allows none")
     rate_limit: RateLimit | None = None
 
     @field_validator("key")
