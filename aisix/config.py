@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .resources import MAX_INT, ApiKey, Model, new_client_key
 
@@ -63,10 +64,36 @@ class Listen(_Strict):
         return v
 
 
+class CorsConfig(_Strict):
+    """CORS for browser clients on the proxy listener (https://fetch.spec.whatwg.org/#http-cors-protocol)."""
+
+    allow_origins: list[str] = Field(..., min_length=1, description='origins allowed, e.g. "https://app.example.com", '
+                                     'or "*" for any')
+    allow_headers: list[str] = Field(["*"], description="request headers a browser may send (preflight)")
+    expose_headers: list[str] = Field(["*"], description="response headers a browser script may read")
+    allow_credentials: bool = Field(False, description="let browsers send cookies/HTTP auth (never with `*`)")
+    max_age_s: int = Field(600, ge=0, le=MAX_INT, description="how long a browser may cache a preflight answer, s")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if o != "*" and not re.fullmatch(r"https?://[^/\s?#]+", o):
+                raise ValueError(f'`{o}` is not an origin (scheme://host[:port], no path) or "*"')
+        return v
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any(self) -> "CorsConfig":
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError('allow_credentials needs explicit origins, not "*" (the Fetch standard forbids it)')
+        return self
+
+
 class ProxyListen(Listen):
     """The proxy listener. ``client_write_timeout_ms``: a client that takes no bytes for this long
     while the gateway has output waiting for it is disconnected (measured 499)."""
 
+    cors: CorsConfig | None = Field(None, description="off unless set")
     client_write_timeout_ms: int = Field(30_000, ge=1, le=MAX_INT, description=(
         "a client that reads nothing of a response for this long is disconnected, ms (499)"))
 
