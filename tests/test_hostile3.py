@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +18,18 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, \
-    gateway_config, post_raw
+from tests.harness import (
+    ROLE,
+    STOP,
+    TXT,
+    USAGE,
+    GatewayMetrics,
+    GatewayProcess,
+    ScriptedUpstream,
+    ev,
+    gateway_config,
+    post_raw,
+)
 from tests.services import HOST
 
 CHAT = "/v1/chat/completions"
@@ -162,14 +171,14 @@ async def test_a_stream_longer_than_the_grace_is_cut_at_the_grace(tmp_path, upst
         cut: dict = {}
 
         async def client():
-            async with aiohttp.ClientSession() as s:
-                async with s.post(gw.url + CHAT, json=_chat("long", True), headers={"Authorization": "Bearer sk-test"}) as r:
-                    cut["status"] = r.status
-                    try:
-                        await r.read()
-                    except aiohttp.ClientPayloadError:
-                        cut["by_server"] = True
-                    cut["at"] = time.monotonic()
+            async with aiohttp.ClientSession() as s, s.post(
+                    gw.url + CHAT, json=_chat("long", True), headers={"Authorization": "Bearer sk-test"}) as r:
+                cut["status"] = r.status
+                try:
+                    await r.read()
+                except aiohttp.ClientPayloadError:
+                    cut["by_server"] = True
+                cut["at"] = time.monotonic()
 
         task = asyncio.create_task(client())
         await asyncio.sleep(0.5)  # the stream is under way (10 s of tokens)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import logging
+import shutil
 import time
 
 import aetcd
