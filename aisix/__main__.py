@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import ConfigError, Listen, embedded_default, load_config
+from .config import ConfigError, embedded_default, load_config
 from .store import StoreError
 
 
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             config, creds = load_config(args.config), None
         else:
             config, creds = embedded_default(args.data_dir)
-        if args.listen:
-            config.server.proxy = config.server.proxy.model_copy(update={"listen": Listen(listen=args.listen).listen})
-        if args.admin_listen:
-            config.server.admin = config.server.admin.model_copy(update={"listen": Listen(listen=args.admin_listen).listen})
+        for name, value in (("proxy", args.listen), ("admin", args.admin_listen)):
+            if value:  # the listener's other settings stay as the file has them
+                old = getattr(config.server, name)
+                setattr(config.server, name, type(old).model_validate({**old.model_dump(), "listen": value}))
     except (ConfigError, ValueError) as e:
         print(f"aisix: {e}", file=sys.stderr)
         return 2

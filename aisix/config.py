@@ -3,7 +3,7 @@
 Shape (AISIX's, extended)::
 
     server:
-      proxy: {listen: "127.0.0.1:3000"}
+      proxy: {listen: "127.0.0.1:3000", client_write_timeout_ms: 30000}
       admin: {listen: "127.0.0.1:3001"}
       shutdown_grace_ms: 30000
     deployment:
@@ -35,7 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .resources import ApiKey, Model, new_client_key
+from .resources import MAX_INT, ApiKey, Model, new_client_key
 
 
 class ConfigError(Exception):
@@ -72,7 +72,7 @@ class CorsConfig(_Strict):
     allow_headers: list[str] = Field(["*"], description="request headers a browser may send (preflight)")
     expose_headers: list[str] = Field(["*"], description="response headers a browser script may read")
     allow_credentials: bool = Field(False, description="let browsers send cookies/HTTP auth (never with `*`)")
-    max_age_s: int = Field(600, ge=0, description="how long a browser may cache a preflight answer, s")
+    max_age_s: int = Field(600, ge=0, le=MAX_INT, description="how long a browser may cache a preflight answer, s")
 
     @field_validator("allow_origins")
     @classmethod
@@ -90,13 +90,18 @@ class CorsConfig(_Strict):
 
 
 class ProxyListen(Listen):
+    """The proxy listener. ``client_write_timeout_ms``: a client that takes no bytes for this long
+    while the gateway has output waiting for it is disconnected (measured 499)."""
+
     cors: CorsConfig | None = Field(None, description="off unless set")
+    client_write_timeout_ms: int = Field(30_000, ge=1, le=MAX_INT, description=(
+        "a client that reads nothing of a response for this long is disconnected, ms (499)"))
 
 
 class ServerConfig(_Strict):
     proxy: ProxyListen = ProxyListen(listen="127.0.0.1:3000")
     admin: Listen = Listen(listen="127.0.0.1:3001")
-    shutdown_grace_ms: int = Field(30_000, ge=0, description="in-flight requests get this long after SIGTERM, ms")
+    shutdown_grace_ms: int = Field(30_000, ge=0, le=MAX_INT, description="in-flight requests get this long after SIGTERM, ms")
 
 
 class AdminKey(_Strict):
@@ -131,13 +136,13 @@ class DeploymentConfig(_Strict):
 
 class MetricsConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
-    export_interval_ms: int = Field(5000, ge=100)
-    export_timeout_ms: int = Field(2000, ge=100)
+    export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
+    export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
 
 
 class TracesConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:4317"
-    export_timeout_ms: int = Field(2000, ge=100)
+    export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description=(
         "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
 
@@ -147,7 +152,7 @@ class ObservabilityConfig(_Strict):
     service_name: str = "aisix"
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
-    queue_size: int = Field(65_536, ge=1, description="telemetry records waiting for the batcher; more are dropped")
+    queue_size: int = Field(65_536, ge=1, le=MAX_INT, description="telemetry records waiting for the batcher; more are dropped")
 
 
 class Config(_Strict):

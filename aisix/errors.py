@@ -60,6 +60,16 @@ def upstream_unreachable(message: str) -> GatewayError:
     return GatewayError(502, message, "api_error", "upstream_unreachable")
 
 
+def upstream_too_large(message: str) -> GatewayError:
+    """502: the upstream's response (its head, or a body read whole) is over the gateway's limits."""
+    return GatewayError(502, message, "api_error", "upstream_response_too_large")
+
+
+def upstream_body_too_large(limit: int) -> GatewayError:
+    """502 ``upstream_response_too_large`` for a body read whole over ``limit`` bytes."""
+    return upstream_too_large(f"the upstream's response body is over {limit} bytes (provider_config.max_response_bytes)")
+
+
 def upstream_timeout(message: str) -> GatewayError:
     """504: the upstream did not answer in time."""
     return GatewayError(504, message, "timeout_error", "upstream_timeout")

@@ -1,6 +1,7 @@
 """The state one gateway process shares between its apps (set at start-up, read per request)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -26,6 +27,8 @@ class Gateway:
     pool: UpstreamPool
     draining: bool = False  # set at shutdown: a cancellation from now on is the server's doing
     router: Router = field(default_factory=Router)  # deployments' health, this process's view
+    #: the tasks handling requests now (the middleware keeps it); cancelled when the grace runs out
+    inflight: set[asyncio.Task] = field(default_factory=set)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -13,20 +13,24 @@ import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 #: Provider names a model's ``model`` field may start with. ``openai`` also covers any
 #: OpenAI-compatible server reached through ``provider_config.api_base``.
 PROVIDERS = ("openai", "deepseek", "anthropic", "gemini", "mock")
 
-PositiveInt = Annotated[int, Field(ge=1)]
+#: The largest integer a field takes: int64, what JSON stores, etcd, OTLP and Redis all hold.
+MAX_INT = 2**63 - 1
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_INT)]
 
 #: C0 and C1 control characters and DEL (Unicode category Cc)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _BEARER = re.compile(r"(?i)bearer\s")
 #: the same rules for the OpenAPI document (ECMA-262 syntax, which these are too)
 _NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+_NAME_PATTERN = r"^(?!\s)[^\x00-\x1f\x7f-\x9f]*(?<!\s)$"
 _KEY_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+$"
 _URL_PATTERN = r"^https?://[^\s/?#]+[^\s?#]*$"
 
@@ -35,6 +39,19 @@ def _no_control(v: str | None) -> str | None:
     if v is not None and _CONTROL.search(v):
         raise ValueError("must not contain control characters")
     return v
+
+
+def _model_name(v: str) -> str:
+    """A model name as clients send it: no control characters, nothing around it that would make
+    a look-alike (``"m1 "`` is not ``"m1"``, yet would show as it in logs and metric labels)."""
+    _no_control(v)
+    if v != v.strip():
+        raise ValueError("must not start or end with whitespace")
+    return v
+
+
+#: A model name where one is referred to (``allowed_models``): the rules of :attr:`Model.name`.
+ModelName = Annotated[str, AfterValidator(_model_name), Field(json_schema_extra={"pattern": _NAME_PATTERN})]
 
 
 class RateLimit(BaseModel):
@@ -69,6 +86,9 @@ class ProviderConfig(BaseModel):
         "auto", description="OpenAI-compatible upstreams: ask for usage in streams (stream_options.include_usage); "
         "auto: ask, and if the upstream answers 400 naming stream_options, retry once without it and remember; "
         "never: don't ask (the gateway estimates usage)")
+    max_response_bytes: PositiveInt = Field(
+        32 * 1024 * 1024, description="the largest upstream body read whole (a non-streamed answer, an error, "
+        "a non-SSE answer to a stream), bytes; 502 upstream_response_too_large over it")
 
     @field_validator("api_key")
     @classmethod
@@ -170,15 +190,16 @@ class Model(BaseModel):
         "oneOf": [{"required": ["model"], "not": {"required": ["deployments"]}},
                   {"required": ["deployments"], "not": {"required": ["model"]}}]})
     id: str | None = Field(None, description="assigned on create (UUID)", json_schema_extra={"readOnly": True})
-    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model`",
-                      json_schema_extra={"pattern": _NO_CONTROL_PATTERN})
+    name: str = Field(..., min_length=1, max_length=256, description="the alias clients send as `model` "
+                      "(no control characters, no leading or trailing whitespace)",
+                      json_schema_extra={"pattern": _NAME_PATTERN})
     deployments: list[Deployment] | None = Field(None, min_length=1, max_length=64,
                                                  description="several upstreams for this alias (instead of `model`)")
     model: str | None = Field(None, validate_default=True, description="`{provider}/{model_id}` (or give "
                               "`deployments`)", json_schema_extra={"pattern": _MODEL_PATTERN})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
     routing: Routing = Field(default_factory=Routing)
-    fallbacks: list[str] = Field([], max_length=16, description="other aliases tried in order when every "
+    fallbacks: list[ModelName] = Field([], max_length=16, description="other aliases tried in order when every "
                                  "deployment of this one failed")
     rate_limit: RateLimit | None = None
     _targets: tuple = PrivateAttr(())
@@ -187,7 +208,7 @@ class Model(BaseModel):
     @field_validator("name")
     @classmethod
     def _printable_name(cls, v: str) -> str:
-        return _no_control(v)
+        return _model_name(v)
 
     @field_validator("model")
     @classmethod
@@ -257,7 +278,7 @@ class ApiKey(BaseModel):
     key: str = Field(..., min_length=1, max_length=512,
                      description="the secret clients send (no whitespace or control characters, no `Bearer ` prefix)",
                      json_schema_extra={"pattern": _KEY_PATTERN})
-    allowed_models: list[str] = Field(..., description="model names this key may use; [] allows none")
+    allowed_models: list[ModelName] = Field(..., description="model names this key may use; [] allows none")
     rate_limit: RateLimit | None = None
 
     @field_validator("key")

@@ -34,6 +34,9 @@ log = logging.getLogger("aisix")
 #: One DEBUG line per request (``--log-level debug``): method, route, status, model, ms, request id.
 access_log = logging.getLogger("aisix.access")
 
+#: After the grace, the longest wait for cancelled requests to unwind before telemetry is flushed (s).
+SHUTDOWN_SLACK_S = 1.0
+
 #: ``endpoint`` label of requests that matched no route (keeps label values bounded).
 UNMATCHED = "unmatched"
 
@@ -66,6 +69,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         rec.trace_flags = 1 if (rec.trace_id & 0xFFFFFFFFFFFFFFFF) < request.app[GATEWAY].telemetry.sample_bound else 0
     rec.span_id = new_span_id()
     request[RECORD] = rec
+    inflight = request.app[GATEWAY].inflight
+    inflight.add(request.task)
     try:
         try:
             if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", ""):
@@ -109,6 +114,7 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         err = GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error")
         return err.response()
     finally:
+        inflight.discard(request.task)
         rec.end_ns = perf_counter_ns()
         request.app[GATEWAY].telemetry.submit(rec)
         if access_log.isEnabledFor(logging.DEBUG):
@@ -139,7 +145,40 @@ _GONE = _Gone()
 class _EnvelopeRequestHandler(RequestHandler):
     """aiohttp's protocol handler, but errors its HTTP parser raises (a header over 8 KiB, a
     malformed request line, ...) are answered in the OpenAI envelope, and logged without the
-    raw request head (which may carry ``Authorization``)."""
+    raw request head (which may carry ``Authorization``).
+
+    Writes to a client that stops reading time out: when the transport's write buffer passes its
+    high-water mark (``pause_writing``) and does not drain below the low one (``resume_writing``)
+    within ``write_timeout`` seconds, the connection is aborted. The handler is then cancelled
+    (``handler_cancellation``), so the request is measured 499 and frees what it holds (its
+    concurrency slot, its upstream connection). One timer per stall, none on the hot path."""
+
+    write_timeout: float | None = None
+    _write_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_timeout and self._write_timer is None:
+            self._write_timer = asyncio.get_running_loop().call_later(self.write_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_write_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_write_timer()
+        super().connection_lost(exc)
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        log.debug("a client read nothing for %.0f ms: disconnecting it", self.write_timeout * 1000)
+        if self.transport is not None:
+            self.transport.abort()
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -156,16 +195,25 @@ class _EnvelopeRequestHandler(RequestHandler):
 
 
 class _EnvelopeServer(web.Server):
+    write_timeout: float | None = None
+
     def __call__(self) -> RequestHandler:
-        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.write_timeout = self.write_timeout
+        return handler
 
 
 class _Runner(web.AppRunner):
-    """An AppRunner whose connections use :class:`_EnvelopeRequestHandler`."""
+    """An AppRunner whose connections use :class:`_EnvelopeRequestHandler` (``write_timeout`` in s)."""
+
+    def __init__(self, app: web.Application, *, write_timeout: float | None = None, **kwargs):
+        super().__init__(app, **kwargs)
+        self.write_timeout = write_timeout
 
     async def _make_server(self):
         server = await super()._make_server()
         server.__class__ = _EnvelopeServer  # the same object; only how it makes protocol handlers differs
+        server.write_timeout = self.write_timeout
         return server
 
 
@@ -269,15 +317,16 @@ class Server:
     async def start(self) -> None:
         cfg = self.gateway.config
         grace = cfg.server.shutdown_grace_ms / 1000
-        apps = [(create_proxy_app(self.gateway), cfg.server.proxy.listen)]
+        apps = [(create_proxy_app(self.gateway), cfg.server.proxy.listen, cfg.server.proxy.client_write_timeout_ms / 1000)]
         admin = create_admin_app_measured(self.gateway) if self.admin else None
         if admin is not None:
-            apps.append((admin, cfg.server.admin.listen))
+            apps.append((admin, cfg.server.admin.listen, None))
         self.gateway.telemetry.start()
         try:
-            for app, listen in apps:
+            for app, listen, write_timeout in apps:
                 runner = _Runner(app, handle_signals=False, access_log=None, shutdown_timeout=grace,
-                                 handler_cancellation=True, auto_decompress=False, keepalive_timeout=75)
+                                 handler_cancellation=True, auto_decompress=False, keepalive_timeout=75,
+                                 write_timeout=write_timeout)
                 await runner.setup()
                 self.runners.append(runner)
                 host, port = parse_listen(listen)
@@ -288,10 +337,20 @@ class Server:
 
     async def stop(self) -> None:
         """Stop accepting, wait for in-flight requests (up to the grace), then flush telemetry.
-        Requests still running when the grace runs out are cut and measured as 503."""
+        Requests still running when the grace runs out are cancelled then (not after a second
+        wait, as aiohttp's ``shutdown_timeout`` alone would do) and measured as 503."""
         self.gateway.draining = True
-        await asyncio.gather(*(r.cleanup() for r in self.runners), return_exceptions=True)
+        cleanups = [asyncio.ensure_future(r.cleanup()) for r in self.runners]
         self.runners.clear()
+        if cleanups:
+            _, pending = await asyncio.wait(cleanups, timeout=self.gateway.config.server.shutdown_grace_ms / 1000)
+            if pending:
+                for task in list(self.gateway.inflight):
+                    task.cancel()
+                await asyncio.wait(pending, timeout=SHUTDOWN_SLACK_S)
+            for t in cleanups:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.warning("stopping a listener failed: %r", t.exception())
         await self.gateway.pool.close()
         await self.gateway.store.close()
         await self.gateway.telemetry.stop()

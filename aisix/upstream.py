@@ -17,7 +17,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import GatewayError, upstream_timeout, upstream_unreachable
+from .errors import (
+    GatewayError,
+    upstream_body_too_large,
+    upstream_timeout,
+    upstream_unreachable,
+)
 from .resources import ProviderConfig
 
 try:
@@ -56,20 +61,37 @@ class UpstreamResponse(Protocol):
 
 
 class _AiohttpResponse:
-    __slots__ = ("_resp", "status", "headers")
+    __slots__ = ("_resp", "status", "headers", "_max_body", "_body")
 
-    def __init__(self, resp: aiohttp.ClientResponse):
+    def __init__(self, resp: aiohttp.ClientResponse, max_body: int):
         self._resp = resp
         self.status = resp.status
         self.headers = resp.headers
+        self._max_body = max_body
+        self._body: bytes | None = None
 
     async def read(self) -> bytes:
+        """The whole body, at most ``max_body`` bytes (502 ``upstream_response_too_large`` past it)."""
+        if self._body is not None:
+            return self._body
+        limit = self._max_body
+        if (self._resp.content_length or 0) > limit:
+            self.close()
+            raise upstream_body_too_large(limit)
+        parts, size = [], 0
         try:
-            return await self._resp.read()
+            while chunk := await self._resp.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    self.close()
+                    raise upstream_body_too_large(limit)
+                parts.append(chunk)
         except asyncio.TimeoutError as e:
             raise upstream_timeout("the upstream did not answer in time") from e
         except aiohttp.ClientError as e:
             raise upstream_unreachable(f"the upstream connection failed: {type(e).__name__}") from e
+        self._body = b"".join(parts)
+        return self._body
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         content = self._resp.content
@@ -116,12 +138,16 @@ class UpstreamPool:
 
         Raises :class:`GatewayError` 502 when the upstream cannot be reached, 504 when it
         does not answer within ``cfg.read_timeout_ms`` (connect: ``cfg.connect_timeout_ms``).
+        ``read()`` of the response holds at most ``cfg.max_response_bytes`` (502
+        ``upstream_response_too_large`` past it); response heads are limited as aiohttp's client
+        limits them (8190-byte header lines; the raw client also 100 fields, 64 KiB in all).
         """
         if self.use_raw and req.method != "HEAD" and RawPool.handles(req.url):
             if self.raw is None:
                 self.raw = RawPool()
             return await self.raw.send(req.method, req.url, req.headers, req.body,
-                                       cfg.connect_timeout_ms / 1000, cfg.read_timeout_ms / 1000)
+                                       cfg.connect_timeout_ms / 1000, cfg.read_timeout_ms / 1000,
+                                       cfg.max_response_bytes)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_ms / 1000,
                                         connect=cfg.connect_timeout_ms / 1000,
                                         sock_read=cfg.read_timeout_ms / 1000)
@@ -133,7 +159,7 @@ class UpstreamPool:
             raise upstream_timeout(f"the upstream did not answer within {cfg.read_timeout_ms} ms") from e
         except aiohttp.ClientError as e:
             raise upstream_unreachable(f"the upstream could not be reached: {type(e).__name__}") from e
-        return _AiohttpResponse(resp)
+        return _AiohttpResponse(resp, cfg.max_response_bytes)
 
     async def close(self) -> None:
         if self.raw is not None:

@@ -31,7 +31,15 @@ never pooled.
 Errors, as :class:`~aisix.errors.GatewayError`: 502 ``upstream_unreachable`` when the
 connection cannot be made, breaks before the headers or mid-body, or the response cannot be
 parsed; 504 ``upstream_timeout`` when connecting takes over ``connect_timeout_ms`` or no byte
-arrives for ``read_timeout_ms`` while the caller waits (for the headers, or between reads).
+arrives for ``read_timeout_ms`` while the caller waits (for the headers, or between reads);
+502 ``upstream_response_too_large`` for a response head over ``MAX_HEAD_BYTES``, a header field
+over ``MAX_FIELD_BYTES`` or more than ``MAX_FIELDS`` of them (aiohttp's client limits), and for
+a body that ``read()`` would hold whole over ``max_body`` bytes. An aborted connection lets go
+of everything at once: its read-timeout timer is cancelled and its unread bytes dropped.
+
+One response per request: a response ends where its own framing says (``Content-Length``,
+chunked, or the connection's end). Bytes after it (an unasked second response) are never parsed
+into it: they are dropped, and the connection is closed instead of pooled.
 
 Retry: a request is sent again, once, on a new connection only when it went out on a *reused*
 pooled connection that broke before any byte of the response arrived: the server closed the
@@ -55,7 +63,13 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import GatewayError, upstream_timeout, upstream_unreachable
+from .errors import (
+    GatewayError,
+    upstream_body_too_large,
+    upstream_timeout,
+    upstream_too_large,
+    upstream_unreachable,
+)
 
 #: Body bytes buffered for a caller that does not read before the socket is paused (bytes).
 HIGH_WATER = 64 * 1024
@@ -64,6 +78,11 @@ KEEPALIVE_S = 60.0
 #: After release() before the end of the message: the longest wait for it, and the most bytes read.
 DRAIN_TIMEOUT_S = 2.0
 DRAIN_MAX_BYTES = 256 * 1024
+#: Response head limits: one header field (name + value, bytes), the number of fields (aiohttp's
+#: client: 8190-byte lines), and the whole head, status line and interim responses included (bytes).
+MAX_FIELD_BYTES = 8190
+MAX_FIELDS = 100
+MAX_HEAD_BYTES = 64 * 1024
 
 _IDLE, _ACTIVE, _DRAINING, _CLOSED = 0, 1, 2, 3
 _REPLACED = frozenset(("host", "content-length", "transfer-encoding", "connection"))
@@ -77,9 +96,9 @@ class _Conn(asyncio.Protocol):
     """One keep-alive connection, one request at a time; holds the response's parse state."""
 
     __slots__ = ("loop", "pool", "key", "parser", "transport", "state", "reused", "idle_since",
-                 "waiter", "want_body", "deadline", "timer_at", "status", "raw_headers",
+                 "waiter", "want_body", "deadline", "timer_at", "timer", "status", "raw_headers",
                  "headers_done", "buf", "size", "complete", "keep", "got_bytes", "paused",
-                 "lost", "bad", "drain_timer", "drained")
+                 "lost", "extra", "drain_timer", "drained", "head_size", "__weakref__")
 
     def __init__(self, pool: "RawPool", key: tuple):
         self.loop = pool.loop
@@ -93,6 +112,7 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None
         self.deadline = 0.0
         self.timer_at = 0.0  # when the armed read-timeout timer fires (0: none armed)
+        self.timer: asyncio.TimerHandle | None = None
         self.drain_timer = None
         self.lost: BaseException | None = None
         self.paused = False
@@ -108,8 +128,9 @@ class _Conn(asyncio.Protocol):
         self.complete = False
         self.keep = False
         self.got_bytes = False
-        self.bad = False
+        self.extra = False  # bytes came after the response: dropped, the connection not reusable
         self.drained = 0
+        self.head_size = 0  # bytes received before the final response's headers were complete
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport):
@@ -120,15 +141,23 @@ class _Conn(asyncio.Protocol):
         if state != _ACTIVE and state != _DRAINING:
             self.abort()  # bytes nobody asked for (on an idle connection): not reusable
             return
+        if self.extra:
+            return  # after the response's end: never parsed; the connection is closed at finish()
         self.got_bytes = True
+        if not self.headers_done:
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self.lost = upstream_unreachable(f"the upstream sent a malformed HTTP response: {e}")
-            self.abort()
-            return
-        if self.bad:
-            self.lost = upstream_unreachable("the upstream sent bytes after its response")
+            if self.complete:  # e.g. bytes after a `Connection: close` response
+                self._extra_bytes()
+            else:
+                self.lost = self.lost or upstream_unreachable(f"the upstream sent a malformed HTTP response: {e}")
+                self.abort()
+                return
+        if not self.headers_done and self.head_size > MAX_HEAD_BYTES and self.lost is None:
+            self.lost = upstream_too_large(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
+        if self.lost is not None and not self.complete:
             self.abort()
             return
         if state == _DRAINING:
@@ -155,6 +184,10 @@ class _Conn(asyncio.Protocol):
         if self.drain_timer is not None:
             self.drain_timer.cancel()
             self.drain_timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = 0.0
         if state == _IDLE:
             idle = self.pool.idle.get(self.key)
             if idle is not None:
@@ -175,15 +208,32 @@ class _Conn(asyncio.Protocol):
                 self.lost = _Lost(f"the upstream closed the connection before answering: {exc or 'eof'}")
         self._wake()
 
-    # -- httptools callbacks -------------------------------------------------------------------
+    def _extra_bytes(self) -> None:
+        """Bytes after the response's end: drop them (and what follows), never pool this connection."""
+        self.extra = True
+        self.keep = False
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    # -- httptools callbacks (they parse into the current response only) ----------------------
     def on_message_begin(self) -> None:
         if self.complete:
-            self.bad = True  # a second response to one request
+            self._extra_bytes()  # a second response to one request
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        if self.extra or self.lost is not None:
+            return
+        if len(name) + len(value) > MAX_FIELD_BYTES:
+            self.lost = upstream_too_large(f"the upstream sent a response header field over {MAX_FIELD_BYTES} bytes")
+        elif len(self.raw_headers) >= MAX_FIELDS:
+            self.lost = upstream_too_large(f"the upstream sent over {MAX_FIELDS} response header fields")
+        else:
+            self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        if self.extra or self.lost is not None:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.raw_headers = []  # an interim response (100 Continue, 103): the real one follows
@@ -192,12 +242,14 @@ class _Conn(asyncio.Protocol):
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.extra or self.lost is not None:
+            return
         self.buf.append(body)
         self.size += len(body)
 
     def on_message_complete(self) -> None:
-        if not self.headers_done:
-            return  # the end of an interim response
+        if self.extra or self.lost is not None or not self.headers_done:
+            return  # the end of an interim response (or of one that is not ours)
         self.complete = True
         self.keep = self.parser.should_keep_alive()
 
@@ -228,6 +280,19 @@ class _Conn(asyncio.Protocol):
             if self.lost is None and not self.complete:
                 self.lost = upstream_unreachable("the upstream connection was closed")
             self._wake()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """A closed connection holds nothing: no armed timer (it would keep it referenced for up
+        to ``read_timeout_ms``), no parser state, no bytes of an unfinished body."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = 0.0
+        if not self.complete:
+            self.buf.clear()
+            self.size = 0
+        self.parser = None
 
     def start(self, data: bytes) -> None:
         """Send one request on this connection (idle or new)."""
@@ -248,8 +313,10 @@ class _Conn(asyncio.Protocol):
         w = self.waiter = loop.create_future()
         self.deadline = deadline = loop.time() + timeout
         if not self.timer_at or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
             self.timer_at = deadline
-            loop.call_at(deadline, self._on_timer, deadline)
+            self.timer = loop.call_at(deadline, self._on_timer, deadline)
         await w
         if w.result() is not None:
             raise upstream_timeout(w.result())
@@ -258,6 +325,7 @@ class _Conn(asyncio.Protocol):
         if at != self.timer_at:
             return  # superseded by an earlier one
         self.timer_at = 0.0
+        self.timer = None
         w = self.waiter
         if w is None or w.done() or self.state == _CLOSED:
             return
@@ -267,14 +335,14 @@ class _Conn(asyncio.Protocol):
                          else "the upstream stream stalled (read timeout)")
         else:
             self.timer_at = self.deadline
-            self.loop.call_at(self.deadline, self._on_timer, self.deadline)
+            self.timer = self.loop.call_at(self.deadline, self._on_timer, self.deadline)
 
     def take(self) -> bytes:
         buf = self.buf
         data = buf[0] if len(buf) == 1 else b"".join(buf)
         buf.clear()
         self.size = 0
-        if self.paused:
+        if self.paused and not self.extra:
             self.paused = False
             self.transport.resume_reading()
         return data
@@ -313,13 +381,15 @@ class _Conn(asyncio.Protocol):
 
 
 class RawResponse:
-    """An upstream response being read; see the module doc for ``close()``/``release()``."""
+    """An upstream response being read; see the module doc for ``close()``/``release()``.
+    ``max_body``: the most bytes ``read()`` holds (None: no limit); streams are not limited."""
 
-    __slots__ = ("_conn", "_timeout", "status", "headers", "_body")
+    __slots__ = ("_conn", "_timeout", "status", "headers", "_body", "_max_body")
 
-    def __init__(self, conn: _Conn, timeout: float):
+    def __init__(self, conn: _Conn, timeout: float, max_body: int | None = None):
         self._conn: _Conn | None = conn
         self._timeout = timeout
+        self._max_body = max_body
         self.status = conn.status
         self.headers: Mapping[str, str] = CIMultiDict(conn.raw_headers)
         self._body: bytes | None = None
@@ -349,13 +419,23 @@ class RawResponse:
                 raise
 
     async def read(self) -> bytes:
+        """The whole body. Raises 502 ``upstream_response_too_large`` past ``max_body`` bytes (the
+        connection is closed; a ``Content-Length`` over it fails before any body byte is read)."""
         if self._body is not None:
             return self._body
-        parts = []
+        limit = self._max_body
+        if limit is not None and _declared_length(self.headers) > limit:
+            self.close()
+            raise upstream_body_too_large(limit)
+        parts, size = [], 0
         while True:
             chunk = await self._next()
             if not chunk:
                 break
+            size += len(chunk)
+            if limit is not None and size > limit:
+                self.close()
+                raise upstream_body_too_large(limit)
             parts.append(chunk)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
@@ -383,6 +463,12 @@ class RawResponse:
         if conn is not None:
             self._conn = None
             conn.finish()
+
+
+def _declared_length(headers: Mapping[str, str]) -> int:
+    """The response's ``Content-Length`` (-1 if absent or not a number)."""
+    v = headers.get("content-length", "")
+    return int(v) if v.isdigit() else -1
 
 
 class RawPool:
@@ -471,9 +557,10 @@ class RawPool:
         idle.append(conn)
 
     async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
-                   connect_timeout: float, read_timeout: float) -> RawResponse:
-        """Send one request; returns once the status line and headers are in (timeouts in s).
-        Raises GatewayError 502/504 (see the module doc, also for the one retry)."""
+                   connect_timeout: float, read_timeout: float, max_body: int | None = None) -> RawResponse:
+        """Send one request; returns once the status line and headers are in (timeouts in s;
+        ``max_body``: see :class:`RawResponse`). Raises GatewayError 502/504 (see the module doc,
+        also for the one retry)."""
         key, host, port, head, line = self._target(method, url)
         data = self._encode(head, line, headers, body)
         conn = self._get_idle(key)
@@ -490,7 +577,7 @@ class RawPool:
                 conn.abort()  # a timeout or a cancelled caller: the response is unusable
                 raise
             if conn.headers_done:
-                return RawResponse(conn, read_timeout)
+                return RawResponse(conn, read_timeout, max_body)
             lost = conn.lost
             conn.abort()
             if isinstance(lost, _Lost):
@@ -508,4 +595,4 @@ class RawPool:
         self.idle.clear()
 
 
-__all__ = ["RawPool", "RawResponse", "HIGH_WATER"]
+__all__ = ["RawPool", "RawResponse", "HIGH_WATER", "MAX_FIELD_BYTES", "MAX_FIELDS", "MAX_HEAD_BYTES"]

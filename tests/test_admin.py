@@ -183,6 +183,8 @@ BAD_MODELS = [
     ({"name": "a\nb", "model": "openai/x"}, "name", "control characters"),
     ({"name": "a\x00", "model": "openai/x"}, "name", "control characters"),
     ({"name": "a\x85", "model": "openai/x"}, "name", "control characters"),
+    ({"name": "m1 ", "model": "openai/x"}, "name", "must not start or end with whitespace"),  # a look-alike of m1
+    ({"name": "\u00a0m1", "model": "openai/x"}, "name", "must not start or end with whitespace"),
     ({"name": "a", "model": "openai/x", "provider_config": {"api_key": "sk\r\nX-Injected: 1"}},
      "provider_config.api_key", "control characters"),
 ] + [({"name": "a", "model": "openai/x", "provider_config": {"api_base": base}}, "provider_config.api_base", words)
@@ -208,6 +210,7 @@ BAD_KEYS = [
     ({"key": "sk 1", "allowed_models": []}, "key", "contain whitespace"),
     ({"key": "sk\u00a01", "allowed_models": []}, "key", "contain whitespace"),
     ({"key": "sk-\x01", "allowed_models": []}, "key", "control characters"),
+    ({"key": "k", "allowed_models": ["m1 "]}, "allowed_models.0", "must not start or end with whitespace"),
 ]
 
 
@@ -394,6 +397,9 @@ def test_openapi_schemas_accept_and_reject_what_the_api_does():
     assert validator("ApiKey").is_valid(KEY)
     assert not validator("Model").is_valid({"name": "a", "model": "nope/x"})
     assert not validator("Model").is_valid({"name": "a"})
+    assert not validator("Model").is_valid({"name": "m1 ", "model": "openai/x"})
+    assert not validator("ApiKey").is_valid({"key": "k", "allowed_models": [" m1"]})
+    assert validator("ApiKey").is_valid({"key": "k", "allowed_models": ["m 1"]})
     assert not validator("ApiKey").is_valid({"key": "k", "allowed_models": [], "extra": 1})
     assert validator("Error").is_valid({"error": {"message": "m", "type": "t", "code": None}})
     assert validator("ApiKeyCreate").is_valid({"allowed_models": []}) and not validator("ApiKey").is_valid({"allowed_models": []})

@@ -27,6 +27,15 @@ def write(tmp_path, text: str):
     ("deployment:\n  config_provider: redis\n", "deployment.config_provider", "'file' or 'etcd'"),
     ("serverr: {}\n", "serverr", "Extra inputs are not permitted"),
     ('models:\n  - {name: a, model: "openai/x"}\n  - {name: a, model: "openai/y"}\n', "models.1.name", "duplicate"),
+    # integers past int64 (JSON stores, etcd, OTLP and Redis hold no more) crashed start-up with a traceback
+    (f"apikeys:\n  - {{key: k, allowed_models: [], rate_limit: {{rpm: {10**30}}}}}\n",
+     "apikeys.0.rate_limit.rpm", "less than or equal to 9223372036854775807"),
+    (f'models:\n  - {{name: a, model: "openai/x", provider_config: {{read_timeout_ms: {10**30}}}}}\n',
+     "models.0.provider_config.read_timeout_ms", "less than or equal to"),
+    (f"server:\n  shutdown_grace_ms: {10**30}\n", "server.shutdown_grace_ms", "less than or equal to"),
+    # model names that differ only by surrounding whitespace made look-alike series
+    ('models:\n  - {name: "m1 ", model: "openai/x"}\n', "models.0.name", "must not start or end with whitespace"),
+    ('apikeys:\n  - {key: k, allowed_models: [" m1"]}\n', "apikeys.0.allowed_models.0", "must not start or end with whitespace"),
 ])
 def test_bad_config_names_file_field_and_fault(tmp_path, text, field, fault):
     path = write(tmp_path, text)
@@ -34,6 +43,14 @@ def test_bad_config_names_file_field_and_fault(tmp_path, text, field, fault):
         load_config(str(path), env={})
     msg = str(e.value)
     assert str(path) in msg and f"`{field}`" in msg and fault in msg, msg
+
+
+def test_an_rpm_of_1e30_is_a_config_error_from_the_cli_not_a_traceback(tmp_path):
+    path = write(tmp_path, f'deployment:\n  file: {{path: "{tmp_path}/r.json"}}\nmodels:\n'
+                           f'  - {{name: a, model: "mock/x", rate_limit: {{rpm: {10**30}}}}}\n')
+    r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30, env={"OTEL_SDK_DISABLED": "true"}, check=False)
+    assert r.returncode == 2 and "models.0.rate_limit.rpm" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_not_yaml_and_missing_file(tmp_path):

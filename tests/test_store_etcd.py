@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 
 import aetcd
@@ -245,3 +246,60 @@ async def test_secrets_are_not_logged(etcd, caplog):
         await raw.put(b"/aisix/models/c", b'{"api_key": "sk-very-secret-3", ')
         await asyncio.sleep(0.3)
     assert "sk-very-secret" not in caplog.text and "skipping" in caplog.text
+
+
+async def _rebuild(etcd) -> None:
+    """Stop etcd, wipe its data dir, start a fresh one (revision 1) on the same port."""
+    etcd.stop()
+    shutil.rmtree(etcd.data_dir)
+    etcd.start()
+
+
+async def test_an_etcd_rebuilt_with_a_lower_revision_is_re_listed(etcd, caplog):
+    """etcd rebuilt (or restored from a backup) with a lower revision: the watch resumed at the
+    old revision + 1, so the new etcd's writes were ignored until its revision passed the old one,
+    and keys it does not have were still served. The store now notices and re-lists."""
+    async with _raw(etcd) as raw:
+        for name in ("alpha", "beta", "gamma"):
+            await raw.put(f"/aisix/models/{name}".encode(), _model(name))
+        for i in range(20):
+            await raw.put(b"/aisix/other", b"%d" % i)  # the old revision: ~24
+    async with _store(etcd.endpoint) as store:
+        await _until(lambda: store.connected, what="the watch")
+        await _rebuild(etcd)
+        async with _raw(etcd) as raw:
+            await raw.put(b"/aisix/models/alpha", _model("alpha", rate_limit={"rpm": 3}))
+            await raw.put(b"/aisix/models/fresh", _model("fresh"))
+            await _until(lambda: set(store.holder.current.models) == {"alpha", "fresh"}, timeout=15,
+                         what="the rebuilt etcd's keys (beta and gamma forgotten)")
+            assert store.holder.current.models["alpha"].rate_limit.rpm == 3
+            await raw.put(b"/aisix/models/later", _model("later"))  # and the watch goes on after it
+            await _until(lambda: "later" in store.holder.current.models)
+    assert "re-listed" in caplog.text
+
+
+async def test_an_etcd_rebuilt_past_the_old_revision_while_away_is_re_listed(etcd, caplog):
+    """The rebuilt etcd already passed the old revision when the store reaches it again: a watch
+    from the old revision + 1 would miss everything before it. The keys held at that revision
+    differ from the store's copy, so it re-lists."""
+    cut = await TcpCut(etcd.host, etcd.port).start()
+    try:
+        async with _raw(etcd) as raw:
+            await raw.put(b"/aisix/models/alpha", _model("alpha"))
+            await raw.put(b"/aisix/models/beta", _model("beta"))
+        async with _store(cut.endpoint) as store:
+            await _until(lambda: store.connected, what="the watch")
+            old = store.revision
+            await cut.cut()
+            await _until(lambda: not store.connected, what="the store to notice")
+            await _rebuild(etcd)
+            async with _raw(etcd) as raw:
+                await raw.put(b"/aisix/models/fresh", _model("fresh"))
+                for i in range(old + 5):
+                    await raw.put(b"/aisix/other", b"%d" % i)  # past the old revision
+            await cut.restore()
+            await _until(lambda: set(store.holder.current.models) == {"fresh"}, timeout=15,
+                         what="the rebuilt etcd's keys")
+        assert "re-listed" in caplog.text
+    finally:
+        await cut.close()

@@ -231,6 +231,41 @@ def test_telemetry_queue_full_drops_and_counts():
     tel.tracer_provider.shutdown()
 
 
+def test_spans_the_span_processor_cannot_queue_are_counted_not_lost_silently():
+    """The SDK's BatchSpanProcessor drops spans silently when its queue is full (a slow or hung
+    receiver). The gateway never offers it more than its queue holds: what is left over is
+    dropped before it and counted (``span_queue_full``); what it exports and fails, ``span_export_failed``."""
+    import socket
+
+    from aisix.telemetry.otel import SPAN_QUEUE_SIZE
+    hung = socket.socket()  # a receiver that accepts and never answers: each export waits its timeout
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
+    cfg = ObservabilityConfig.model_validate({
+        "metrics": {"otlp_endpoint": "http://127.0.0.1:1/x"},
+        "traces": {"otlp_endpoint": f"http://127.0.0.1:{hung.getsockname()[1]}", "export_timeout_ms": 500}})
+    tel = Telemetry(cfg, "span-drop-test")
+    n = SPAN_QUEUE_SIZE + 1000
+    try:
+        for i in range(n):
+            rec = RequestRecord("GET", "/v1/models", "/v1/models", time.time_ns(), time.perf_counter_ns())
+            rec.trace_id, rec.span_id, rec.trace_flags, rec.end_ns = i + 1, i + 1, 1, rec.start_ns + 1000
+            tel.submit(rec)
+        assert tel.drain() == n
+        spans = tel._spans
+        assert spans.offered + spans.queue_full == n
+        assert spans.queue_full >= n - SPAN_QUEUE_SIZE - spans.taken > 0
+        assert spans.offered - spans.taken <= SPAN_QUEUE_SIZE  # the SDK's queue never overflowed
+        deadline = time.monotonic() + 10
+        while spans.failed == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spans.failed > 0  # the first batch timed out
+    finally:
+        tel.meter_provider.shutdown(timeout_millis=100)
+        tel.tracer_provider.shutdown()
+        hung.close()
+
+
 async def test_trace_sampling_ratio_zero_keeps_sampled_parents_only(tmp_path, upstream, trace_sink):
     """``sample_ratio: 0``: new traces are not recorded (the upstream sees flags 00), but a request
     whose incoming traceparent is sampled still gets its span (parent-based)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
 import time
 
@@ -28,10 +29,15 @@ BIG = bytes(range(256)) * 400  # 100 KiB
 
 
 def both_loops(fn):
-    """A sync test that runs the coroutine function ``fn`` on each loop (30 s bound)."""
-    @pytest.mark.parametrize("loop", list(LOOPS))
-    def test(loop):
-        LOOPS[loop](asyncio.wait_for(fn(), 30))
+    """A sync test that runs the coroutine function ``fn`` on each loop (30 s bound); ``fn``'s own
+    parameters (and ``parametrize`` marks) are kept."""
+    names = list(inspect.signature(fn).parameters)
+
+    def test(loop, **kw):
+        LOOPS[loop](asyncio.wait_for(fn(**kw), 30))
+    test.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("loop", *names)])
+    test.pytestmark = [*getattr(fn, "pytestmark", []), pytest.mark.parametrize("loop", list(LOOPS))]
     test.__name__ = fn.__name__
     test.__doc__ = fn.__doc__
     return test
@@ -506,4 +512,192 @@ async def test_upstream_pool_uses_the_raw_client_for_http():
         r = await pool.send(UpstreamRequest(up.url + "/chunked", {"Content-Type": "application/json"}, b"{}"), cfg)
         assert not isinstance(r, RawResponse) and await r.read() == b"alphabetagamma"
         r.release()
+        await pool.close()
+
+
+# -- hostile upstreams: bounded reads (issue 15 item 2) --------------------------------------
+async def _endless(w, head: bytes, block: bytes, limit: int = 64 * 2**20):
+    """Write ``head``, then ``block`` again and again (up to ``limit`` bytes) until the peer goes."""
+    w.write(head)
+    sent = 0
+    while sent < limit and not w.is_closing():
+        w.write(block)
+        sent += len(block)
+        await w.drain()
+
+
+def _too_large(e: pytest.ExceptionInfo) -> bool:
+    return e.value.status == 502 and e.value.code == "upstream_response_too_large"
+
+
+@both_loops
+async def test_endless_response_header_is_502_too_large():
+    """An upstream that never ends its header line: the raw client kept every byte (an endless
+    header grew RSS by gigabytes); now it gives up past the head limit and closes the connection."""
+    async def answer(c, i, w):
+        try:
+            await _endless(w, b"HTTP/1.1 200 OK\r\nX-Endless: ", b"a" * 65536)
+        except ConnectionError:
+            pass
+
+    async with raw_upstream(answer) as (url, _):
+        pool = RawPool()
+        with pytest.raises(GatewayError) as e:
+            await send(pool, url, read=10.0)
+        assert _too_large(e), e.value.body()
+        assert not pool.conns
+        await pool.close()
+
+
+@both_loops
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok",        # one line over 8190
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"Content-Length: 2\r\n\r\nok",
+])
+async def test_a_header_line_over_8190_bytes_or_over_100_fields_is_502(head):
+    async def answer(c, i, w):
+        w.write(head)
+
+    async with raw_upstream(answer) as (url, _):
+        pool = RawPool()
+        with pytest.raises(GatewayError) as e:
+            await send(pool, url)
+        assert _too_large(e), e.value.body()
+        assert not pool.conns
+        await pool.close()
+
+
+@both_loops
+async def test_a_hundred_header_fields_of_8190_bytes_pass():
+    fields = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(7))
+    async def answer(c, i, w):
+        w.write(b"HTTP/1.1 200 OK\r\n" + fields + b"".join(b"X-S%d: v\r\n" % i for i in range(92))
+                + b"Content-Length: 2\r\n\r\nok")
+
+    async with raw_upstream(answer) as (url, _):
+        pool = RawPool()
+        r = await send(pool, url)
+        assert r.headers["X-H6"] == "v" * 8000 and await r.read() == b"ok"
+        await pool.close()
+
+
+@both_loops
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "close"])
+async def test_a_body_over_max_body_is_502_and_the_connection_closed(framing):
+    """``read()`` stops at ``max_body`` bytes (a 300 MiB body took ~1 GB of RSS): 502
+    ``upstream_response_too_large``, the connection aborted, never pooled."""
+    size = 3 * 2**20
+    heads = {"content-length": b"Content-Length: %d\r\n" % size, "chunked": b"Transfer-Encoding: chunked\r\n",
+             "close": b"Connection: close\r\n"}
+    block = b"x" * 65536
+    frame = (lambda b: b"%x\r\n%s\r\n" % (len(b), b)) if framing == "chunked" else (lambda b: b)
+
+    async def answer(c, i, w):
+        try:
+            await _endless(w, b"HTTP/1.1 200 OK\r\n" + heads[framing] + b"\r\n", frame(block), size)
+        except ConnectionError:
+            pass
+
+    async with raw_upstream(answer) as (url, _):
+        pool = RawPool()
+        r = await pool.send("POST", url, {}, b"{}", 2.0, 5.0, max_body=2**20)
+        with pytest.raises(GatewayError) as e:
+            await r.read()
+        assert _too_large(e), e.value.body()
+        assert not pool.conns and not any(pool.idle.values())
+        r = await pool.send("POST", url, {}, b"{}", 2.0, 5.0, max_body=size)  # at the limit: fine
+        if framing != "content-length":
+            r.close()  # these never end by themselves here
+        else:
+            assert len(await r.read()) == size
+        await pool.close()
+
+
+@both_loops
+async def test_an_aborted_connection_is_not_held_by_its_read_timeout_timer():
+    """With a 600 s read timeout, an aborted connection (and the bytes it buffered) stayed
+    referenced by the armed timer until it fired."""
+    import gc
+    import weakref
+
+    async def answer(c, i, w):
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"y" * 500_000)
+        await asyncio.sleep(5)
+
+    async with raw_upstream(answer) as (url, _):
+        pool = RawPool()
+        r = await send(pool, url, read=600.0)
+        it = r.iter_chunks().__aiter__()
+        await it.__anext__()
+        conn = weakref.ref(r._conn)
+        r.close()
+        del r, it
+        await asyncio.sleep(0.05)
+        gc.collect()
+        assert conn() is None, gc.get_referrers(conn())
+        await pool.close()
+
+
+# -- hostile upstreams: one response per request (issue 9 item 13) ---------------------------
+SECOND = b"HTTP/1.1 500 Internal Server Error\r\nX-Second: 1\r\nContent-Length: 6\r\n\r\nsecond"
+
+
+@both_loops
+@pytest.mark.parametrize("first", [
+    b"HTTP/1.1 200 OK\r\nX-First: 1\r\nContent-Length: 5\r\n\r\nfirst",
+    b"HTTP/1.1 200 OK\r\nX-First: 1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-First: 1\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfirst",
+], ids=["content-length", "chunked", "connection-close"])
+async def test_a_second_response_never_joins_the_first(first):
+    """An unasked second response right behind the first, in the same write: its status and
+    headers replaced the first's and its body joined the first's. The first response ends where
+    its framing says; the connection is then unusable (a new one serves the next request)."""
+    async def answer(c, i, w):
+        w.write(first + SECOND)
+
+    async with raw_upstream(answer) as (url, seen):
+        pool = RawPool()
+        for _ in range(2):
+            r = await send(pool, url)
+            assert r.status == 200 and "X-Second" not in r.headers and r.headers["X-First"] == "1"
+            assert await r.read() == b"first"
+            r.release()
+            assert not any(pool.idle.values())
+        assert [c for c, _ in seen] == [1, 2]
+        await pool.close()
+
+
+@both_loops
+async def test_a_second_response_arriving_later_is_never_read_as_the_next_one():
+    """The unasked second response arrives after the first was read: the pooled connection is
+    dropped, and the next request goes out on a new connection and gets its own answer."""
+    async def answer(c, i, w):
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+        await asyncio.sleep(0.1)
+        w.write(SECOND)
+
+    async with raw_upstream(answer) as (url, seen):
+        pool = RawPool()
+        r = await send(pool, url)
+        assert await r.read() == b"first"
+        await asyncio.sleep(0.3)
+        r = await send(pool, url)
+        assert r.status == 200 and await r.read() == b"first"
+        assert [c for c, _ in seen] == [1, 2]
+        await pool.close()
+
+
+@both_loops
+async def test_the_aiohttp_path_caps_bodies_read_whole_too():
+    async with aiohttp_upstream() as up:
+        pool = UpstreamPool(use_raw=False)
+        cfg = ProviderConfig(read_timeout_ms=5000, max_response_bytes=2**20)
+        for path in ("/big", "/length"):  # 64 MiB chunked; 100 KiB with Content-Length (over 50 KiB)
+            if path == "/length":
+                cfg = ProviderConfig(read_timeout_ms=5000, max_response_bytes=50_000)
+            r = await pool.send(UpstreamRequest(up.url + path, {"Content-Type": "application/json"}, b"{}"), cfg)
+            with pytest.raises(GatewayError) as e:
+                await r.read()
+            assert _too_large(e), e.value.body()
+        assert up.written < 64 * 2**20
         await pool.close()

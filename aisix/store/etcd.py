@@ -5,8 +5,11 @@ are ignored. ``start`` lists everything under ``{prefix}/`` (failing fast, namin
 endpoints, when etcd cannot be reached), publishes, then a background task watches the
 prefix from the listed revision + 1. When etcd goes away the last good snapshot keeps
 serving; the task retries with capped, jittered backoff, rotating through
-``deployment.etcd.host``, resumes the watch from the last revision seen + 1, or re-lists
-when that revision was compacted. Writes (the Admin API) go to etcd and are applied locally
+``deployment.etcd.host``, and resumes the watch from the last revision seen + 1 when the etcd
+it reaches still holds the history this copy came from; otherwise it re-lists. Before resuming
+it reads the keys (keys only) at that revision: an etcd rebuilt or restored with a lower
+revision answers "future revision", a compacted one "compacted", another cluster another
+cluster id, and a rebuilt one that already passed the revision other keys or mod revisions. Writes (the Admin API) go to etcd and are applied locally
 at once; their own watch events are then recognised and skipped.
 
 Uniqueness across nodes: a write reads the kind's keys, checks the name/key, and commits in
@@ -85,7 +88,10 @@ class EtcdStore(ConfigStore):
         self.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
         self.timeout = config.timeout
         self.revision = 0          # the etcd revision the local copy reflects (list or watch)
+        self.cluster_id = 0        # the etcd cluster the local copy came from
         self.connected = False     # is the watch up?
+        self._mods: dict[bytes, int] = {}  # each resource key etcd held at `revision`: its mod_revision
+        self._listed = False       # the copy was just listed: the next watch needs no history check
         self._root = (self.prefix + "/").encode()
         self._client: aetcd.Client | None = None
         self._endpoint_index = 0
@@ -179,10 +185,13 @@ class EtcdStore(ConfigStore):
         rng = await self._get_client().get_prefix(self._root)
         rev = rng.header.revision
         data: dict[str, dict[str, dict]] = {kind: {} for kind in SCHEMAS}
+        mods = {}
         for kv in rng:
             where = self._parse_key(kv.key)
-            if where is not None and (obj := self._parse_value(*where, kv.value)) is not None:
-                data[where[0]][where[1]] = obj
+            if where is not None:
+                mods[kv.key] = kv.mod_revision
+                if (obj := self._parse_value(*where, kv.value)) is not None:
+                    data[where[0]][where[1]] = obj
         for (kind, rid), local_rev in self._local.items():
             if local_rev > rev:  # written here after the range was served
                 if rid in self.data[kind]:
@@ -195,7 +204,33 @@ class EtcdStore(ConfigStore):
             data[kind] = {rid: old[rid] if old.get(rid) == obj else obj for rid, obj in data[kind].items()}
         self.data = data
         self.revision = rev
+        self.cluster_id = rng.header.cluster_id
+        self._mods = mods
+        self._listed = True
         self._local = {k: r for k, r in self._local.items() if r > rev}
+
+    async def _history_changed(self) -> str | None:
+        """Why the etcd now reached no longer holds the history of this copy, or None if it does:
+        the keys under the prefix at :attr:`revision` (keys only) must be the ones we hold, with
+        the same mod revisions, in the same cluster. Raises what an etcd call raises."""
+        client = self._get_client()
+        await client.connect()
+        req = aetcd.rpc.RangeRequest(key=self._root, range_end=aetcd.utils.prefix_range_end(self._root),
+                                     revision=self.revision, keys_only=True)
+        try:
+            rng = await client.kvstub.Range(req, timeout=self.timeout, metadata=client.metadata)
+        except aetcd.rpc.AioRpcError as e:
+            if e.code() != aetcd.rpc.StatusCode.OUT_OF_RANGE:
+                raise
+            if "compacted" in (e.details() or ""):
+                return f"revision {self.revision} was compacted"
+            return f"its revision is behind {self.revision} (rebuilt or restored from a backup?)"
+        if rng.header.cluster_id != self.cluster_id:
+            return f"it is another cluster (id {rng.header.cluster_id:x}, was {self.cluster_id:x})"
+        held = {kv.key: kv.mod_revision for kv in rng.kvs if self._parse_key(kv.key) is not None}
+        if held != self._mods:
+            return f"its keys at revision {self.revision} are not the ones listed (rebuilt?)"
+        return None
 
     async def _watch_loop(self) -> None:
         backoff = _Backoff()
@@ -203,12 +238,18 @@ class EtcdStore(ConfigStore):
         loop = asyncio.get_running_loop()
         while True:
             try:
+                if not self._need_relist and not self._listed:
+                    why = await self._history_changed()
+                    if why is not None:
+                        log.warning("etcd %s: %s; re-listing", self.endpoint, why)
+                        self._need_relist = True
                 if self._need_relist:
                     await self._relist()
                     self._need_relist = False
                     self.publish()
                     log.warning("etcd: re-listed at revision %d", self.revision)
                 watch = await self._get_client().watch_prefix(self._root, start_revision=self.revision + 1)
+                self._listed = False
                 self.connected = True
                 if down_since is not None:
                     log.warning("etcd %s: watch resumed from revision %d after %.1fs",
@@ -228,6 +269,7 @@ class EtcdStore(ConfigStore):
                 continue
             except Exception as e:  # noqa: BLE001 - etcd down, timeouts, a broken stream
                 self.connected = False
+                self._listed = False  # by the next try etcd may be another one
                 delay = backoff.next()
                 if down_since is None:
                     down_since = loop.time()
@@ -243,6 +285,10 @@ class EtcdStore(ConfigStore):
         self.revision = max(self.revision, rev)
         where = self._parse_key(event.kv.key)
         if where is not None:
+            if event.kind == "PUT":
+                self._mods[event.kv.key] = rev
+            else:
+                self._mods.pop(event.kv.key, None)
             local = self._local.get(where)
             if local is None or rev > local:  # else: our own write, already applied
                 kind, rid = where

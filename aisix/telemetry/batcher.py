@@ -1,7 +1,9 @@
 """The bounded hand-off from the request path to OpenTelemetry, and the task that drains it.
 
 The request path calls :meth:`Telemetry.submit` (an append to a deque, O(1), never blocks);
-a full queue drops the record and counts it in ``aisix_telemetry_dropped_total``. The batcher
+a full queue drops the record and counts it in ``aisix_telemetry_dropped_total{reason="queue_full"}``;
+spans the trace exporter could not take or deliver are counted there too (``span_queue_full``,
+``span_export_failed``). The batcher
 task wakes every ``tick`` seconds, turns records into metric measurements and spans (built after
 the fact with explicit start and end times), and leaves the wire to the SDK's exporter threads.
 """
@@ -33,7 +35,9 @@ class Telemetry:
     body fully sent), ``aisix_llm_latency_milliseconds{model}`` (upstream call → response
     received), ``aisix_llm_first_token_latency_milliseconds{model}`` (streams only: request start
     → first token), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
-    ``aisix_telemetry_dropped_total``.
+    ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
+    ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
+    the trace exporter failed to deliver).
     """
 
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
@@ -43,7 +47,7 @@ class Telemetry:
         self.max_queue = cfg.queue_size
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
-        self._dropped_reported = 0
+        self._dropped_reported: Counter = Counter()
         self.processed = 0
         self.tick = tick
         self._task: asyncio.Task | None = None
@@ -77,8 +81,10 @@ class Telemetry:
             "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
             "for and the fallback")
         self.dropped_count = meter.create_counter(
-            "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
-        self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
+            "aisix_telemetry_dropped", description="telemetry lost, by reason: queue_full (records, the queue "
+            "was full), span_queue_full / span_export_failed (spans the trace exporter could not take / deliver)")
+        for reason in ("queue_full", "span_queue_full", "span_export_failed"):
+            self.dropped_count.add(0, {"reason": reason})  # the series exist (at 0) before anything is dropped
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
@@ -102,6 +108,7 @@ class Telemetry:
                 while self.queue:
                     self.drain(limit=1024)
                     await asyncio.sleep(0)  # let requests run between slices
+                self._report_dropped()  # spans fail to export later, with no record in the queue
             except Exception:  # noqa: BLE001 - the batcher must outlive a bad record
                 log.exception("telemetry batcher failed on a record")
 
@@ -132,11 +139,17 @@ class Telemetry:
             self.upstream_request_count.add(count, {"model": model, "deployment": deployment, "status_code": status})
         for (model, fallback), count in fallbacks.items():
             self.fallback_count.add(count, {"model": model, "fallback": fallback})
-        if self.dropped != self._dropped_reported:
-            self.dropped_count.add(self.dropped - self._dropped_reported)
-            self._dropped_reported = self.dropped
+        self._report_dropped()
         self.processed += n
         return n
+
+    def _report_dropped(self) -> None:
+        spans = self._spans
+        for reason, total in (("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
+                              ("span_export_failed", spans.failed)):
+            if total != self._dropped_reported[reason]:
+                self.dropped_count.add(total - self._dropped_reported[reason], {"reason": reason})
+                self._dropped_reported[reason] = total
 
     def _record(self, r: RequestRecord, requests: Counter, tokens: Counter, upstream_errors: Counter,
                 attempts: Counter, fallbacks: Counter) -> None:
@@ -198,7 +211,7 @@ class Telemetry:
             status = Status(StatusCode.ERROR, r.error or None)
             attrs["error.type"] = str(r.status)
         events = (Event("gen_ai.first_token", timestamp=r.first_token_ns + wall),) if r.first_token_ns else ()
-        self._spans.on_end(ReadableSpan(
+        self._spans.offer(ReadableSpan(
             f"{r.method} {r.endpoint}", SpanContext(r.trace_id, r.span_id, is_remote=False, trace_flags=flags),
             parent, self._resource, attrs, events, kind=SpanKind.SERVER, status=status,
             start_time=r.start_wall_ns, end_time=r.end_ns + wall, instrumentation_scope=self._scope))

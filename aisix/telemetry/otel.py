@@ -14,8 +14,8 @@ from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Counter, Histogra
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ..config import ObservabilityConfig
@@ -65,6 +65,53 @@ def quiet_export_failures() -> None:
         logging.getLogger(name).addFilter(f)
 
 
+#: Spans the BatchSpanProcessor holds for its exporter thread (the SDK's default).
+SPAN_QUEUE_SIZE = 2048
+
+
+class SpanDelivery(SpanExporter):
+    """The trace exporter, wrapped so that no span is lost uncounted (the SDK drops them silently).
+
+    :meth:`offer` hands a span to the BatchSpanProcessor unless its queue may be full (spans offered
+    and not yet taken by an export reach ``SPAN_QUEUE_SIZE``): such a span is dropped here and counted
+    in ``queue_full``. :meth:`export` counts the spans of every export that did not succeed (the
+    receiver down, a timeout) in ``failed``. Both counts only grow; the batcher reports them in
+    ``aisix_telemetry_dropped_total``. Spans still queued when the process exits are not counted
+    (the metrics are flushed before the traces).
+    """
+
+    def __init__(self, exporter: SpanExporter, queue_size: int = SPAN_QUEUE_SIZE):
+        self.exporter = exporter
+        self.queue_size = queue_size
+        self.processor: BatchSpanProcessor | None = None  # set by setup()
+        self.offered = self.taken = self.failed = self.queue_full = 0
+
+    def offer(self, span: ReadableSpan) -> None:
+        """Queue ``span`` for export, or drop and count it when the processor's queue may be full."""
+        if self.offered - self.taken >= self.queue_size:
+            self.queue_full += 1
+            return
+        self.offered += 1
+        self.processor.on_end(span)
+
+    def export(self, spans) -> SpanExportResult:
+        self.taken += len(spans)
+        try:
+            result = self.exporter.export(spans)
+        except Exception:
+            self.failed += len(spans)
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self.failed += len(spans)
+        return result
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
 def instance_id(port: int, worker: int = 0) -> str:
     """A ``service.instance.id`` stable across restarts of the same listener: ``host:port[/wN]``."""
     return f"{socket.gethostname()}:{port}" + (f"/w{worker}" if worker else "")
@@ -76,7 +123,8 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
 
 
 def setup(cfg: ObservabilityConfig, service_instance_id: str):
-    """Build ``(meter_provider, tracer_provider, span_processor, scope)`` for ``cfg``.
+    """Build ``(meter_provider, tracer_provider, span_delivery, scope)`` for ``cfg``; spans go to
+    ``span_delivery.offer`` (a :class:`SpanDelivery` in front of the BatchSpanProcessor).
 
     Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
@@ -100,9 +148,10 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str):
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
-    span_exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
-    processor = BatchSpanProcessor(span_exporter, schedule_delay_millis=1000,
-                                   export_timeout_millis=cfg.traces.export_timeout_ms)
-    tracer_provider.add_span_processor(processor)
+    delivery = SpanDelivery(OTLPSpanExporter(endpoint=endpoint, insecure=insecure,
+                                             timeout=cfg.traces.export_timeout_ms / 1000))
+    delivery.processor = BatchSpanProcessor(delivery, max_queue_size=SPAN_QUEUE_SIZE, schedule_delay_millis=1000,
+                                            export_timeout_millis=cfg.traces.export_timeout_ms)
+    tracer_provider.add_span_processor(delivery.processor)
     scope = InstrumentationScope("aisix", __import__("aisix").__version__)
-    return meter_provider, tracer_provider, processor, scope
+    return meter_provider, tracer_provider, delivery, scope
