@@ -19,7 +19,7 @@ from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
 from .ratelimit import REQUEST_BYTES
-from .resources import ApiKey, Model
+from .resources import ApiKey, Model, hash_key
 from .snapshot import Snapshot
 from .sse import SSEParser
 from .telemetry import RequestRecord, request_id
@@ -34,15 +34,22 @@ PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "op
 
 
 def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
-    """The API key from ``Authorization: Bearer <key>`` (or a bare ``<key>``). Raises 401."""
+    """The API key from ``Authorization: Bearer <key>`` (or a bare ``<key>``): the secret is hashed
+    once (SHA-256) and looked up by hash. Raises 401 ``missing_api_key``, ``invalid_api_key``,
+    ``disabled_api_key`` or ``expired_api_key`` (at or after its ``expires_at``)."""
     header = request.headers.get("Authorization", "").strip()
     if header[:7].lower() == "bearer ":
         header = header[7:].strip()
     if not header:
         raise GatewayError(401, "Missing API key in request", "authentication_error", "missing_api_key")
-    key = snap.keys.get(header)
+    key = snap.keys.get(hash_key(header))
     if key is None:
         raise GatewayError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+    if key.disabled:
+        raise GatewayError(401, "This API key is disabled.", "authentication_error", "disabled_api_key")
+    if key.expires_at is not None and time.time() >= key.expires_ts:
+        raise GatewayError(401, f"This API key expired at {key.expires_at}.", "authentication_error",
+                           "expired_api_key")
     return key
 
 

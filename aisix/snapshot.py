@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
-from .resources import ApiKey, Model
+from .resources import ApiKey, Model, hash_key
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Models by ``name`` and API keys by ``key``; ``revision`` counts swaps."""
+    """Models by ``name`` and API keys by ``key_hash`` (the SHA-256 of the secret, hex: a presented
+    key is hashed once and looked up with one dict access); ``revision`` counts swaps."""
 
     models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))
     keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
@@ -23,7 +24,11 @@ class Snapshot:
     @classmethod
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
         return cls(MappingProxyType({m.name: m for m in models}),
-                   MappingProxyType({k.key: k for k in keys}), revision)
+                   MappingProxyType({k.key_hash: k for k in keys}), revision)
+
+    def key_for(self, secret: str) -> ApiKey | None:
+        """The API key whose secret is ``secret``, or None."""
+        return self.keys.get(hash_key(secret))
 
 
 class SnapshotHolder:
