@@ -15,16 +15,21 @@ from .resources import ApiKey, Model, hash_key
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Models by ``name`` and API keys by ``key_hash`` (the SHA-256 of the secret, hex: a presented
-    key is hashed once and looked up with one dict access); ``revision`` counts swaps."""
+    key is hashed once and looked up with one dict access); ``revision`` counts swaps; ``secrets``
+    every provider key in it (for :func:`~aisix.redact.redact`). Client keys are not among them:
+    the gateway holds only their hashes (the proxy adds the request's own bearer itself)."""
 
     models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))
     keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     revision: int = 0
+    secrets: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
-        return cls(MappingProxyType({m.name: m for m in models}),
-                   MappingProxyType({k.key_hash: k for k in keys}), revision)
+        models = MappingProxyType({m.name: m for m in models})
+        keys = MappingProxyType({k.key_hash: k for k in keys})
+        secrets = tuple(m.provider_config.api_key for m in models.values() if m.provider_config.api_key)
+        return cls(models, keys, revision, secrets)
 
     def key_for(self, secret: str) -> ApiKey | None:
         """The API key whose secret is ``secret``, or None."""
