@@ -79,8 +79,10 @@ class Supervisor:
             self._signal(w, sig)
 
     def _on_hup(self, _sig, _frame) -> None:
-        if not self._signal(self.workers[0], signal.SIGHUP):
-            log.warning("SIGHUP: worker 0 is not running; it re-reads the config file when it starts")
+        w = self.workers[0]
+        # only once it is ready: before that it has no SIGHUP handler (and reads the file anyway)
+        if w.ready_fd is not None or not self._signal(w, signal.SIGHUP):
+            log.warning("SIGHUP: worker 0 is not serving; it reads the config file when it starts")
 
     @staticmethod
     def _signal(w: _Worker, sig: int) -> bool:
@@ -159,6 +161,8 @@ class Supervisor:
             elif w.proc is None and w.restart_at is not None and now >= w.restart_at:
                 self._spawn(w)
                 log.warning("worker %d restarted (pid %d)", w.index, w.proc.pid)
+                if self.stopping is not None:  # the stop signal came in while it was spawned
+                    self._signal(w, self.stopping)
 
     def _drain(self) -> int:
         """Stopping: wait for every worker to finish its in-flight requests and exit."""
