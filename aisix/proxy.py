@@ -8,6 +8,7 @@ server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from time import perf_counter_ns
 
@@ -18,7 +19,7 @@ from .errors import GatewayError, invalid_request, upstream_unreachable
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
-from .ratelimit import REQUEST_BYTES
+from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
 from .redact import redact
 from .resources import ApiKey, Model, hash_key
 from .snapshot import Snapshot
@@ -29,6 +30,7 @@ from .upstream import UpstreamResponse
 from .upstream_log import upstream_failure
 
 RECORD = web.RequestKey("aisix_record", RequestRecord)
+log = logging.getLogger("aisix.proxy")
 
 #: Upstream response headers worth passing back; hop-by-hop and framing headers never are.
 PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "openai-version",
@@ -72,6 +74,12 @@ async def read_json_object(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", "invalid_json")
     return body
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a ``Content-Type`` value, lower-cased and without parameters
+    (``Text/Event-Stream; Charset=UTF-8`` → ``text/event-stream``; RFC 9110 §8.3.1: case-insensitive)."""
+    return content_type.partition(";")[0].strip().lower()
 
 
 def resolve_model(body: dict, key: ApiKey, snap: Snapshot, rec: RequestRecord) -> Model:
@@ -177,7 +185,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     async def go() -> web.StreamResponse:
         upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
-        up = await _call_upstream(request, call, provider, upreq)
+        try:
+            up = await _call_upstream(request, call, provider, upreq)
+        except GatewayError as e:
+            if not (stream and provider.refused_stream_options(call.model, e)):
+                raise
+            log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
+                     call.model.name, e.status)
+            upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
+            up = await _call_upstream(request, call, provider, upreq)
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
         return await _whole(up, call, provider.chat_response)
@@ -262,8 +278,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
     rec = call.record
     model = call.model
     out: web.StreamResponse | None = None
-    ctype = up.headers.get("content-type", "")
-    if not ctype.startswith("text/event-stream"):
+    if media_type(up.headers.get("content-type", "")) != "text/event-stream":
         try:
             await up.read()
         finally:
@@ -281,7 +296,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             async for chunk in chunks:
                 now = perf_counter_ns()
                 parts = []
-                for ev in parser.feed(chunk):
+                events = parser.feed(chunk)
+                for ev in events:
                     b = decoder.feed(ev)
                     if ev.data is not None:
                         idle.last = now
@@ -294,6 +310,9 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                         break
                     if b is not None:
                         parts.append(b)
+                    if decoder.done:  # nothing after [DONE] is relayed or measured, whatever the reads
+                        clean = ev is events[-1] and not parser.pending
+                        break
                 if parts:
                     if out is None:
                         out = await _start_stream(request, up, call)
@@ -301,8 +320,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                 if decoder.error is not None:
                     raise decoder.error
                 if decoder.done:
-                    clean = ended = True
-                    if parser.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
+                    ended = True  # clean (the connection reusable) only if [DONE] ended its read
+                    if clean and parser.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
                         clean = await _relay_final_lf(chunks, out)
                     break
                 if len(parser.pending) > MAX_EVENT_BYTES:
@@ -350,6 +369,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
         if decoder.usage is not None:
             u = decoder.usage
             rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        elif data_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
+            rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), data_events)
         call.estimated_completion_tokens = data_events
         rec.response_model = decoder.response_model
         rec.finish_reasons = tuple(decoder.finish_reasons)
