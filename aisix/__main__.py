@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", help="YAML config file (default: the embedded default, a mock model)")
     s.add_argument("--data-dir", default="./aisix-data", help="where the embedded default keeps its data")
     s.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the proxy port (SO_REUSEPORT); worker 0 also serves the Admin API")
+                   help="worker processes sharing the proxy port (SO_REUSEPORT); worker 0 also serves the Admin API; "
+                   "a worker that dies is restarted")
     s.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     s.add_argument("--listen", help="proxy host:port (overrides server.proxy.listen)")
     s.add_argument("--admin-listen", help="Admin API host:port (overrides server.admin.listen)")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aisix: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1 and args.worker_index is None:
+        from .supervisor import supervise
         return supervise(args.workers, argv if argv is not None else sys.argv[1:])
     import uvloop
 
@@ -83,58 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
-
-
-def supervise(n: int, argv: list[str]) -> int:
-    """Run ``n`` copies of this command as workers on one port (``SO_REUSEPORT``); pass SIGTERM and
-    SIGINT on to them and wait. Returns the first non-zero exit code, else 0."""
-    import os
-    import select
-    import signal
-    import subprocess
-    import time
-
-    # Worker 0 first: it owns the store and seeds it; the others start once it says it is ready
-    # (one byte on a pipe), so no worker ever serves an empty configuration. Signals are passed on
-    # from the start, so a SIGTERM during start-up leaves no worker behind.
-    cmd = [sys.executable, "-m", "aisix", *argv, "--worker-index"]
-    procs: list[subprocess.Popen] = []
-    stopping: list[int] = []
-
-    def forward(sig, _frame):
-        stopping.append(sig)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-
-    def start(i: int) -> bool:
-        if stopping:
-            return False
-        r, w = os.pipe()
-        procs.append(subprocess.Popen([*cmd, str(i)], pass_fds=(w,), env={**os.environ, "AISIX_READY_FD": str(w)}))
-        os.close(w)
-        ready = bool(select.select([r], [], [], 120)[0] and os.read(r, 1))
-        os.close(r)
-        return ready and not stopping
-
-    if not start(0) or not all(start(i) for i in range(1, n)):
-        asked_to_stop = bool(stopping)
-        forward(signal.SIGTERM, None)
-        codes = [p.wait() for p in procs]
-        return 0 if asked_to_stop else next((c for c in codes if c), 1)
-    print(f"aisix: all {n} workers ready", flush=True)
-
-    code = 0
-    while any(p.poll() is None for p in procs):
-        for p in procs:
-            if p.poll() not in (None, 0) and code == 0:
-                code = p.returncode  # one worker failed: stop the others
-                forward(signal.SIGTERM, None)
-        time.sleep(0.2)
-    return code or next((p.returncode for p in procs if p.returncode), 0)
 
 
 if __name__ == "__main__":

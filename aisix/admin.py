@@ -15,10 +15,15 @@ schemas in :mod:`aisix.resources`; errors use the OpenAI envelope and name the f
 bad JSON or a bad field → 400, name/key taken → 409, unknown id → 404, store down → 503.
 
 Secrets: ``provider_config.api_key`` is never logged and responses show it masked
-(:func:`~aisix.resources.mask_secret`); a PUT that sends back the masked value keeps the
-stored key, so a GET → edit → PUT round trip is safe. Client API keys (``key``) are returned
-as they are: they are what the Admin API manages. A ``POST`` of an API key without ``key``
-generates one (``sk-`` and 32 random URL-safe characters) and returns it.
+(:func:`~aisix.resources.mask_secret`), and so are credentials in ``api_base`` (``****@``). A
+PUT that sends back a masked value keeps the stored one, so a GET → edit → PUT round trip is
+safe; the masked ``api_key`` is kept only while the upstream's origin (scheme, host, port of the
+``api_base`` in effect) stays the same, else the PUT is a 400 asking for the key again, so a
+stored key never follows a request to another host. Client API keys are stored as their
+SHA-256 (:class:`~aisix.resources.ApiKey`): the secret ``key`` is in the response to the write
+that set it and nowhere else; list and get show ``key_prefix``. A create without ``key``
+generates one (``sk-`` and 32 random URL-safe characters); a replace without ``key`` keeps the
+stored one.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ from pydantic import ValidationError
 from .errors import GatewayError, error_type_for, invalid_request
 from .gateway import GATEWAY
 from .openapi import ADMIN_PREFIX, openapi_document
-from .resources import SCHEMAS, describe_validation_error, mask_secret, new_client_key
+from .providers import get_provider
+from .resources import (WRITE_SCHEMAS, describe_validation_error, mask_secret, mask_url_userinfo, new_client_key,
+                        url_origin)
 from .store import ConflictError, StoreError, StoreUnavailable
 
 log = logging.getLogger("aisix.admin")
@@ -138,13 +145,11 @@ async def _create(request: web.Request) -> web.Response:
     if doc.get("id") is not None:
         raise invalid_request("field `id`: assigned by the server on create; "
                               f"use PUT {ADMIN_PREFIX}/{kind}/{{id}} to choose one", "invalid_field", "id")
-    if kind == "apikeys" and "key" not in doc:
-        doc["key"] = new_client_key()  # returned in the response: the caller's only copy to hand out
-    obj = _validate(kind, doc)
+    obj, secret = _to_store(kind, doc, None)
     rid = str(uuid.uuid4())
     stored, _ = await _write(request, kind, rid, obj)
     log.info("admin: created %s %s", _NOUN[kind], rid)
-    return _json(_public(kind, stored), status=201)
+    return _json(_public(kind, stored, secret), status=201)
 
 
 async def _put(request: web.Request) -> web.Response:
@@ -153,13 +158,11 @@ async def _put(request: web.Request) -> web.Response:
     if doc.get("id") is not None and doc["id"] != rid:
         raise invalid_request(f"field `id`: {doc['id']!r} differs from the id in the path ({rid!r})",
                               "invalid_field", "id")
-    obj = _validate(kind, doc)
     old = _store(request).get(kind, rid)
-    if old is not None:
-        obj = _keep_masked_secret(kind, obj, old)
+    obj, secret = _to_store(kind, doc, old)
     stored, created = await _write(request, kind, rid, obj)
     log.info("admin: %s %s %s", "created" if created else "replaced", _NOUN[kind], rid)
-    return _json(_public(kind, stored), status=201 if created else 200)
+    return _json(_public(kind, stored, secret), status=201 if created else 200)
 
 
 async def _delete(request: web.Request) -> web.Response:
@@ -208,15 +211,30 @@ async def _read_object(request: web.Request) -> dict:
     return doc
 
 
-def _validate(kind: str, doc: dict) -> dict:
-    """Validate strictly (no "5" for 5); returns what the client set, normalised, without ``id``."""
+def _validate(kind: str, doc: dict):
+    """Validate strictly (no "5" for 5) against the kind's write schema; returns the pydantic object."""
     body = {k: v for k, v in doc.items() if k != "id"}
     try:
-        item = SCHEMAS[kind].model_validate(body, strict=True)
+        return WRITE_SCHEMAS[kind].model_validate(body, strict=True)
     except ValidationError as e:
         message, field = describe_validation_error(e)
         raise invalid_request(message, "invalid_field", field) from None
-    return item.model_dump(mode="json", exclude_unset=True, exclude={"id"})
+
+
+def _to_store(kind: str, doc: dict, old: dict | None) -> tuple[dict, str | None]:
+    """The object to store for a write of ``doc`` over ``old`` (None: a create), and the client
+    key to show once (set by this write, else None).
+
+    Models: what the client set, normalised, without ``id`` (:func:`_keep_masked_secret`).
+    API keys: ``key`` hashed; left out, it is generated on create and kept on replace."""
+    item = _validate(kind, doc)
+    if kind == "models":
+        obj = item.model_dump(mode="json", exclude_unset=True, exclude={"id"})
+        return (obj if old is None else _keep_masked_secret(obj, old)), None
+    if item.key is None and old is not None and isinstance(old.get("key_hash"), str):
+        return {"key_hash": old["key_hash"], "key_prefix": old.get("key_prefix", ""), **item.settings()}, None
+    secret = item.key or new_client_key()
+    return item.stored(secret), secret
 
 
 async def _write(request: web.Request, kind: str, rid: str, obj: dict) -> tuple[dict, bool]:
@@ -239,21 +257,74 @@ def _store_failure(e: StoreError) -> GatewayError:
     return GatewayError(500, f"configuration store error: {e}", "api_error", "store_error")
 
 
-def _public(kind: str, obj: dict) -> dict:
-    """The object as responses show it: ``id`` first, the provider's ``api_key`` masked."""
+def _public(kind: str, obj: dict, secret: str | None = None) -> dict:
+    """The object as responses show it: ``id`` first, the provider's ``api_key`` and credentials
+    in ``api_base`` masked; an API key without its ``key_hash``, with ``key`` only when ``secret``
+    (just set) is given."""
+    if kind == "apikeys":
+        shown = {"key": secret} if secret is not None else {}
+        return {"id": obj.get("id"), **shown, **{k: v for k, v in obj.items() if k != "key_hash"}}
     out = {"id": obj.get("id"), **obj}
-    pc = out.get("provider_config")
-    if kind == "models" and isinstance(pc, dict) and isinstance(pc.get("api_key"), str):
-        out["provider_config"] = {**pc, "api_key": mask_secret(pc["api_key"])}
+    if isinstance(out.get("provider_config"), dict):
+        out["provider_config"] = _masked(out["provider_config"])
+    if isinstance(out.get("deployments"), list):
+        out["deployments"] = [{**d, "provider_config": _masked(d["provider_config"])}
+                              if isinstance(d, dict) and isinstance(d.get("provider_config"), dict) else d
+                              for d in out["deployments"]]
     return out
 
 
-def _keep_masked_secret(kind: str, new: dict, old: dict) -> dict:
-    """A PUT that sends back the masked ``api_key`` it got from a GET keeps the stored key."""
-    if kind != "models":
-        return new
-    new_key = (new.get("provider_config") or {}).get("api_key")
-    old_key = (old.get("provider_config") or {}).get("api_key")
-    if isinstance(new_key, str) and isinstance(old_key, str) and new_key == mask_secret(old_key):
-        return {**new, "provider_config": {**new["provider_config"], "api_key": old_key}}
-    return new
+def _masked(pc: dict) -> dict:
+    """A ``provider_config`` as responses show it: ``api_key`` and credentials in ``api_base`` masked."""
+    pc = dict(pc)
+    if isinstance(pc.get("api_key"), str):
+        pc["api_key"] = mask_secret(pc["api_key"])
+    if isinstance(pc.get("api_base"), str):
+        pc["api_base"] = mask_url_userinfo(pc["api_base"])
+    return pc
+
+
+def _keep_masked_secret(new: dict, old: dict) -> dict:
+    """A PUT (``new`` over the stored ``old`` model) that sends back masked values it got from a
+    GET keeps the stored ones, for the model's ``provider_config`` and for each deployment's (matched
+    by ``id``): an ``api_base`` equal to the stored one masked (:func:`~aisix.resources.mask_url_userinfo`)
+    keeps the stored URL; an ``api_key`` equal to the stored one masked keeps the stored key only
+    while the upstream origin (:func:`_origin`) is unchanged. Raises 400 ``invalid_field`` otherwise."""
+    out = dict(new)
+    if isinstance(new.get("provider_config"), dict) or isinstance(old.get("provider_config"), dict):
+        out["provider_config"] = _keep_in(new.get("model"), new.get("provider_config"), old.get("model"),
+                                          old.get("provider_config"), "provider_config")
+    olds = {d.get("id"): d for d in old.get("deployments") or () if isinstance(d, dict)}
+    if isinstance(new.get("deployments"), list):
+        out["deployments"] = [
+            {**d, "provider_config": _keep_in(d.get("model"), d.get("provider_config"), olds[d["id"]].get("model"),
+                                              olds[d["id"]].get("provider_config"), f"deployments.{i}.provider_config")}
+            if isinstance(d, dict) and d.get("id") in olds else d for i, d in enumerate(new["deployments"])]
+    return out
+
+
+def _keep_in(model, pc, old_model, old_pc, where: str) -> dict:
+    pc, old_pc = dict(pc if isinstance(pc, dict) else {}), old_pc if isinstance(old_pc, dict) else {}
+    base, old_base = pc.get("api_base"), old_pc.get("api_base")
+    if isinstance(base, str) and isinstance(old_base, str) and base != old_base and base == mask_url_userinfo(old_base):
+        pc["api_base"] = old_base
+    key, old_key = pc.get("api_key"), old_pc.get("api_key")
+    if isinstance(key, str) and isinstance(old_key, str) and key == mask_secret(old_key):
+        origin = _origin(model, pc) if isinstance(model, str) else None
+        if origin is None or origin != _origin(old_model, old_pc):
+            raise invalid_request(
+                f"field `{where}.api_key`: the masked key is kept only while the upstream stays the "
+                "same (scheme, host and port of `api_base`); this change sends requests elsewhere, so send "
+                "the key again", "invalid_field", f"{where}.api_key")
+        pc["api_key"] = old_key
+    return pc
+
+
+def _origin(model: object, pc: dict) -> tuple | None:
+    """The origin a model's requests go to: its ``api_base``, or its provider's default; None when
+    it cannot be told (an unreadable stored value), which matches nothing."""
+    try:
+        base = pc.get("api_base") or get_provider(str(model).partition("/")[0]).default_api_base
+        return url_origin(base)
+    except (KeyError, ValueError):
+        return None

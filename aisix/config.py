@@ -16,7 +16,7 @@ Shape (AISIX's, extended)::
       metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
       traces: {otlp_endpoint: "http://127.0.0.1:4317"}
     models:  [...]     # upserted by name at start-up
-    apikeys: [...]     # upserted by key at start-up
+    apikeys: [...]     # upserted by key at start-up (stored as its SHA-256)
 
 The standard OpenTelemetry variables override the file: ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_SDK_DISABLED``,
@@ -35,7 +35,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .resources import MAX_INT, ApiKey, Model, new_client_key
+from .resources import MAX_INT, ApiKeyWrite, Model, new_client_key
 
 
 class ConfigError(Exception):
@@ -162,7 +162,7 @@ class Config(_Strict):
     deployment: DeploymentConfig = DeploymentConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     models: list[Model] = []
-    apikeys: list[ApiKey] = []
+    apikeys: list[ApiKeyWrite] = []
     #: where the config came from (a path, or "embedded default"), for messages
     source: str = Field("embedded default", exclude=True)
 
@@ -171,6 +171,15 @@ class Config(_Strict):
     def _null_is_empty(cls, v):
         """``models:`` with no value (YAML null) means no models, not an error."""
         return [] if v is None else v
+
+    @field_validator("apikeys")
+    @classmethod
+    def _keys_given(cls, v: list[ApiKeyWrite]) -> list[ApiKeyWrite]:
+        """A config file's API key names its secret (there is no response to hand a generated one out)."""
+        for i, k in enumerate(v):
+            if k.key is None:
+                raise ValueError(f"entry {i}: `key` is required here (the Admin API can generate one)")
+        return v
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -258,6 +267,6 @@ def embedded_default(data_dir: str = "./aisix-data", env=os.environ) -> tuple[Co
                                     file=FileProviderConfig(path=os.path.join(data_dir, "resources.json"))),
         models=[Model(name="mock", model="mock/mock-1",
                       provider_config={"ttft_ms": 200, "tpot_ms": 25, "tokens": 24})],
-        apikeys=[ApiKey(key=creds["client_key"], allowed_models=["mock"])],
+        apikeys=[ApiKeyWrite(key=creds["client_key"], allowed_models=["mock"])],
     )
     return apply_env(config, env), creds

@@ -1,7 +1,9 @@
 """The Admin API's OpenAPI 3.1 document, generated from the pydantic resource schemas.
 
 OpenAPI 3.1 schemas are JSON Schema 2020-12, which is what pydantic emits, so the
-resource schemas go in as they are (``components.schemas``), referenced by the paths.
+resource schemas go in as they are (``components.schemas``), referenced by the paths. An API
+key's schema is the shape the API reads and writes (:class:`~aisix.resources.ApiKeyWrite`:
+``key`` write-only, ``key_prefix`` read-only); its stored hash never appears.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from . import __version__
-from .resources import ApiKey, Model
+from .resources import ApiKeyWrite, Model
 
 ADMIN_PREFIX = "/aisix/admin"
 _REF = "#/components/schemas/{model}"
@@ -76,13 +78,13 @@ def _paths(kind: str, schema: str, noun: str) -> dict:
 @lru_cache(maxsize=1)
 def openapi_document() -> dict:
     """The whole Admin API as an OpenAPI 3.1 document (a dict, built once)."""
-    _, top = models_json_schema([(Model, "validation"), (ApiKey, "validation")], ref_template=_REF)
+    _, top = models_json_schema([(Model, "validation"), (ApiKeyWrite, "validation")], ref_template=_REF)
     schemas = dict(top.get("$defs", {}))
+    schemas["ApiKey"] = {**schemas.pop("ApiKeyWrite"), "title": "ApiKey"}
     schemas["Error"] = _ERROR
     schemas["Deleted"] = _DELETED
     schemas["ModelCreate"] = _ref("Model")
-    # POST without `key` generates one (returned in the 201)
-    schemas["ApiKeyCreate"] = {**schemas["ApiKey"], "required": [r for r in schemas["ApiKey"]["required"] if r != "key"]}
+    schemas["ApiKeyCreate"] = _ref("ApiKey")  # without `key`, one is generated (returned in the 201)
     for schema, _noun in _KINDS.values():
         schemas[f"{schema}List"] = {"type": "object", "required": ["total", "list"],
                                     "properties": {"total": {"type": "integer", "minimum": 0},
@@ -98,7 +100,13 @@ def openapi_document() -> dict:
         "info": {"title": "aisix Admin API", "version": __version__,
                  "description": "Models and API keys of the aisix gateway. `provider_config.api_key` is "
                                 "write-only: responses show it masked (`****` + its last 4 characters); "
-                                "a PUT that sends the masked value back keeps the stored key."},
+                                "a PUT that sends the masked value back keeps the stored key while "
+                                "`api_base` names the same host (scheme, host, port); another host needs "
+                                "the key again (400). An API key's `key` is stored only as its SHA-256: "
+                                "it is in the response to the write that set it (generated when a "
+                                "create leaves it out) and nowhere else; a replace without it keeps the "
+                                "stored key; list and get show `key_prefix`. `expires_at` (RFC 3339) and "
+                                "`disabled` end a key's use (401 `expired_api_key` / `disabled_api_key`)."},
         "servers": [{"url": "/"}],
         "security": [{"adminKey": []}],
         "tags": [{"name": "models"}, {"name": "apikeys"}],

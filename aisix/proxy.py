@@ -22,8 +22,8 @@ from .providers import Provider, StreamDecoder, get_provider
 from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
 from .redact import redact
 from .relay import StreamRelay
+from .resources import ApiKey, Model, hash_key
 from .routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
-from .resources import ApiKey, Model
 from .snapshot import Snapshot
 from .telemetry import RequestRecord, request_id
 from .telemetry.tracecontext import format_traceparent
@@ -38,16 +38,30 @@ PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "op
                        "openai-organization", "anthropic-version", "x-goog-request-id")
 
 
-def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
-    """The API key from ``Authorization: Bearer <key>`` (or a bare ``<key>``). Raises 401."""
+def presented_key(request: web.Request) -> str:
+    """The client key the request presents: ``Authorization: Bearer <key>`` (or a bare ``<key>``);
+    ``""`` when there is none."""
     header = request.headers.get("Authorization", "").strip()
     if header[:7].lower() == "bearer ":
         header = header[7:].strip()
+    return header
+
+
+def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
+    """The API key the request presents (:func:`presented_key`): the secret is hashed once
+    (SHA-256) and looked up by hash. Raises 401 ``missing_api_key``, ``invalid_api_key``,
+    ``disabled_api_key`` or ``expired_api_key`` (at or after its ``expires_at``)."""
+    header = presented_key(request)
     if not header:
         raise GatewayError(401, "Missing API key in request", "authentication_error", "missing_api_key")
-    key = snap.keys.get(header)
+    key = snap.keys.get(hash_key(header))
     if key is None:
         raise GatewayError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+    if key.disabled:
+        raise GatewayError(401, "This API key is disabled.", "authentication_error", "disabled_api_key")
+    if key.expires_at is not None and time.time() >= key.expires_ts:
+        raise GatewayError(401, f"This API key expired at {key.expires_at}.", "authentication_error",
+                           "expired_api_key")
     return key
 
 
@@ -161,10 +175,11 @@ def upstream_refused_credentials(err: GatewayError, model: Model) -> GatewayErro
 
 def _upstream_failed(request: web.Request, call: Call, err: GatewayError, request_id: str | None) -> None:
     """An upstream call failed with ``err``: mask every secret in its message (it reaches the
-    client, the span and the log), then log one rate-limited line."""
+    client, the span and the log): the provider keys, the admin keys and the request's own client
+    key (the store holds no other client key in plaintext); then log one rate-limited line."""
     gw = request.app[GATEWAY]
     target = call.target
-    secrets = (*gw.holder.current.secrets, target.provider_config.api_key,
+    secrets = (*gw.holder.current.secrets, target.provider_config.api_key, presented_key(request),
                *(k.key for k in gw.config.deployment.admin.admin_key))
     err.message = redact(err.message, secrets)
     call.record.upstream_status = err.upstream_status or 0

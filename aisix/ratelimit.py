@@ -22,7 +22,8 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
   the one that resets later).
 
 Counters live in this process (each gateway node counts on its own), are keyed by the key's
-secret / the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
+id (never its secret, so a key whose limits, allowed models or secret change keeps its counts) /
+the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
 those of a deleted (or deleted and re-created) key or model. Everything runs synchronously on
 the event loop: no lock, no await, O(1) per request.
 """
@@ -212,7 +213,7 @@ class RateLimitHook(Hook):
 
     def __init__(self, holder: SnapshotHolder | None = None, clock: Callable[[], float] = time.time):
         self.clock = clock
-        self.keys: dict[str, Counters] = {}    # by key secret
+        self.keys: dict[str, Counters] = {}    # by key id
         self.models: dict[str, Counters] = {}  # by model name
         if holder is not None:
             holder.on_swap(self.on_swap)
@@ -224,7 +225,7 @@ class RateLimitHook(Hook):
         if krl is None and mrl is None:
             return
         now = self.clock()
-        kc = self._counters(self.keys, key.key, key.id, now) if krl is not None else None
+        kc = self._counters(self.keys, key.id or key.key_hash, key.id, now) if krl is not None else None
         mc = self._counters(self.models, model.name, model.id, now) if mrl is not None else None
         pairs = ((kc, krl), (mc, mrl))
         if (kc is not None and _over(kc, krl)) or (mc is not None and _over(mc, mrl)):
@@ -270,13 +271,16 @@ class RateLimitHook(Hook):
     def on_swap(self, old: Snapshot, new: Snapshot) -> None:
         """Drop the counters of keys and models that are gone (or re-created under a new id).
         A request still in flight keeps its own reference and releases into the dropped counters."""
-        for table, live in ((self.keys, new.keys), (self.models, new.models)):
-            for name in [n for n, c in table.items() if n not in live or live[n].id != c.entity_id]:
-                del table[name]
+        key_ids = {k.id or k.key_hash for k in new.keys.values()}
+        for name in [n for n in self.keys if n not in key_ids]:
+            del self.keys[name]
+        live = new.models
+        for name in [n for n, c in self.models.items() if n not in live or live[n].id != c.entity_id]:
+            del self.models[name]
 
     # -- reads (tests, admin) ----------------------------------------------------------
-    def usage_of_key(self, secret: str) -> Counters | None:
-        return self.keys.get(secret)
+    def usage_of_key(self, key_id: str) -> Counters | None:
+        return self.keys.get(key_id)
 
     def usage_of_model(self, name: str) -> Counters | None:
         return self.models.get(name)

@@ -3,6 +3,7 @@
 Start-up: config → store (load, upsert the file's resources) → telemetry → listeners.
 Shutdown on SIGTERM/SIGINT: stop accepting, let in-flight requests (streams too) finish up to
 ``server.shutdown_grace_ms``, then drain the telemetry batcher and flush both exporters.
+SIGHUP: worker 0 re-reads the config file's ``models``/``apikeys`` (:func:`reload_resources`).
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from . import proxy
-from .config import Config, parse_listen
+from .config import Config, ConfigError, load_config, parse_listen
 from .cors import enable_cors
 from .errors import CLIENT_CLOSED_REQUEST, GatewayError, error_type_for
 from .gateway import GATEWAY, Gateway
 from .hooks import Pipeline
 from .proxy import RECORD
 from .snapshot import SnapshotHolder
-from .store import create_store
+from .store import StoreError, create_store
 from .telemetry import RequestRecord, Telemetry, parse_traceparent, request_id
 from .telemetry.otel import instance_id
 from .telemetry.tracecontext import new_span_id, new_trace_id
@@ -356,8 +357,30 @@ class Server:
         await self.gateway.telemetry.stop()
 
 
+async def reload_resources(gateway: Gateway) -> bool:
+    """Re-read the config file (``gateway.config.source``) and upsert its ``models`` and ``apikeys``
+    into the store, as at start-up (by name / by key; nothing is deleted, nothing else of the file
+    is applied). The new snapshot serves from the next request; requests and connections under way
+    are untouched. A file that no longer loads, or a store that refuses the write, is logged and
+    the current configuration kept. Returns whether the upsert happened."""
+    source = gateway.config.source
+    if source == "embedded default":
+        log.info("SIGHUP: no config file to re-read (embedded default)")
+        return False
+    try:
+        fresh = load_config(source)
+        await gateway.store.seed(fresh.models, fresh.apikeys)
+    except (ConfigError, StoreError) as e:
+        log.error("SIGHUP: keeping the current configuration: %s", e)
+        return False
+    log.warning("SIGHUP: re-read %s: %d models and %d API keys upserted", source, len(fresh.models),
+                len(fresh.apikeys))
+    return True
+
+
 async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool = False) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully. SIGHUP: worker 0 runs
+    :func:`reload_resources`; other workers ignore it (they follow what worker 0 writes)."""
     gateway = await start_gateway(config, worker)
     server = Server(gateway, reuse_port, admin=worker == 0)
     await server.start()  # on failure it has already stopped what it started
@@ -365,6 +388,14 @@ async def serve(config: Config, banner=None, worker: int = 0, reuse_port: bool =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        if worker == 0:
+            task = loop.create_task(reload_resources(gateway))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     if banner:
         banner(gateway)
     if fd := os.environ.pop("AISIX_READY_FD", None):  # tell a --workers supervisor we listen

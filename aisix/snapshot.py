@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
-from .resources import ApiKey, Model
+from .resources import ApiKey, Model, hash_key
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Models by ``name`` and API keys by ``key``; ``revision`` counts swaps; ``secrets`` every
-    provider and client key in it (for :func:`~aisix.redact.redact`)."""
+    """Models by ``name`` and API keys by ``key_hash`` (the SHA-256 of the secret, hex: a presented
+    key is hashed once and looked up with one dict access); ``revision`` counts swaps; ``secrets``
+    every provider key in it (for :func:`~aisix.redact.redact`). Client keys are not among them:
+    the gateway holds only their hashes (the proxy adds the request's own bearer itself)."""
 
     models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))
     keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
@@ -25,10 +27,13 @@ class Snapshot:
     @classmethod
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
         models = MappingProxyType({m.name: m for m in models})
-        keys = MappingProxyType({k.key: k for k in keys})
-        secrets = tuple(k for k in keys) + tuple(t.provider_config.api_key for m in models.values()
-                                                 for t in m.targets if t.provider_config.api_key)
+        keys = MappingProxyType({k.key_hash: k for k in keys})
+        secrets = tuple(t.provider_config.api_key for m in models.values() for t in m.targets if t.provider_config.api_key)
         return cls(models, keys, revision, secrets)
+
+    def key_for(self, secret: str) -> ApiKey | None:
+        """The API key whose secret is ``secret``, or None."""
+        return self.keys.get(hash_key(secret))
 
 
 class SnapshotHolder:

@@ -83,27 +83,73 @@ async def test_models_crud(admin):
     assert "not found" in err["message"]
 
 
+async def _stored_bytes(gw) -> bytes:
+    """Everything the store holds, as the back end keeps it (the file, or every etcd value)."""
+    store = gw.store
+    if hasattr(store, "path"):
+        with open(store.path, "rb") as f:
+            return f.read()
+    rng = await store._get_client().get_prefix(store._root)
+    return b"\n".join(kv.value for kv in rng)
+
+
 async def test_apikeys_crud(admin):
     client, gw = admin
     r = await client.post(f"{BASE}/apikeys", json=KEY, headers=AUTH)
     assert r.status == 201
     created = await r.json()
     kid = created["id"]
-    assert created == {"id": kid, **KEY}  # the client key is what this API manages: returned as is
-    assert gw.holder.current.keys[KEY["key"]].allowed_models == ["gpt"]
+    # the secret is in the response to the write that set it, and nowhere after
+    assert created == {"id": kid, **KEY, "key_prefix": "sk-c"}
+    assert gw.holder.current.key_for(KEY["key"]).allowed_models == ["gpt"]
+    shown = {k: v for k, v in created.items() if k != "key"}
 
     r = await client.get(f"{BASE}/apikeys", headers=AUTH)
-    assert await r.json() == {"total": 1, "list": [created]}
-    r = await client.put(f"{BASE}/apikeys/{kid}", json={**KEY, "allowed_models": []}, headers=AUTH)
-    assert r.status == 200 and (await r.json())["allowed_models"] == []
-    assert gw.holder.current.keys[KEY["key"]].allowed_models == []
+    assert await r.json() == {"total": 1, "list": [shown]}
+    r = await client.get(f"{BASE}/apikeys/{kid}", headers=AUTH)
+    assert await r.json() == shown
+    # a replace without `key` keeps the stored one (a GET → edit → PUT round trip)
+    r = await client.put(f"{BASE}/apikeys/{kid}", json={**shown, "allowed_models": []}, headers=AUTH)
+    assert r.status == 200 and await r.json() == {**shown, "allowed_models": []}
+    assert gw.holder.current.key_for(KEY["key"]).allowed_models == []
     r = await client.put(f"{BASE}/apikeys/k2", json={"key": "sk-2", "allowed_models": ["a", "b"],
                                                      "rate_limit": {"concurrency": 2, "tpd": 1000}}, headers=AUTH)
-    assert r.status == 201
+    assert r.status == 201 and (await r.json())["key"] == "sk-2"
+    # a replace with `key` rotates it: the old secret stops working at once
+    r = await client.put(f"{BASE}/apikeys/{kid}", json={"key": "sk-client-key-0002", "allowed_models": []},
+                         headers=AUTH)
+    assert r.status == 200 and (await r.json())["key"] == "sk-client-key-0002"
+    assert gw.holder.current.key_for(KEY["key"]) is None
+    assert gw.holder.current.key_for("sk-client-key-0002").id == kid
+    stored = await _stored_bytes(gw)
+    assert b"sk-client-key-000" not in stored and b'"sk-2"' not in stored and b"key_hash" in stored
     r = await client.delete(f"{BASE}/apikeys/{kid}", headers=AUTH)
     assert r.status == 200 and await r.json() == {"id": kid, "deleted": True}
-    assert set(gw.holder.current.keys) == {"sk-2"}
+    assert [k.id for k in gw.holder.current.keys.values()] == ["k2"]
     await _error(await client.get(f"{BASE}/apikeys/{kid}", headers=AUTH), 404)
+
+
+async def test_api_key_lifecycle_fields(admin):
+    """``expires_at`` (RFC 3339, offset required) and ``disabled`` are stored and served; the
+    secret never comes back from list or get, and no response carries the stored hash."""
+    client, gw = admin
+    body = {"allowed_models": [], "expires_at": "2030-01-31T12:00:00+02:00", "disabled": True}
+    created = await (await client.post(f"{BASE}/apikeys", json=body, headers=AUTH)).json()
+    key = gw.holder.current.key_for(created["key"])
+    assert key.disabled is True and key.expires_ts == 1896084000.0
+    assert created["key_prefix"] == created["key"][:8]
+    for r in (await client.get(f"{BASE}/apikeys", headers=AUTH), await client.get(f"{BASE}/apikeys/{key.id}", headers=AUTH)):
+        text = await r.text()
+        assert created["key"] not in text and "key_hash" not in text and key.key_hash not in text
+    assert "key_hash" not in json.dumps(created)
+    for bad, words in (("2030-01-31T12:00:00", "offset"), ("2030-01-31", "offset"), ("tomorrow", "RFC 3339"),
+                       ("2030-02-30T00:00:00Z", "valid date-time"), (1896084000, "valid string")):
+        err = await _error(await client.post(f"{BASE}/apikeys", json={**body, "expires_at": bad}, headers=AUTH), 400)
+        assert err["param"] == "expires_at" and words in err["message"], err
+    err = await _error(await client.post(f"{BASE}/apikeys", json={**body, "disabled": "yes"}, headers=AUTH), 400)
+    assert err["param"] == "disabled"
+    err = await _error(await client.post(f"{BASE}/apikeys", json={**body, "key_hash": "0" * 64}, headers=AUTH), 400)
+    assert err["param"] == "key_hash" and "unknown field" in err["message"]
 
 
 async def test_conflicts_are_409_naming_the_field(admin):
@@ -241,7 +287,7 @@ async def test_accepted_api_base_is_served_as_stored(admin, base, stored):
     r = await client.post(f"{BASE}/models", json={"name": "m", "model": "openai/x",
                                                    "provider_config": {"api_base": base}}, headers=AUTH)
     assert r.status == 201, await r.text()
-    assert (await r.json())["provider_config"]["api_base"] == stored
+    assert (await r.json())["provider_config"]["api_base"] == stored.replace("user:pw@", "****@")
     assert gw.holder.current.models["m"].provider_config.api_base == stored
 
 
@@ -250,7 +296,7 @@ async def test_unusual_but_usable_keys_are_accepted_and_served(admin, key):
     client, gw = admin
     r = await client.post(f"{BASE}/apikeys", json={"key": key, "allowed_models": []}, headers=AUTH)
     assert r.status == 201, await r.text()
-    assert key in gw.holder.current.keys
+    assert gw.holder.current.key_for(key) is not None
 
 
 def test_admin_validation_equals_snapshot_validation():
@@ -260,7 +306,7 @@ def test_admin_validation_equals_snapshot_validation():
 
     from pydantic import ValidationError
 
-    from aisix.admin import _validate
+    from aisix.admin import _to_store
     from aisix.errors import GatewayError
     from aisix.resources import SCHEMAS
     rng = random.Random(7)
@@ -280,7 +326,7 @@ def test_admin_validation_equals_snapshot_validation():
             kind = "apikeys"
             doc = {"key": text(4), "allowed_models": [text(2)]}
         try:
-            obj = _validate(kind, doc)
+            obj, _ = _to_store(kind, doc, None)
         except GatewayError as e:
             assert e.status == 400 and e.param
             continue
@@ -371,6 +417,64 @@ async def test_provider_secret_is_masked_and_survives_a_round_trip(admin, caplog
     assert "created model" in caplog.text  # the log does speak, just not secrets
 
 
+UPSTREAM = "https://up.example:8443/v1"
+
+
+async def _put_base(client, got: dict, base: str | None, **pc):
+    config = {k: v for k, v in {**got["provider_config"], "api_base": base, **pc}.items() if v is not None}
+    return await client.put(f"{BASE}/models/{got['id']}", json={**got, "provider_config": config}, headers=AUTH)
+
+
+async def test_masked_provider_key_is_kept_only_for_the_same_upstream(admin):
+    """A PUT that sends the masked ``api_key`` back keeps the stored key while ``api_base`` names
+    the same origin (scheme, host, port); pointing it anywhere else is a 400 asking for the key
+    again, and changes nothing. Before: the stored key followed the request to any host."""
+    client, gw = admin
+    model = {**MODEL, "provider_config": {"api_key": SECRET, "api_base": UPSTREAM}}
+    got = await (await client.post(f"{BASE}/models", json=model, headers=AUTH)).json()
+    for base in ("https://up.example:8443/v2", "https://UP.EXAMPLE:8443/v1", "https://up.example:8443"):
+        r = await _put_base(client, got, base)
+        assert r.status == 200, await r.text()
+        assert gw.holder.current.models["gpt"].provider_config.api_key == SECRET
+    await _put_base(client, got, UPSTREAM)
+    for base in ("https://evil.example:8443/v1", "http://up.example:8443/v1", "https://up.example/v1",
+                 "https://up.example:8444/v1", "https://up.example:8443@evil.example/v1",
+                 "https://up.example.evil.example:8443/v1", None):  # None: the provider's default host
+        err = await _error(await _put_base(client, got, base), 400)
+        assert err["code"] == "invalid_field" and err["param"] == "provider_config.api_key"
+        assert "send the key again" in err["message"] and SECRET not in err["message"]
+        assert gw.store.get("models", got["id"])["provider_config"] == {"api_key": SECRET, "api_base": UPSTREAM}
+    # another provider on its default host is another upstream too
+    no_base = {**MODEL, "name": "ds", "model": "deepseek/deepseek-chat"}
+    ds = await (await client.post(f"{BASE}/models", json=no_base, headers=AUTH)).json()
+    err = await _error(await client.put(f"{BASE}/models/{ds['id']}", json={**ds, "model": "openai/gpt-4o"},
+                                        headers=AUTH), 400)
+    assert err["param"] == "provider_config.api_key"
+    assert (await client.put(f"{BASE}/models/{ds['id']}", json={**ds, "name": "ds2"}, headers=AUTH)).status == 200
+    # the key sent again goes with the new host
+    r = await _put_base(client, got, "https://new.example/v1", api_key="sk-for-the-new-host-0001")
+    assert r.status == 200
+    pc = gw.holder.current.models["gpt"].provider_config
+    assert (pc.api_base, pc.api_key) == ("https://new.example/v1", "sk-for-the-new-host-0001")
+
+
+async def test_credentials_in_api_base_are_masked_and_survive_a_round_trip(admin):
+    client, gw = admin
+    base = "https://user:pa55-word@up.example/v1"
+    model = {**MODEL, "provider_config": {"api_key": SECRET, "api_base": base}}
+    got = await (await client.post(f"{BASE}/models", json=model, headers=AUTH)).json()
+    assert got["provider_config"]["api_base"] == "https://****@up.example/v1"
+    for r in (await client.get(f"{BASE}/models", headers=AUTH), await client.get(f"{BASE}/models/{got['id']}", headers=AUTH)):
+        assert "pa55-word" not in await r.text() and "user:" not in await r.text()
+    got["rate_limit"] = {"rpm": 9}
+    r = await client.put(f"{BASE}/models/{got['id']}", json=got, headers=AUTH)  # both masked values sent back
+    assert r.status == 200 and "pa55-word" not in await r.text()
+    pc = gw.holder.current.models["gpt"].provider_config
+    assert (pc.api_base, pc.api_key) == (base, SECRET)
+    r = await _put_base(client, got, "https://other:cred@up.example/v1")  # new credentials, same origin
+    assert r.status == 200 and gw.holder.current.models["gpt"].provider_config.api_base == "https://other:cred@up.example/v1"
+
+
 # -- OpenAPI ------------------------------------------------------------------------------
 
 async def test_openapi_document_is_valid_and_covers_every_route(client):
@@ -402,12 +506,20 @@ def test_openapi_schemas_accept_and_reject_what_the_api_does():
     assert validator("ApiKey").is_valid({"key": "k", "allowed_models": ["m 1"]})
     assert not validator("ApiKey").is_valid({"key": "k", "allowed_models": [], "extra": 1})
     assert validator("Error").is_valid({"error": {"message": "m", "type": "t", "code": None}})
-    assert validator("ApiKeyCreate").is_valid({"allowed_models": []}) and not validator("ApiKey").is_valid({"allowed_models": []})
+    assert validator("ApiKeyCreate").is_valid({"allowed_models": []}) and validator("ApiKey").is_valid({"allowed_models": []})
+    assert validator("ApiKey").is_valid({"allowed_models": [], "expires_at": "2030-01-01T00:00:00Z", "disabled": True,
+                                         "key_prefix": "sk-abcde", "id": "x"})
+    assert not validator("ApiKey").is_valid({"allowed_models": [], "key_hash": "0" * 64})
+    assert not validator("ApiKey").is_valid({"allowed_models": [], "disabled": "no"})
+    assert "key_hash" not in json.dumps(openapi_document())
 
 
-async def test_put_api_key_without_key_is_400(client):
-    err = await _error(await client.put(f"{BASE}/apikeys/k1", json={"allowed_models": []}, headers=AUTH), 400)
-    assert err["param"] == "key" and "Field required" in err["message"]
+async def test_put_api_key_without_key_generates_one_on_create(admin):
+    client, gw = admin
+    r = await client.put(f"{BASE}/apikeys/k1", json={"allowed_models": []}, headers=AUTH)
+    assert r.status == 201
+    secret = (await r.json())["key"]
+    assert secret.startswith("sk-") and gw.holder.current.key_for(secret).id == "k1"
 
 
 async def test_create_api_key_without_key_generates_one(admin):
@@ -417,6 +529,37 @@ async def test_create_api_key_without_key_generates_one(admin):
     created = await r.json()
     key = created["key"]
     assert key.startswith("sk-") and len(key) >= 30
-    assert gw.holder.current.keys[key].allowed_models == ["gpt"]
+    assert gw.holder.current.key_for(key).allowed_models == ["gpt"]
     r2 = await client.post(f"{BASE}/apikeys", json={"allowed_models": ["gpt"]}, headers=AUTH)
     assert (await r2.json())["key"] != key
+    assert key.encode() not in await _stored_bytes(gw)
+
+
+async def test_deployment_keys_are_masked_and_kept_per_deployment(admin):
+    """A model with deployments: every deployment's ``api_key`` is masked in responses; a GET →
+    PUT round trip keeps each one's stored key; a deployment moved to another host needs its key."""
+    client, gw = admin
+    other = "sk-second-deployment-key-9876"
+    model = {"name": "grp", "deployments": [
+        {"id": "east", "model": "openai/gpt-4o", "provider_config": {"api_key": SECRET, "api_base": UPSTREAM}},
+        {"id": "west", "model": "openai/gpt-4o", "provider_config": {"api_key": other}, "weight": 2}],
+        "routing": {"strategy": "least_busy"}, "fallbacks": ["gpt"]}
+    r = await client.post(f"{BASE}/models", json=model, headers=AUTH)
+    assert r.status == 201, await r.text()
+    got = await r.json()
+    text = json.dumps(got)
+    assert SECRET not in text and other not in text
+    assert [d["provider_config"]["api_key"] for d in got["deployments"]] == ["****" + SECRET[-4:], "****" + other[-4:]]
+    got["deployments"][1]["weight"] = 5
+    r = await client.put(f"{BASE}/models/{got['id']}", json=got, headers=AUTH)
+    assert r.status == 200, await r.text()
+    targets = gw.holder.current.models["grp"].targets
+    assert [t.provider_config.api_key for t in targets] == [SECRET, other]
+    assert gw.holder.current.models["grp"].deployments[1].weight == 5
+    got["deployments"][0]["provider_config"]["api_base"] = "https://evil.example/v1"
+    err = await _error(await client.put(f"{BASE}/models/{got['id']}", json=got, headers=AUTH), 400)
+    assert err["param"] == "deployments.0.provider_config.api_key"
+    assert gw.holder.current.models["grp"].targets[0].provider_config.api_base == UPSTREAM
+    err = await _error(await client.post(f"{BASE}/models", json={"name": "x", "model": "openai/a", "deployments": [
+        {"id": "a", "model": "openai/a"}]}, headers=AUTH), 400)
+    assert "not both" in err["message"]

@@ -7,7 +7,7 @@ import pytest
 from aisix.errors import GatewayError
 from aisix.hooks import Call, Hook, Pipeline
 from aisix.ratelimit import REQUEST_BYTES, RateLimitHook, charged_tokens, duration
-from aisix.resources import ApiKey, Model, RateLimit
+from aisix.resources import ApiKey, Model, RateLimit, hash_key
 from aisix.snapshot import SnapshotHolder
 from aisix.telemetry.records import RequestRecord
 
@@ -23,8 +23,8 @@ class Clock:
         return self.t
 
 
-def key(rl: dict | None = None, secret="sk-test", id="key-1") -> ApiKey:
-    return ApiKey(id=id, key=secret, allowed_models=["m1", "m2"], rate_limit=rl)
+def key(rl: dict | None = None, secret="sk-test", id="key-1", allowed=("m1", "m2")) -> ApiKey:
+    return ApiKey(id=id, key_hash=hash_key(secret), allowed_models=list(allowed), rate_limit=rl)
 
 
 def model(rl: dict | None = None, name="m1", id="model-1") -> Model:
@@ -47,7 +47,7 @@ class Env:
     def call(self, secret="sk-test", name="m1") -> Call:
         snap = self.holder.current
         rec = RequestRecord("POST", "/v1/chat/completions", "/v1/chat/completions", 0, 0)
-        return Call(key=snap.keys[secret], model=snap.models[name], record=rec)
+        return Call(key=snap.key_for(secret), model=snap.models[name], record=rec)
 
     def start(self, **kw) -> Call:
         c = self.call(**kw)
@@ -125,7 +125,7 @@ def test_concurrency_limit(on):
     assert c.response_headers["x-ratelimit-remaining-concurrent"] == "0"
     env.finish(b)
     env.finish(c)
-    counters = env.hook.usage_of_key("sk-test") if on == "key" else env.hook.usage_of_model("m1")
+    counters = env.hook.usage_of_key("key-1") if on == "key" else env.hook.usage_of_model("m1")
     assert counters.in_flight == 0
 
 
@@ -134,7 +134,7 @@ def test_rejected_request_takes_nothing():
     env.one()
     for _ in range(10):
         env.rejected()
-    c = env.hook.usage_of_key("sk-test")
+    c = env.hook.usage_of_key("key-1")
     assert (c.req_minute, c.req_day, c.in_flight) == (1, 1, 0)
 
 
@@ -160,8 +160,8 @@ def test_key_and_model_are_independent_and_the_stricter_shows():
     err = env.rejected(secret="sk-test")
     assert "model `m1`" in err.message and "(rpm): limit 3, used 3" in err.message
     # the key's own count moved only with its own requests: 2 of 5
-    assert env.hook.usage_of_key("sk-test").req_minute == 2
-    assert env.hook.usage_of_key("sk-other").req_minute == 1
+    assert env.hook.usage_of_key("key-1").req_minute == 2
+    assert env.hook.usage_of_key("key-2").req_minute == 1
 
 
 def test_key_rejects_while_the_model_has_room():
@@ -270,7 +270,7 @@ def test_stream_without_usage_is_charged_the_estimate():
     c.state[REQUEST_BYTES] = 100
     c.estimated_completion_tokens = 12
     env.finish(c)
-    assert env.hook.usage_of_key("sk-test").tok_minute == 12 + 25
+    assert env.hook.usage_of_key("key-1").tok_minute == 12 + 25
 
 
 # -- live configuration ------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_limit_change_applies_from_the_next_request_and_keeps_counts():
     env.one()
     env.one()
     env.set({"rpm": 4, "concurrency": 1})
-    assert env.hook.usage_of_key("sk-test").req_minute == 3
+    assert env.hook.usage_of_key("key-1").req_minute == 3
     err = env.rejected()  # 1 in flight already fills the new concurrency of 1
     assert err.code == "concurrency_limit_exceeded"
     env.finish(held)
@@ -294,6 +294,19 @@ def test_limit_change_applies_from_the_next_request_and_keeps_counts():
     assert env.one().response_headers == {}
     env.set({"rpm": 10})
     assert env.one().response_headers["x-ratelimit-remaining-requests"] == "4"
+
+
+def test_counts_follow_the_key_id_through_new_limits_models_and_secret():
+    """Counters are keyed by the key's id, not its secret: a key whose limits, allowed models and
+    even secret change (an Admin API replace) keeps counting where it was."""
+    env = Env({"rpm": 5, "tpm": 100})
+    env.one(tokens=30)
+    env.one(tokens=30)
+    env.set(keys=[key({"rpm": 4, "tpm": 90}, secret="sk-rotated", allowed=("m1",))])
+    h = env.one(secret="sk-rotated", tokens=10).response_headers
+    assert h["x-ratelimit-remaining-requests"] == "1" and h["x-ratelimit-remaining-tokens"] == "30"
+    assert env.hook.usage_of_key("key-1").req_minute == 3 and env.hook.usage_of_key("key-1").tok_minute == 70
+    assert list(env.hook.keys) == ["key-1"]  # no counters under a secret or a hash
 
 
 def test_deletion_drops_counts():
@@ -313,7 +326,7 @@ def test_recreated_under_a_new_id_in_one_swap_starts_fresh():
     env.one()
     env.one()
     env.set(keys=[key({"rpm": 2}, id="key-NEW")])
-    assert env.hook.usage_of_key("sk-test") is None
+    assert env.hook.usage_of_key("key-1") is None
     assert "API key `key-NEW`" in (env.one(), env.one(), env.rejected())[2].message
 
 
@@ -324,9 +337,9 @@ def test_in_flight_call_of_a_deleted_key_releases_harmlessly():
     env.set({"concurrency": 1})
     b = env.start()  # fresh counters: a's slot went with the deleted key
     env.finish(a, tokens=10)  # releases into the dropped counters
-    assert env.hook.usage_of_key("sk-test").in_flight == 1
+    assert env.hook.usage_of_key("key-1").in_flight == 1
     env.finish(b)
-    assert env.hook.usage_of_key("sk-test").in_flight == 0
+    assert env.hook.usage_of_key("key-1").in_flight == 0
 
 
 def test_post_call_runs_once_only():
@@ -334,7 +347,7 @@ def test_post_call_runs_once_only():
     c = env.start()
     env.finish(c)
     env.finish(c)
-    assert env.hook.usage_of_key("sk-test").in_flight == 0
+    assert env.hook.usage_of_key("key-1").in_flight == 0
 
 
 # -- slots come back on every way out ------------------------------------------------------------------
@@ -381,9 +394,9 @@ def test_thousand_cycles_with_errors_leave_concurrency_at_zero():
         finally:
             pipeline.post_call(call, passed)
     assert all(outcomes.values()), outcomes
-    assert env.hook.usage_of_key("sk-test").in_flight == 0
+    assert env.hook.usage_of_key("key-1").in_flight == 0
     assert env.hook.usage_of_model("m1").in_flight == 0
-    assert env.hook.usage_of_key("sk-test").tok_minute == 2 * outcomes["ok"]
+    assert env.hook.usage_of_key("key-1").tok_minute == 2 * outcomes["ok"]
 
 
 def test_duration_format():

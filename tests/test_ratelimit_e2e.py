@@ -51,10 +51,10 @@ class RunningGateway:
         self.hook.clock = clock
 
     def key_counters(self, secret="sk-test"):
-        return self.hook.usage_of_key(secret)
+        return self.hook.usage_of_key(self.key_id(secret))
 
     def key_id(self, secret="sk-test") -> str:
-        return self.gateway.holder.current.keys[secret].id
+        return self.gateway.holder.current.key_for(secret).id
 
     def statuses(self) -> list[int]:
         return [r.status for r in self.records if r.endpoint == CHAT]
@@ -318,7 +318,7 @@ async def test_limits_change_live_and_deletion_drops_counts(start, upstream):
     assert (await post_raw(g.url, chat())).status == 429
 
     await store.delete("apikeys", rid)
-    assert g.key_counters() is None
+    assert g.hook.usage_of_key(rid) is None
     assert (await post_raw(g.url, chat())).status == 401
     await store.put("apikeys", "key-2", {"key": "sk-test", "allowed_models": ["m1"], "rate_limit": {"rpm": 3}})
     r = await post_raw(g.url, chat())

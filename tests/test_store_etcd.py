@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from aisix.config import EtcdConfig
+from aisix.resources import hash_key
 from aisix.snapshot import SnapshotHolder
 from aisix.store import ConflictError, StoreError, StoreUnavailable
 from aisix.store.etcd import EtcdStore
@@ -66,7 +67,7 @@ async def test_loads_everything_under_the_prefix_and_skips_the_rest(etcd, caplog
         await raw.put(b"/aisix2/models/z", _model("neighbour"))    # another prefix: ignored
         async with _store(etcd.endpoint) as store:
             assert set(store.holder.current.models) == {"alpha"}
-            assert set(store.holder.current.keys) == {"sk-1"}
+            assert store.holder.current.key_for("sk-1").id == "k"
             assert store.holder.current.models["alpha"].id == "a"
             assert store.connected or await _until(lambda: store.connected) is not None
     for word in ("bad-json", "bad-schema", "unknown provider", "list"):
@@ -81,7 +82,9 @@ async def test_changes_made_straight_in_etcd_serve_within_a_second(etcd):
         await raw.put(b"/aisix/models/a", _model("alpha", rate_limit={"rpm": 7}))
         await _until(lambda: (m := store.holder.current.models.get("alpha")) and m.rate_limit and m.rate_limit.rpm == 7)
         await raw.put(b"/aisix/apikeys/k", orjson.dumps({"key": "sk-1", "allowed_models": []}))
-        await _until(lambda: "sk-1" in store.holder.current.keys)
+        # a key in plaintext (as an older aisix writes it during a rolling upgrade) serves, hashed
+        await _until(lambda: store.holder.current.key_for("sk-1") is not None)
+        assert "key" not in store.get("apikeys", "k")
         await raw.delete(b"/aisix/models/a")
         assert await _until(lambda: "alpha" not in store.holder.current.models) < 1
         await raw.put(b"/aisix/models/b", b"garbage")  # a bad write changes nothing else
@@ -104,6 +107,47 @@ async def test_local_writes_serve_at_once_and_land_in_etcd_as_json(etcd):
         assert await store.delete("models", "a") is True
         assert "m" not in store.holder.current.models and await raw.get(b"/aisix/models/a") is None
         assert await store.delete("models", "a") is False
+
+
+async def test_plaintext_keys_are_stored_hashed_on_first_start_without_losing_one(etcd):
+    """Keys an older aisix wrote in plaintext: two nodes starting at once both serve every key,
+    etcd ends up holding only hashes (each key rewritten once, never clobbered), and a key edited
+    in etcd between the list and the rewrite keeps the edit."""
+    secrets = {f"k{i}": f"sk-legacy-{i:02d}-abcdefgh" for i in range(12)}
+    async with _raw(etcd) as raw:
+        for rid, secret in secrets.items():
+            await raw.put(f"/aisix/apikeys/{rid}".encode(),
+                          orjson.dumps({"key": secret, "allowed_models": ["m"], "rate_limit": {"rpm": 5}}))
+        before = (await raw.get(b"/aisix/apikeys/k0")).mod_revision
+        a, b = (EtcdStore(EtcdConfig(host=[etcd.endpoint], timeout=2.0), SnapshotHolder()) for _ in range(2))
+        try:
+            await asyncio.gather(a.start(), b.start())  # both list the plaintext keys, both try to rewrite them
+            for store in (a, b):
+                for rid, secret in secrets.items():
+                    key = store.holder.current.key_for(secret)
+                    assert key is not None and key.id == rid and key.rate_limit.rpm == 5
+                assert all("key" not in obj for obj in store.list("apikeys"))
+            values = {kv.key.decode().rsplit("/", 1)[1]: kv for kv in await raw.get_prefix(b"/aisix/apikeys/")}
+            assert set(values) == set(secrets)
+            for rid, kv in values.items():
+                stored = orjson.loads(kv.value)
+                assert "key" not in stored and stored["key_hash"] == hash_key(secrets[rid])
+                assert secrets[rid].encode() not in kv.value
+                assert kv.version == 2  # written once, then hashed once (by one of the two nodes)
+        finally:
+            await asyncio.gather(a.close(), b.close())
+        assert (await raw.get(b"/aisix/apikeys/k0")).mod_revision > before
+
+        # an edit that lands between a node's list and its rewrite wins
+        await raw.put(b"/aisix/apikeys/late", orjson.dumps({"key": "sk-late-key-1234", "allowed_models": []}))
+        store = EtcdStore(EtcdConfig(host=[etcd.endpoint], timeout=2.0), SnapshotHolder())
+        try:
+            await store._relist()
+            await raw.put(b"/aisix/apikeys/late", orjson.dumps({"key": "sk-late-key-1234", "allowed_models": ["m"]}))
+            await store._hash_plaintext_keys()
+        finally:
+            await store.close()
+        assert orjson.loads((await raw.get(b"/aisix/apikeys/late")).value)["allowed_models"] == ["m"]
 
 
 async def test_two_nodes_never_create_the_same_name(etcd):

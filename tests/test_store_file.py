@@ -16,9 +16,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from aisix.resources import hash_key
 from aisix.snapshot import SnapshotHolder
 from aisix.store import ConflictError, StoreError
-from aisix.store.file import FileStore, read_document
+from aisix.store.file import FileStore, encode_document, read_document
 
 ROOT = Path(__file__).resolve().parents[1]
 M = {"name": "m", "model": "mock/m1", "provider_config": {"tokens": 3}}
@@ -44,10 +45,38 @@ async def test_writes_persist_across_restarts(tmp_path, name):
 
     again = await _store(path)
     assert again.get("models", "a") == {**M, "rate_limit": {"rpm": 3}, "id": "a"}
-    assert set(again.holder.current.models) == {"m"} and set(again.holder.current.keys) == {"sk-1"}
+    assert set(again.holder.current.models) == {"m"} and again.holder.current.key_for("sk-1").id == "k"
     assert again.holder.current.models["m"].rate_limit.rpm == 3
     text = path.read_text()
     assert (text.lstrip().startswith("{")) == name.endswith(".json")
+    assert "sk-1" not in text and hash_key("sk-1") in text  # a key given in plaintext is stored hashed
+    await again.close()
+
+
+@pytest.mark.parametrize("name", ["resources.json", "resources.yaml"])
+async def test_a_plaintext_document_is_migrated_on_first_start_without_losing_a_key(tmp_path, name):
+    """A document an older aisix wrote (client keys in plaintext) is rewritten hashed at start-up:
+    every key still authenticates, with its id and settings, and no secret is left on disk."""
+    path = tmp_path / name
+    secrets = {f"id-{i}": f"sk-legacy-{i}-{'x' * i}" for i in range(5)}
+    old = {"models": {"a": M}, "apikeys": {rid: {"key": secret, "allowed_models": ["m"], "rate_limit": {"rpm": 7}}
+                                           for rid, secret in secrets.items()}}
+    path.write_bytes(encode_document(str(path), old))
+    store = await _store(path)
+    snap = store.holder.current
+    for rid, secret in secrets.items():
+        key = snap.key_for(secret)
+        assert key is not None and key.id == rid and key.allowed_models == ["m"] and key.rate_limit.rpm == 7
+        assert store.get("apikeys", rid)["key_prefix"] == secret[:min(8, len(secret) // 4)]
+    await store.close()
+    text = path.read_text()
+    assert not any(secret in text for secret in secrets.values())
+    doc = read_document(str(path))
+    assert not any("key" in obj for obj in doc["apikeys"].values())
+    assert {rid: obj["key_hash"] for rid, obj in doc["apikeys"].items()} == {
+        rid: hash_key(secret) for rid, secret in secrets.items()}
+    again = await _store(path)  # a second start finds nothing to migrate and changes nothing
+    assert path.read_text() == text and len(again.holder.current.keys) == 5
     await again.close()
 
 

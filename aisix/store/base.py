@@ -4,8 +4,12 @@ A store keeps every resource as ``{kind: {id: dict}}`` (kinds: ``models``, ``api
 persists writes its own way, and after each change publishes a new immutable
 :class:`~aisix.snapshot.Snapshot` through the :class:`~aisix.snapshot.SnapshotHolder`.
 
+API keys are kept as :class:`~aisix.resources.ApiKey` stores them: ``key_hash`` (SHA-256) and
+``key_prefix``, never the secret. One written in plaintext by an older aisix is hashed when it is
+read (:func:`hash_plaintext_keys`), and the back ends write it back hashed at start-up.
+
 Writes are serialised by one lock per store and keep each kind's unique field (model
-``name``, key ``key``) unique: a clash raises :class:`ConflictError`. A back end that other
+``name``, key ``key_hash``) unique: a clash raises :class:`ConflictError`. A back end that other
 processes also write (etcd) re-checks against its own fresh copy in :meth:`ConfigStore._write`.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
-from ..resources import SCHEMAS, UNIQUE_FIELD, describe_validation_error
+from ..resources import SCHEMAS, UNIQUE_FIELD, describe_validation_error, stored_api_key
 from ..snapshot import SnapshotHolder
 
 log = logging.getLogger("aisix.store")
@@ -36,9 +40,11 @@ class StoreUnavailable(StoreError):
 
 
 class ConflictError(StoreError):
-    """Another resource already holds this unique value (model ``name``, API key ``key``)."""
+    """Another resource already holds this unique value (model ``name``, API key ``key``);
+    ``field`` is the field the writer set (``key`` for an API key, whose hash is what clashed)."""
 
     def __init__(self, kind: str, field: str, other_id: str):
+        field = "key" if field == "key_hash" else field
         self.kind, self.field, self.other_id = kind, field, other_id
         what = "a model with this name" if kind == "models" else "an API key with this key"
         super().__init__(f"field `{field}`: {what} already exists (id {other_id})")
@@ -51,6 +57,19 @@ def check_unique(kind: str, existing: dict[str, dict], rid: str, obj: dict) -> N
     for other_id, other in existing.items():
         if other_id != rid and other.get(field) == value:
             raise ConflictError(kind, field, other_id)
+
+
+def hash_plaintext_keys(data: dict[str, dict[str, dict]]) -> list[str]:
+    """Replace, in place, every API key of ``data`` (``{kind: {id: dict}}``) stored in plaintext
+    by an older aisix with its hashed shape (:func:`~aisix.resources.stored_api_key`). Returns the
+    ids replaced, so the caller can write them back."""
+    keys = data.get("apikeys", {})
+    done = []
+    for rid, obj in keys.items():
+        if isinstance(obj, dict) and (new := stored_api_key(obj)) is not obj:
+            keys[rid] = new
+            done.append(rid)
+    return done
 
 
 def upsert_id(kind: str, obj: dict) -> ChooseId:
@@ -101,7 +120,7 @@ class ConfigStore(ABC):
         return self.data[kind].get(id)
 
     def find_by_unique(self, kind: str, value: str) -> dict | None:
-        """The resource of ``kind`` whose unique field (model ``name``, key ``key``) is ``value``."""
+        """The resource of ``kind`` whose unique field (model ``name``, key ``key_hash``) is ``value``."""
         field = UNIQUE_FIELD[kind]
         for obj in self.data[kind].values():
             if obj.get(field) == value:
@@ -111,15 +130,18 @@ class ConfigStore(ABC):
     # -- writes -------------------------------------------------------------
     async def put(self, kind: str, id: str, obj: dict) -> bool:
         """Create or replace resource ``id`` (``obj`` already validated). Returns True if created.
-        Raises :class:`ConflictError` if another resource holds its name/key."""
+        Raises :class:`ConflictError` if another resource holds its name/key. An API key given with
+        its plaintext ``key`` is stored hashed."""
+        obj = stored_api_key(obj) if kind == "apikeys" else obj
         async with self._write_lock:
             rid, stored, created = await self._write(kind, lambda _existing: id, obj)
             self._apply(kind, rid, stored)
         return created
 
     async def upsert_by_unique(self, kind: str, obj: dict) -> str:
-        """Upsert by model ``name`` / key ``key`` (the config file's start-up resources). Returns the id.
+        """Upsert by model ``name`` / key ``key_hash`` (the config file's start-up resources). Returns the id.
         Writes nothing when the stored resource is already equal."""
+        obj = stored_api_key(obj) if kind == "apikeys" else obj
         async with self._write_lock:
             rid, stored, _ = await self._write(kind, upsert_id(kind, obj), obj)
             self._apply(kind, rid, stored)
@@ -134,10 +156,12 @@ class ConfigStore(ABC):
         return existed
 
     async def seed(self, models, apikeys) -> None:
-        """Upsert the config file's ``models`` and ``apikeys`` (pydantic objects) by name / key."""
-        for kind, items in (("models", models), ("apikeys", apikeys)):
-            for item in items:
-                await self.upsert_by_unique(kind, item.model_dump(mode="json", exclude_unset=True, exclude={"id"}))
+        """Upsert the config file's ``models`` (:class:`~aisix.resources.Model`) by name and
+        ``apikeys`` (:class:`~aisix.resources.ApiKeyWrite`, ``key`` set) by the key's hash."""
+        for model in models:
+            await self.upsert_by_unique("models", model.model_dump(mode="json", exclude_unset=True, exclude={"id"}))
+        for key in apikeys:
+            await self.upsert_by_unique("apikeys", key.stored(key.key))
 
     async def _write(self, kind: str, choose: ChooseId, obj: dict) -> tuple[str, dict, bool]:
         """Pick the id, check uniqueness, persist. Returns ``(id, stored obj, created)``.

@@ -16,6 +16,10 @@ Uniqueness across nodes: a write reads the kind's keys, checks the name/key, and
 a transaction guarded by "no key of this kind changed since that read" (a range compare on
 ``mod_revision``), retrying on a clash, so two nodes can never create the same name.
 
+API keys an older aisix stored in plaintext are hashed as they are read; ``start`` writes the
+ones it listed back hashed, each in a transaction guarded by its listed ``mod_revision`` (a
+concurrent edit, or another node migrating the same key, wins; its value comes by the watch).
+
 Client: ``aetcd`` (asyncio, pure Python, maintained): it exposes revisions, watch with
 ``start_revision`` and compaction errors, which a resumable watch needs.
 """
@@ -32,7 +36,7 @@ import aetcd.utils
 import orjson
 
 from ..config import EtcdConfig
-from ..resources import SCHEMAS
+from ..resources import SCHEMAS, stored_api_key
 from .base import ChooseId, ConfigStore, StoreError, StoreUnavailable, check_unique
 
 log = logging.getLogger("aisix.store.etcd")
@@ -99,6 +103,7 @@ class EtcdStore(ConfigStore):
         self._task: asyncio.Task | None = None
         self._publish_handle: asyncio.Handle | None = None
         self._need_relist = False
+        self._plaintext: dict[str, int] = {}  # API keys listed in plaintext: id -> mod_revision
 
     # -- life cycle -----------------------------------------------------------
     @property
@@ -122,6 +127,7 @@ class EtcdStore(ConfigStore):
         else:
             raise StoreError(f"etcd unreachable at {self._all_endpoints()} ({'; '.join(errors)}); "
                              "start etcd or fix deployment.etcd.host")
+        await self._hash_plaintext_keys()
         self.publish()
         log.info("etcd store: %d models, %d API keys at revision %d from %s (prefix %s/)",
                  len(self.data["models"]), len(self.data["apikeys"]), self.revision, self.endpoint, self.prefix)
@@ -168,7 +174,9 @@ class EtcdStore(ConfigStore):
         return kind, rid
 
     @staticmethod
-    def _parse_value(kind: str, rid: str, value: bytes) -> dict | None:
+    def _parse_value(kind: str, rid: str, value: bytes, plaintext: list | None = None) -> dict | None:
+        """The stored dict with its ``id``, or None (logged) if it is not a JSON object. An API key
+        in plaintext comes back hashed, its id appended to ``plaintext``."""
         try:
             obj = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -177,7 +185,32 @@ class EtcdStore(ConfigStore):
         if not isinstance(obj, dict):
             log.warning("skipping %s %s: its etcd value is not a JSON object", kind, rid)
             return None
+        if kind == "apikeys" and (hashed := stored_api_key(obj)) is not obj:
+            obj = hashed
+            if plaintext is not None:
+                plaintext.append(rid)
         return {**obj, "id": rid}
+
+    async def _hash_plaintext_keys(self) -> None:
+        """Write back hashed the API keys the last list found in plaintext (each guarded by its
+        listed mod_revision). A failure is logged; the next start tries again."""
+        todo, self._plaintext = self._plaintext, {}
+        client, done = self._get_client(), 0
+        for rid, mod in todo.items():
+            key, obj = self._key("apikeys", rid), self.data["apikeys"].get(rid)
+            if obj is None:
+                continue
+            try:
+                ok, _ = await self._call(client.transaction(
+                    compare=[client.transactions.mod(key) == mod],
+                    success=[client.transactions.put(key, orjson.dumps(obj))], failure=[]))
+            except StoreUnavailable as e:
+                log.error("etcd: could not store API key %s hashed (it stays in plaintext until the next "
+                          "start): %s", rid, e)
+                continue
+            done += ok
+        if done:
+            log.warning("etcd: %d API keys were stored in plaintext; now stored as SHA-256 hashes", done)
 
     # -- list and watch --------------------------------------------------------
     async def _relist(self) -> None:
@@ -188,10 +221,13 @@ class EtcdStore(ConfigStore):
         mods = {}
         for kv in rng:
             where = self._parse_key(kv.key)
+            plaintext: list[str] = []
             if where is not None:
                 mods[kv.key] = kv.mod_revision
-                if (obj := self._parse_value(*where, kv.value)) is not None:
+                if (obj := self._parse_value(*where, kv.value, plaintext)) is not None:
                     data[where[0]][where[1]] = obj
+                    if plaintext:
+                        self._plaintext[where[1]] = kv.mod_revision
         for (kind, rid), local_rev in self._local.items():
             if local_rev > rev:  # written here after the range was served
                 if rid in self.data[kind]:

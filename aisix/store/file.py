@@ -8,6 +8,8 @@ old or the new document, never a torn one. A document that cannot be read or par
 the start with an error naming the file, and is never overwritten.
 
 One process owns the file at a time: ``start`` takes an exclusive ``flock`` on ``PATH.lock``.
+API keys that an older aisix stored in plaintext are hashed at ``start`` and the document is
+written back at once (atomically, as above), before anything is served.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import orjson
 import yaml
 
 from ..resources import SCHEMAS
-from .base import ConfigStore, StoreError, log
+from .base import ConfigStore, StoreError, hash_plaintext_keys, log
 
 #: leftover temp files (from a process killed mid-write) older than this are removed at start, s
 _STALE_TMP_S = 60.0
@@ -122,6 +124,10 @@ class FileStore(ConfigStore):
         self._take_lock()
         self.data = read_document(self.path)
         _remove_stale_temps(self.path)
+        if migrated := hash_plaintext_keys(self.data):
+            await self._save(self.data)
+            log.warning("%s: %d API keys were stored in plaintext; now stored as SHA-256 hashes",
+                        self.path, len(migrated))
         self.publish()
 
     async def close(self) -> None:
@@ -188,6 +194,7 @@ class FileFollower(ConfigStore):
     def _reload(self) -> None:
         self._sig = self._stat()
         self.data = read_document(self.path)
+        hash_plaintext_keys(self.data)  # worker 0 writes them back; never serve a plaintext copy
         self.publish()
 
     async def start(self) -> None:
