@@ -21,8 +21,9 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
   headers show, per kind, the stricter of all the limits that apply (fewest remaining; on a tie
   the one that resets later).
 
-Counters live in this process (each gateway node counts on its own), are keyed by the key's
-secret / the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
+Counters of this hook live in this process (each worker and node counts on its own; with
+``deployment.rate_limit_store.kind: redis`` :mod:`aisix.ratelimit_redis` counts once for all of
+them), are keyed by :func:`key_identity` / the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
 those of a deleted (or deleted and re-created) key or model. Everything runs synchronously on
 the event loop: no lock, no await, O(1) per request.
 """
@@ -194,6 +195,11 @@ def _headers(pairs: tuple, now: float) -> dict[str, str]:
     return h
 
 
+def key_identity(key: ApiKey) -> str:
+    """The opaque string an API key's counts are kept under (every store uses this one)."""
+    return key.key
+
+
 def charged_tokens(call: Call) -> int:
     """Tokens a finished call costs: the usage reported, else the gateway's estimate (see the module doc)."""
     r = call.record
@@ -224,7 +230,7 @@ class RateLimitHook(Hook):
         if krl is None and mrl is None:
             return
         now = self.clock()
-        kc = self._counters(self.keys, key.key, key.id, now) if krl is not None else None
+        kc = self._counters(self.keys, key_identity(key), key.id, now) if krl is not None else None
         mc = self._counters(self.models, model.name, model.id, now) if mrl is not None else None
         pairs = ((kc, krl), (mc, mrl))
         if (kc is not None and _over(kc, krl)) or (mc is not None and _over(mc, mrl)):
@@ -275,8 +281,9 @@ class RateLimitHook(Hook):
                 del table[name]
 
     # -- reads (tests, admin) ----------------------------------------------------------
-    def usage_of_key(self, secret: str) -> Counters | None:
-        return self.keys.get(secret)
+    def usage_of_key(self, identity: str) -> Counters | None:
+        """This process's counters of the key counted under ``identity`` (:func:`key_identity`)."""
+        return self.keys.get(identity)
 
     def usage_of_model(self, name: str) -> Counters | None:
         return self.models.get(name)

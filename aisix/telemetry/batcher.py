@@ -33,7 +33,9 @@ class Telemetry:
     body fully sent), ``aisix_llm_latency_milliseconds{model}`` (upstream call → response
     received), ``aisix_llm_first_token_latency_milliseconds{model}`` (streams only: request start
     → first token), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
-    ``aisix_telemetry_dropped_total``.
+    ``aisix_telemetry_dropped_total``, ``aisix_ratelimit_store_errors_total`` (requests whose
+    rate limits the shared store could not count, and its failed releases and renewals; see
+    :mod:`aisix.ratelimit_redis`).
     """
 
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
@@ -44,6 +46,8 @@ class Telemetry:
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
         self._dropped_reported = 0
+        self.ratelimit_store_errors = 0
+        self._store_errors_reported = 0
         self.processed = 0
         self.tick = tick
         self._task: asyncio.Task | None = None
@@ -67,6 +71,14 @@ class Telemetry:
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
         self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
+        self.store_error_count = meter.create_counter(
+            "aisix_ratelimit_store_errors",
+            description="requests whose rate limits the shared store could not count; failed releases and renewals")
+        self.store_error_count.add(0)
+
+    def count_ratelimit_store_error(self) -> None:
+        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
+        self.ratelimit_store_errors += 1
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
@@ -114,6 +126,9 @@ class Telemetry:
         if self.dropped != self._dropped_reported:
             self.dropped_count.add(self.dropped - self._dropped_reported)
             self._dropped_reported = self.dropped
+        if self.ratelimit_store_errors != self._store_errors_reported:
+            self.store_error_count.add(self.ratelimit_store_errors - self._store_errors_reported)
+            self._store_errors_reported = self.ratelimit_store_errors
         self.processed += n
         return n
 
