@@ -4,13 +4,16 @@
 The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.ratelimit` (whose
 :class:`~aisix.ratelimit.RateLimitHook` this extends), with the counts in Redis:
 
-- **In**: one ``EVALSHA`` of :data:`ADMIT` per request that has limits. Atomically, for the key
-  and the model: read the minute/day request and token counts and the live concurrency leases,
+- **In**: one round trip (``EVALSHA`` of :data:`SYNC`) per request that has limits: atomically, for the key
+  and the model, read the minute/day request and token counts and the live concurrency leases
   and, if no limit is broken, count the request and take a lease. The reply carries the counts
   the headers are made from, so every header (and every 429) shows the cluster-wide figures.
-- **Out**: :data:`RELEASE` gives the lease back and charges the tokens (into the window current
-  then). It is sent by a background task, never awaited by the request; the releases of every
-  request that ended in the same event-loop pass go in one ``EVALSHA``.
+- **Out**: giving the lease back and charging the tokens (into the window current then) is never
+  awaited by the request; it travels in the next ``SYNC`` this process sends (an admission's), or
+  in its own after :data:`RELEASE_DELAY` when no request comes first.
+- **Batched**: every release and admission queued in the same event-loop pass goes in one
+  ``SYNC`` (in order: each admission sees what the ones before it took), so under load one
+  round trip serves many requests.
 - **Concurrency slots are leases**: a sorted-set member per request, scored by its expiry
   (Redis time + ``lease_ttl_ms``), renewed by one ``EVALSHA`` of :data:`RENEW` per process every
   third of the TTL while the request runs. Expired members are dropped before each count, so the
@@ -30,8 +33,8 @@ supported.
 ``on_store_error: allow`` the request is counted on this process's own counters (those of the
 local hook), the outage is logged once, and a probe (``PING`` every :data:`PROBE_INTERVAL` s)
 switches back to shared counting when Redis answers; with ``deny`` the request gets a 429
-``rate_limit_store_unavailable``. Each request not counted in Redis, and each failed release or
-renewal, adds one to ``aisix_ratelimit_store_errors_total``.
+``rate_limit_store_unavailable``. Each request not counted in Redis, and each failed call that
+carried releases or renewals, adds one to ``aisix_ratelimit_store_errors_total``.
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ log = logging.getLogger("aisix.ratelimit")
 
 #: Seconds between probes of an unreachable Redis.
 PROBE_INTERVAL = 0.5
+#: Longest wait of a release for an admission to travel with (s).
+RELEASE_DELAY = 0.001
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
 
@@ -73,57 +78,18 @@ local d = math.floor(m / 1440)
 local sm, sd = ':' .. m, ':' .. d
 """
 
-#: KEYS: entity bases (1 or 2). ARGV: now_ms (-1: TIME), lease TTL ms, lease member (may be ''),
-#: then per entity rpm, rpd, tpm, tpd, concurrency (0: no limit).
-#: Returns {admitted (0|1), now_ms, then per entity: req_minute, req_day, tok_minute, tok_day,
-#: in_flight} — after counting this request when admitted, before (nothing taken) when not.
-ADMIT = _NOW + """
-local ttl, member = tonumber(ARGV[2]), ARGV[3]
-local out, ok = {0, now}, true
-for i, base in ipairs(KEYS) do
-  local a = 3 + (i - 1) * 5
-  local rpm, rpd, tpm, tpd, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
-    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local rm = tonumber(redis.call('GET', base .. ':rm' .. sm) or 0)
-  local rd = tonumber(redis.call('GET', base .. ':rd' .. sd) or 0)
-  local tm = tonumber(redis.call('GET', base .. ':tm' .. sm) or 0)
-  local td = tonumber(redis.call('GET', base .. ':td' .. sd) or 0)
-  local fl = 0
-  if conc > 0 then
-    redis.call('ZREMRANGEBYSCORE', base .. ':c', '-inf', now)
-    fl = redis.call('ZCARD', base .. ':c')
-    if fl >= conc then ok = false end
-  end
-  if (rpm > 0 and rm >= rpm) or (rpd > 0 and rd >= rpd) or (tpm > 0 and tm >= tpm) or (tpd > 0 and td >= tpd) then
-    ok = false
-  end
-  local o = 2 + (i - 1) * 5
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = rm, rd, tm, td, fl
-end
-if not ok then return out end
-out[1] = 1
-for i, base in ipairs(KEYS) do
-  local o = 2 + (i - 1) * 5
-  local k = base .. ':rm' .. sm
-  out[o + 1] = redis.call('INCR', k)
-  redis.call('PEXPIREAT', k, (m + 2) * 60000)
-  k = base .. ':rd' .. sd
-  out[o + 2] = redis.call('INCR', k)
-  redis.call('PEXPIREAT', k, (d + 1) * 86400000 + 60000)
-  if tonumber(ARGV[3 + i * 5]) > 0 then
-    redis.call('ZADD', base .. ':c', now + ttl, member)
-    redis.call('PEXPIRE', base .. ':c', ttl)
-    out[o + 5] = out[o + 5] + 1
-  end
-end
-return out
-"""
-
-#: KEYS: the bases of each release, one after another. ARGV: now_ms (-1: TIME), then per release:
-#: number of bases, lease member ('' : none), tokens to charge.
-RELEASE = _NOW + """
-local k, i = 1, 2
-while i <= #ARGV do
+#: Releases, then admissions, in one call. KEYS: the entity bases (key and/or model) of each
+#: release, then of each admission, one after another. ARGV: now_ms (-1: TIME), lease TTL ms, the
+#: number of releases; per release: its number of bases, its lease member ('' : none), the tokens
+#: to charge (into the window current now); per admission: its number of bases, its lease member,
+#: its limits "rpm rpd tpm tpd concurrency" per base (0: no limit).
+#: Returns {now_ms, then per admission: admitted (0|1), then per base: req_minute, req_day,
+#: tok_minute, tok_day, in_flight} — after counting the request when admitted, before (nothing
+#: taken) when not. Admissions are taken in order: each sees what the ones before it took.
+SYNC = _NOW + """
+local ttl, releases = tonumber(ARGV[2]), tonumber(ARGV[3])
+local k, i = 1, 4
+for _ = 1, releases do
   local n, member, tokens = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
   for j = k, k + n - 1 do
     local base = KEYS[j]
@@ -139,7 +105,52 @@ while i <= #ARGV do
   end
   k, i = k + n, i + 3
 end
-return 0
+local out = {now}
+while i <= #ARGV do
+  local n, member = tonumber(ARGV[i]), ARGV[i + 1]
+  local lim = {}
+  for v in string.gmatch(ARGV[i + 2], '%d+') do lim[#lim + 1] = tonumber(v) end
+  local at, ok = #out + 1, true
+  out[at] = 0
+  for j = 0, n - 1 do
+    local base, l = KEYS[k + j], j * 5
+    local rm = tonumber(redis.call('GET', base .. ':rm' .. sm) or 0)
+    local rd = tonumber(redis.call('GET', base .. ':rd' .. sd) or 0)
+    local tm = tonumber(redis.call('GET', base .. ':tm' .. sm) or 0)
+    local td = tonumber(redis.call('GET', base .. ':td' .. sd) or 0)
+    local fl = 0
+    if lim[l + 5] > 0 then
+      redis.call('ZREMRANGEBYSCORE', base .. ':c', '-inf', now)
+      fl = redis.call('ZCARD', base .. ':c')
+      if fl >= lim[l + 5] then ok = false end
+    end
+    if (lim[l + 1] > 0 and rm >= lim[l + 1]) or (lim[l + 2] > 0 and rd >= lim[l + 2])
+        or (lim[l + 3] > 0 and tm >= lim[l + 3]) or (lim[l + 4] > 0 and td >= lim[l + 4]) then
+      ok = false
+    end
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = rm, rd, tm, td, fl
+  end
+  if ok then
+    out[at] = 1
+    for j = 0, n - 1 do
+      local base, o = KEYS[k + j], at + j * 5
+      local key = base .. ':rm' .. sm
+      out[o + 1] = redis.call('INCR', key)
+      redis.call('PEXPIREAT', key, (m + 2) * 60000)
+      key = base .. ':rd' .. sd
+      out[o + 2] = redis.call('INCR', key)
+      redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000)
+      if lim[j * 5 + 5] > 0 then
+        redis.call('ZADD', base .. ':c', now + ttl, member)
+        redis.call('PEXPIRE', base .. ':c', ttl)
+        out[o + 5] = out[o + 5] + 1
+      end
+    end
+  end
+  k, i = k + n, i + 3
+end
+return out
 """
 
 #: KEYS: the bases of each lease, one after another. ARGV: now_ms (-1: TIME), lease TTL ms, then
@@ -169,14 +180,14 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def _limits(rl: RateLimit) -> tuple[int, int, int, int, int]:
-    return rl.rpm or 0, rl.rpd or 0, rl.tpm or 0, rl.tpd or 0, rl.concurrency or 0
+def _limits(rl: RateLimit) -> str:
+    return f"{rl.rpm or 0} {rl.rpd or 0} {rl.tpm or 0} {rl.tpd or 0} {rl.concurrency or 0}"
 
 
-def _counts(reply: list, i: int) -> Counters:
-    """Entity ``i``'s counts from an :data:`ADMIT` reply, as the local hook's Counters."""
+def _counts(counts: list, i: int) -> Counters:
+    """Entity ``i``'s counts from a request's part of an :data:`ADMIT` reply, as the local hook's Counters."""
     c = Counters(None)
-    c.req_minute, c.req_day, c.tok_minute, c.tok_day, c.in_flight = (int(v) for v in reply[2 + 5 * i:7 + 5 * i])
+    c.req_minute, c.req_day, c.tok_minute, c.tok_day, c.in_flight = counts[5 * i:5 * i + 5]
     return c
 
 
@@ -199,16 +210,17 @@ class RedisRateLimitHook(RateLimitHook):
         # from before a Redis restart fails once; a timeout is never retried (one wait at most)
         self.redis = Redis.from_url(cfg.url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                     retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-        self._admit = self.redis.register_script(ADMIT)
-        self._release = self.redis.register_script(RELEASE)
+        self._script = self.redis.register_script(SYNC)
         self._renew = self.redis.register_script(RENEW)
         self.count_error = count_error
         self.shared = True  # False while Redis is unreachable (then the local counters count)
         #: leases this process holds, renewed while their requests run: member -> entity bases
         self.leases: dict[str, tuple[str, ...]] = {}
-        self._pending: list[tuple[tuple[str, ...], str, int]] = []  # releases for the next flush
-        self._flush: asyncio.Task | None = None
-        self.releasing = 0  # RELEASE calls on their way
+        self._admissions: list = []  # for the next SYNC: (bases, member, limits, future)
+        self._releases: list[tuple[tuple[str, ...], str, int]] = []  # for the next SYNC
+        self._sender: asyncio.Task | None = None  # the SYNC that will take what is queued
+        self._release_timer: asyncio.TimerHandle | None = None
+        self.syncing = 0  # SYNC calls on their way
         self._renewer: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -236,30 +248,35 @@ class RedisRateLimitHook(RateLimitHook):
         super().pre_call(call)
 
     async def _admit_shared(self, call: Call, krl: RateLimit | None, mrl: RateLimit | None) -> None:
-        bases, args, member = [], [self._now_arg(), self.cfg.lease_ttl_ms, ""], ""
+        """Queue this request for the next :data:`SYNC` (every request queued in the same loop pass
+        goes in one call) and make its headers, or its 429, from the counts that come back."""
+        bases, limits, member = [], [], ""
         if krl is not None:
             bases.append(self._base("key", key_identity(call.key), call.key.id))
-            args += _limits(krl)
+            limits.append(_limits(krl))
         if mrl is not None:
             bases.append(self._base("model", call.model.name, call.model.id))
-            args += _limits(mrl)
+            limits.append(_limits(mrl))
         if (krl is not None and krl.concurrency) or (mrl is not None and mrl.concurrency):
             self._seq += 1
-            member = args[2] = f"{self._lease_prefix}{self._seq}"
+            member = f"{self._lease_prefix}{self._seq}"
+        fut = asyncio.get_running_loop().create_future()
+        self._admissions.append((bases, member, " ".join(limits), fut))
+        if self._sender is None:
+            self._sender = self._spawn(self._sync())
         try:
-            reply = await self._admit(bases, args)
-        except _STORE_ERRORS as e:
-            self._lost(e)
-            return self._unshared(call)
+            reply = await fut
         except asyncio.CancelledError:
-            if member:  # the script may have run: give back what it may have taken (best effort)
-                self._queue_release(tuple(bases), member, 0)
+            if member and fut.done() and not fut.cancelled() and fut.result() and fut.result()[0]:
+                self._queue_release(tuple(bases), member, 0)  # admitted as the client went away
             raise
-        now = int(reply[1]) / 1000
-        kc = _counts(reply, 0) if krl is not None else None
-        mc = _counts(reply, len(bases) - 1) if mrl is not None else None
+        if reply is None:  # Redis failed
+            return self._unshared(call)
+        admitted, now, counts = reply
+        kc = _counts(counts, 0) if krl is not None else None
+        mc = _counts(counts, len(bases) - 1) if mrl is not None else None
         pairs = ((kc, krl), (mc, mrl))
-        if not reply[0]:
+        if not admitted:
             self._reject(call, pairs, now)
         bases = tuple(bases)
         if member:
@@ -282,27 +299,61 @@ class RedisRateLimitHook(RateLimitHook):
             self._queue_release(bases, member, tokens)
 
     def _queue_release(self, bases: tuple[str, ...], member: str, tokens: int) -> None:
-        self._pending.append((bases, member, tokens))
-        if self._flush is None:
-            self._flush = self._spawn(self._send_releases())
+        """A release goes with the next :data:`SYNC`: an admission's, or its own after
+        :data:`RELEASE_DELAY` s when no request comes first."""
+        self._releases.append((bases, member, tokens))
+        if self._sender is None and self._release_timer is None:
+            self._release_timer = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._release_due)
 
-    async def _send_releases(self) -> None:
-        """One :data:`RELEASE` for every release queued until this task first runs."""
-        batch, self._pending, self._flush = self._pending, [], None
+    def _release_due(self) -> None:
+        self._release_timer = None
+        if self._releases and self._sender is None:
+            self._sender = self._spawn(self._sync())
+
+    async def _sync(self) -> None:
+        """One :data:`SYNC` with every release and admission queued until this task first runs; each
+        admission's future gets ``(admitted, now_s, counts)``, or None when Redis failed."""
+        admissions, releases = self._admissions, self._releases
+        self._admissions, self._releases, self._sender = [], [], None
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if not self.shared:
-            return  # the leases expire by themselves; the tokens go uncounted
-        keys, args = [], [self._now_arg()]
-        for bases, member, tokens in batch:
+            releases = []  # their leases expire by themselves; their tokens go uncounted
+        keys, args = [], [self._now_arg(), self.cfg.lease_ttl_ms, len(releases)]
+        for bases, member, extra in releases:
             keys += bases
-            args += (len(bases), member, tokens)
-        self.releasing += 1
-        try:
-            await self._release(keys, args)
-        except _STORE_ERRORS as e:
-            self.count_error()
-            self._lost(e)
-        finally:
-            self.releasing -= 1
+            args += (len(bases), member, extra)
+        for bases, member, limits, _ in admissions:
+            keys += bases
+            args += (len(bases), member, limits)
+        reply = None
+        if admissions or releases:
+            self.syncing += 1
+            try:
+                reply = await self._script(keys, args)
+            except _STORE_ERRORS as e:
+                if releases:
+                    self.count_error()
+                self._lost(e)
+            finally:
+                self.syncing -= 1
+                if reply is None:  # failed, or cancelled at shutdown: nobody waits in vain
+                    for *_, fut in admissions:
+                        if not fut.done():
+                            fut.set_result(None)
+        if reply is None:
+            return
+        now, at = int(reply[0]) / 1000, 1
+        for bases, member, _, fut in admissions:
+            n = len(bases)
+            result = (reply[at], now, reply[at + 1:at + 1 + 5 * n])
+            at += 1 + 5 * n
+            if fut.cancelled():  # the client went away while waiting: give back what it got
+                if result[0] and member:
+                    self._queue_release(tuple(bases), member, 0)
+                continue
+            fut.set_result(result)
 
     # -- leases -----------------------------------------------------------------------------
     def _ensure_renewer(self) -> None:
@@ -381,5 +432,7 @@ class RedisRateLimitHook(RateLimitHook):
         for t in (self._renewer, self._probe):
             if t is not None:
                 t.cancel()
+        if self._releases and self._sender is None:
+            self._release_due()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.redis.aclose()
