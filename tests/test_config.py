@@ -26,6 +26,13 @@ def write(tmp_path, text: str):
     ("observability:\n  metrics: {export_interval_ms: -5}\n", "observability.metrics.export_interval_ms", "greater than"),
     ("deployment:\n  config_provider: redis\n", "deployment.config_provider", "'file' or 'etcd'"),
     ("serverr: {}\n", "serverr", "Extra inputs are not permitted"),
+    ("deployment:\n  rate_limit_store: {kind: memcached}\n", "deployment.rate_limit_store.kind", "'local' or 'redis'"),
+    ('deployment:\n  rate_limit_store: {kind: redis, url: "http://x:1"}\n', "deployment.rate_limit_store.url",
+     "redis://, rediss:// or unix://"),
+    ("deployment:\n  rate_limit_store: {on_store_error: maybe}\n", "deployment.rate_limit_store.on_store_error",
+     "'allow' or 'deny'"),
+    ("deployment:\n  rate_limit_store: {lease_ttl_ms: 10}\n", "deployment.rate_limit_store.lease_ttl_ms",
+     "greater than or equal to 100"),
     ('models:\n  - {name: a, model: "openai/x"}\n  - {name: a, model: "openai/y"}\n', "models.1.name", "duplicate"),
 ])
 def test_bad_config_names_file_field_and_fault(tmp_path, text, field, fault):
@@ -34,6 +41,12 @@ def test_bad_config_names_file_field_and_fault(tmp_path, text, field, fault):
         load_config(str(path), env={})
     msg = str(e.value)
     assert str(path) in msg and f"`{field}`" in msg and fault in msg, msg
+
+
+def test_rate_limit_store_defaults_to_local_counters(tmp_path):
+    store = load_config(str(write(tmp_path, "{}\n")), env={}).deployment.rate_limit_store
+    assert (store.kind, store.url, store.key_prefix, store.on_store_error, store.lease_ttl_ms, store.timeout_ms) == \
+        ("local", "redis://127.0.0.1:6379/0", "aisix:", "allow", 10_000, 500)
 
 
 def test_not_yaml_and_missing_file(tmp_path):
