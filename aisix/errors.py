@@ -29,6 +29,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.upstream_status: int | None = None  # what the upstream answered, when this came from it
 
     def body(self) -> dict:
         """The envelope as a dict: ``{"error": {"message", "type", "code"[, "param"]}}``."""

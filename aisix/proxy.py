@@ -19,12 +19,14 @@ from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
 from .ratelimit import REQUEST_BYTES
+from .redact import redact
 from .resources import ApiKey, Model
 from .snapshot import Snapshot
 from .sse import SSEParser
 from .telemetry import RequestRecord, request_id
 from .telemetry.tracecontext import format_traceparent
 from .upstream import UpstreamResponse
+from .upstream_log import upstream_failure
 
 RECORD = web.RequestKey("aisix_record", RequestRecord)
 
@@ -95,10 +97,36 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
             up.close()
         if 400 <= up.status < 600:
             err = provider.error_from_response(up.status, up.headers, data)
-            err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
-            raise err
-        raise upstream_unreachable(f"upstream {call.model.provider} answered HTTP {up.status}")
+            if provider.refused_credentials(up.status, err):
+                err = upstream_refused_credentials(err, call.model)
+        else:
+            err = upstream_unreachable(f"upstream {call.model.provider} answered HTTP {up.status}")
+        err.upstream_status = up.status
+        err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
+        raise err
     return up
+
+
+def upstream_refused_credentials(err: GatewayError, model: Model) -> GatewayError:
+    """An upstream 401/403/407: the *gateway's* provider credentials were refused, not the client's
+    key. Same status, but code ``upstream_auth_failed`` and a message that says so (the upstream's
+    after it); the gateway's own 401s say ``missing_api_key``/``invalid_api_key``. Counted in
+    ``aisix_upstream_error_count_total{upstream_status}`` and logged."""
+    return GatewayError(err.status, f"The upstream provider `{model.provider}` refused the gateway's credentials "
+                        f"for model `{model.name}` (not your API key; tell the gateway's operator): {err.message}",
+                        err.type, "upstream_auth_failed", err.headers, err.param)
+
+
+def _upstream_failed(request: web.Request, call: Call, err: GatewayError, request_id: str | None) -> None:
+    """An upstream call failed with ``err``: mask every secret in its message (it reaches the
+    client, the span and the log), then log one rate-limited line."""
+    gw = request.app[GATEWAY]
+    secrets = (*gw.holder.current.secrets, call.model.provider_config.api_key,
+               *(k.key for k in gw.config.deployment.admin.admin_key))
+    err.message = redact(err.message, secrets)
+    call.record.upstream_status = err.upstream_status or 0
+    upstream_failure(call.model.name, call.model.provider, call.model.model_id, err.status, err.code,
+                     err.upstream_status, request_id, err.message)
 
 
 async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, Provider, dict]:
@@ -150,6 +178,8 @@ async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamRespons
     try:
         return await go()
     except GatewayError as e:
+        if call.record.llm_start_ns:  # the upstream was called: this is its failure
+            _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
         e.headers = {**call.response_headers, **e.headers}
         raise
     finally:
@@ -288,10 +318,11 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                 out = out or await _start_stream(request, up, call)
                 await out.write(end)
         if error is not None:
-            rec.error = error.message
             if out is None:
-                raise error
-            rec.status = error.status
+                raise error  # nothing sent yet: a JSON error with the status it stands for
+            _upstream_failed(request, call, error, up.headers.get("x-request-id"))
+            rec.error = error.message
+            rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
             await out.write(error.sse_event())
         elif out is None:
             out = await _start_stream(request, up, call)

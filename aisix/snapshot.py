@@ -14,16 +14,21 @@ from .resources import ApiKey, Model
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Models by ``name`` and API keys by ``key``; ``revision`` counts swaps."""
+    """Models by ``name`` and API keys by ``key``; ``revision`` counts swaps; ``secrets`` every
+    provider and client key in it (for :func:`~aisix.redact.redact`)."""
 
     models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))
     keys: Mapping[str, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     revision: int = 0
+    secrets: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
-        return cls(MappingProxyType({m.name: m for m in models}),
-                   MappingProxyType({k.key: k for k in keys}), revision)
+        models = MappingProxyType({m.name: m for m in models})
+        keys = MappingProxyType({k.key: k for k in keys})
+        secrets = tuple(k for k in keys) + tuple(m.provider_config.api_key for m in models.values()
+                                                 if m.provider_config.api_key)
+        return cls(models, keys, revision, secrets)
 
 
 class SnapshotHolder:

@@ -70,6 +70,7 @@ class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
                         "end_ns": sp.end_time_unix_nano,
                         "attributes": _attrs(sp.attributes),
                         "status_code": sp.status.code,
+                        "status_message": sp.status.message,
                         "events": [e.name for e in sp.events],
                     })
         with self._cond:

@@ -415,7 +415,12 @@ def test_e2e_errors(gw, emu, status, atype, exc, stream):
         gw.client().chat.completions.create(model="m", messages=[USER], stream=stream)
     assert e.value.status_code == status
     otype = "api_error" if atype == "overloaded_error" else atype
-    assert e.value.body == {"message": f"upstream says {status}", "type": otype, "code": atype}
+    if status in (401, 403):  # the provider refused the gateway's key: told apart from the client's own
+        assert e.value.body == {"message": "The upstream provider `anthropic` refused the gateway's credentials for "
+                                f"model `m` (not your API key; tell the gateway's operator): upstream says {status}",
+                                "type": otype, "code": "upstream_auth_failed"}
+    else:
+        assert e.value.body == {"message": f"upstream says {status}", "type": otype, "code": atype}
     if status == 429:
         assert e.value.response.headers["retry-after"] == "7"
     d.expect_status(1)
@@ -424,7 +429,8 @@ def test_e2e_errors(gw, emu, status, atype, exc, stream):
 def test_e2e_wrong_upstream_key_is_401(gw):
     with pytest.raises(openai.AuthenticationError) as e:
         gw.client().chat.completions.create(model="m-badkey", messages=[USER])
-    assert e.value.body["message"] == "invalid x-api-key"
+    assert e.value.body["code"] == "upstream_auth_failed"
+    assert e.value.body["message"].endswith("(not your API key; tell the gateway's operator): invalid x-api-key")
 
 
 @pytest.mark.parametrize("stream", [False, True])

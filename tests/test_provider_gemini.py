@@ -460,17 +460,23 @@ def test_e2e_errors(gw, emu, status, gstatus, exc, stream):
     with pytest.raises(exc) as e:
         gw.client().chat.completions.create(model="m", messages=[USER], stream=stream)
     assert e.value.status_code == status
-    assert e.value.body["message"] == f"upstream says {status}" and e.value.body["code"] == gstatus
+    if status in (401, 403):  # the provider refused the gateway's key: told apart from the client's own
+        assert e.value.body["code"] == "upstream_auth_failed" and "not your API key" in e.value.body["message"]
+        assert e.value.body["message"].endswith(f": upstream says {status}")
+    else:
+        assert e.value.body["message"] == f"upstream says {status}" and e.value.body["code"] == gstatus
     if status == 429:  # from the body's google.rpc.RetryInfo ("7s")
         assert e.value.response.headers["retry-after"] == "7"
     d.expect_status(1)
 
 
 def test_e2e_wrong_upstream_key(gw):
+    """Gemini answers a wrong key with 400 API_KEY_INVALID: the client learns it is the gateway's key."""
     with pytest.raises(openai.BadRequestError) as e:
         gw.client().chat.completions.create(model="m-badkey", messages=[USER])
-    assert e.value.body == {"message": "API key not valid. Please pass a valid API key.",
-                            "type": "invalid_request_error", "code": "INVALID_ARGUMENT"}
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["code"] == "upstream_auth_failed"
+    assert "refused the gateway's credentials" in e.value.body["message"]
+    assert e.value.body["message"].endswith(": API key not valid. Please pass a valid API key.")
 
 
 @pytest.mark.parametrize("stream", [False, True])

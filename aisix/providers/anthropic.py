@@ -32,6 +32,7 @@ from ..errors import GatewayError, error_type_for, invalid_request
 from ..resources import Model
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Provider, StreamDecoder, Usage
+from .errors import retry_headers
 from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
                         function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
                         json_text, load_object, malformed, max_tokens_of, message_of, opt_dict, opt_list,
@@ -276,7 +277,7 @@ class AnthropicProvider(Provider):
             return error_envelope(self.name, status, headers, body)
         atype = err.get("type") if isinstance(err.get("type"), str) else None
         etype = atype if atype in _SAME_TYPES else error_type_for(status)
-        hdrs = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else {}
+        hdrs = retry_headers(headers)
         message = err["message"] or f"upstream {self.name} answered HTTP {status}"
         return GatewayError(status, message, etype, atype, hdrs)
 

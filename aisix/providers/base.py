@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import orjson
 
-from ..errors import GatewayError, error_type_for
+from ..errors import GatewayError
 from ..resources import Model
 from ..sse import SSEEvent
 from ..upstream import UpstreamPool, UpstreamRequest, UpstreamResponse
+from .errors import error_envelope
 
 
 #: Token counts at or above this (2**40, ~1.1e12 tokens) are taken as malformed usage.
@@ -120,32 +120,14 @@ class Provider:
         raise NotImplementedError
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> GatewayError:
-        """An upstream 4xx/5xx as an OpenAI error with the same status (``Retry-After`` kept).
-        A body that is not a JSON error (HTML, text) becomes a generic message; a 5xx stays a 5xx."""
-        message, etype, code = None, error_type_for(status), None
-        try:
-            doc = orjson.loads(body)
-            err = doc.get("error") if isinstance(doc, dict) else None
-            if isinstance(err, dict):
-                message = err.get("message")
-                etype = err.get("type") if isinstance(err.get("type"), str) else etype
-                code = err.get("code")
-                if code is not None and not isinstance(code, (str, int)):
-                    code = orjson.dumps(code).decode()  # JSON, never a Python repr
-            elif isinstance(err, str):
-                message = err
-            elif isinstance(doc, dict) and isinstance(doc.get("message"), str):
-                message = doc["message"]
-        except (orjson.JSONDecodeError, AttributeError):
-            pass
-        if not isinstance(message, str) or not message:
-            message = f"upstream {self.name} answered HTTP {status}"
-        if code is not None and not isinstance(code, str):
-            code = str(code)
-        hdrs = {}
-        if "retry-after" in headers:
-            hdrs["Retry-After"] = headers["retry-after"]
-        return GatewayError(status, message, etype, code, hdrs)
+        """An upstream 4xx/5xx as an OpenAI error with the same status, whole and with its retry
+        hints (:func:`~aisix.providers.errors.error_envelope`); a 5xx stays a 5xx."""
+        return error_envelope(self.name, status, headers, body)
+
+    def refused_credentials(self, status: int, err: GatewayError) -> bool:
+        """Whether the upstream's error says it refused the *gateway's* provider credentials
+        (401/403/407 here; a provider whose API answers a bad key otherwise says so)."""
+        return status in (401, 403, 407)
 
     async def send(self, pool: UpstreamPool, req: UpstreamRequest, model: Model) -> UpstreamResponse:
         """Make the call. The default goes over HTTP through ``pool``; the mock overrides it."""

@@ -44,6 +44,7 @@ from ..resources import Model
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Provider, StreamDecoder, Usage
 from .gemini_embed import batch_embed_request, embeddings_to_openai
+from .errors import retry_headers
 from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
                         function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
                         json_text, load_object, malformed, max_tokens_of, message_of, new_chat_id, opt_dict,
@@ -328,14 +329,21 @@ class GeminiProvider(Provider):
         err = doc.get("error") if isinstance(doc, dict) else None
         if not isinstance(err, dict) or not isinstance(err.get("message"), str):
             return error_envelope(self.name, status, headers, body)
-        hdrs = {}
-        if "retry-after" in headers:
-            hdrs["Retry-After"] = headers["retry-after"]
-        elif (delay := _retry_delay(err.get("details"))) is not None:
+        hdrs = retry_headers(headers)
+        delay = _retry_delay(err.get("details"))
+        if delay is not None and not any(name.lower() == "retry-after" for name in hdrs):
             hdrs["Retry-After"] = delay
         code = err.get("status") if isinstance(err.get("status"), str) else None
+        if any(isinstance(d, dict) and d.get("reason") == "API_KEY_INVALID"
+               for d in (err.get("details") if isinstance(err.get("details"), list) else ())):
+            code = "API_KEY_INVALID"  # a 400 that is the provider key's fault (google.rpc.ErrorInfo reason)
         message = err["message"] or f"upstream {self.name} answered HTTP {status}"
         return GatewayError(status, message, error_type_for(status), code, hdrs)
+
+    def refused_credentials(self, status: int, err: GatewayError) -> bool:
+        """Gemini answers a bad API key with 400 ``INVALID_ARGUMENT`` (reason ``API_KEY_INVALID``,
+        https://ai.google.dev/gemini-api/docs/troubleshooting), 403 ``PERMISSION_DENIED`` for a key without access."""
+        return super().refused_credentials(status, err) or err.code == "API_KEY_INVALID"
 
 
 def _retry_delay(details) -> str | None:

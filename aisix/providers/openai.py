@@ -13,6 +13,7 @@ from ..resources import Model
 from ..sse import SSEEvent
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Provider, StreamDecoder, Usage
+from .errors import error_fields, json_text, status_of_error_event
 
 _DELTA_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal", "tool_calls", "function_call")
 
@@ -34,14 +35,17 @@ def delta_has_output(choices) -> bool:
 
 
 def error_from_event(err, name: str) -> GatewayError:
-    """An upstream mid-stream error object as a 502 GatewayError (the status the failure would have had)."""
-    if isinstance(err, dict):
-        msg = err.get("message") or f"upstream {name} reported an error mid-stream"
-        code = err.get("code")
-        etype = err.get("type") if isinstance(err.get("type"), str) else "api_error"
-    else:
-        msg, code, etype = str(err) or "upstream error", None, "api_error"
-    return GatewayError(502, str(msg), etype, None if code is None else str(code))
+    """An upstream error object sent as a stream event, as a GatewayError whole (message, type,
+    param, code) with the status it stands for (:func:`~aisix.providers.errors.status_of_error_event`:
+    a 400 ``invalid_request_error`` is a 400, a rate limit a 429, 502 when it can't be told). That
+    status answers the client when no byte was sent yet; after that, the stream ends with it."""
+    message, etype, param, code = error_fields(err)
+    if not message and err is not None and not isinstance(err, (dict, str)):
+        message = json_text(err)
+    e = GatewayError(status_of_error_event(err), message or f"upstream {name} reported an error mid-stream",
+                     etype or "api_error", code, param=param)
+    e.upstream_status = 200
+    return e
 
 
 def _null_or_absent(data: bytes, key: bytes) -> bool:
@@ -131,6 +135,11 @@ class OpenAIProvider(Provider):
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise upstream_unreachable(f"upstream {self.name} sent a body that is not JSON") from e
+        if isinstance(obj, dict) and obj.get("error") is not None and "choices" not in obj:
+            e = error_from_event(obj["error"], self.name)  # a 200 whose body is an error: keep its message
+            e.status = 502
+            e.message = f"upstream {self.name} answered 200 with an error: {e.message}"
+            raise e
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) and not isinstance(obj.get("data") if isinstance(obj, dict) else None, list):
             raise upstream_unreachable(f"upstream {self.name} sent a body of an unexpected shape")

@@ -28,6 +28,7 @@ import orjson
 from ..errors import GatewayError, error_type_for, invalid_request, upstream_unreachable
 from ..sse import SSEEvent
 from .base import StreamDecoder, Usage
+from .errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
 
 DONE = b"data: [DONE]\n\n"
 
@@ -72,50 +73,11 @@ def guard_response(fn):
     return wrapper
 
 
-def json_text(v) -> str:
-    """An upstream error's ``message``/``code`` as text: a string as it is, anything else as its
-    JSON encoding (never a Python repr)."""
-    if isinstance(v, str):
-        return v
-    try:
-        return orjson.dumps(v).decode()
-    except TypeError:  # orjson.JSONEncodeError: only for what orjson.loads cannot produce
-        return ""
-
-
 def shown(v, limit: int = 64) -> str:
     """A client's value quoted in an error message: a string as it is, anything else as JSON,
     cut to ``limit`` characters (never a Python repr)."""
     text = json_text(v) if v is not None else "null"
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def error_envelope(provider: str, status: int, headers, body: bytes) -> GatewayError:
-    """An upstream 4xx/5xx whose body is not the provider's own error shape: an OpenAI-style
-    ``{"error": {...}}`` is used if present, else a generic message; same status either way,
-    ``Retry-After`` kept. ``code`` and ``message`` are strings (JSON text if the upstream sent
-    something else), never Python reprs."""
-    message, etype, code = None, error_type_for(status), None
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        doc = None
-    err = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(err, dict):
-        message = err.get("message")
-        if isinstance(err.get("type"), str) and err["type"]:
-            etype = err["type"]
-        code = err.get("code")
-    elif isinstance(err, str):
-        message = err
-    elif isinstance(doc, dict):
-        message = doc.get("message")
-    message = json_text(message) if message is not None else ""
-    if not message:
-        message = f"upstream {provider} answered HTTP {status}"
-    code = (json_text(code) or None) if code is not None else None
-    hdrs = {"Retry-After": headers["retry-after"]} if "retry-after" in headers else {}
-    return GatewayError(status, message, etype, code, hdrs)
 
 
 def guard_error(fn):
@@ -401,6 +363,8 @@ class ChunkDecoder(StreamDecoder):
         raise NotImplementedError
 
     def stream_error(self, message: str, etype: str, code: str | None) -> None:
-        """An error the upstream sent mid-stream: the proxy ends the stream with it (502)."""
-        self.error = GatewayError(502, message or f"upstream {self.provider} reported an error mid-stream",
-                                  etype, code)
+        """An error the upstream sent in the stream: the proxy answers with the status it stands for
+        when nothing was sent yet, else ends the stream with it (measured 502)."""
+        self.error = GatewayError(status_of_error_event({"type": etype, "code": code}),
+                                  message or f"upstream {self.provider} reported an error mid-stream", etype, code)
+        self.error.upstream_status = 200

@@ -68,6 +68,9 @@ class Telemetry:
             "aisix_llm_first_token_latency", unit="ms", description="streams: request start to first token")
         self.admin_request_count = meter.create_counter(
             "aisix_admin_request_count", description="Admin API requests processed (not in aisix_request_count)")
+        self.upstream_error_count = meter.create_counter(
+            "aisix_upstream_error_count", description="failed upstream calls, by model and what the upstream "
+            "answered (upstream_status: its HTTP status, 200 for an error in a stream, none when it did not answer)")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry records dropped because the queue was full")
         self.dropped_count.add(0)  # the series exists (at 0) before anything is dropped
@@ -115,14 +118,17 @@ class Telemetry:
         q = self.queue
         requests: Counter = Counter()
         tokens: Counter = Counter()
+        upstream_errors: Counter = Counter()
         while q and (limit is None or n < limit):
-            self._record(q.popleft(), requests, tokens)
+            self._record(q.popleft(), requests, tokens, upstream_errors)
             n += 1
         for (admin, method, endpoint, status), count in requests.items():
             counter = self.admin_request_count if admin else self.request_count
             counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
         for (model, kind), count in tokens.items():
             self.token_count.add(count, {"model": model, "type": kind})
+        for (model, upstream_status), count in upstream_errors.items():
+            self.upstream_error_count.add(count, {"model": model, "upstream_status": upstream_status})
         if self.dropped != self._dropped_reported:
             self.dropped_count.add(self.dropped - self._dropped_reported)
             self._dropped_reported = self.dropped
@@ -132,7 +138,7 @@ class Telemetry:
         self.processed += n
         return n
 
-    def _record(self, r: RequestRecord, requests: Counter, tokens: Counter) -> None:
+    def _record(self, r: RequestRecord, requests: Counter, tokens: Counter, upstream_errors: Counter) -> None:
         status = str(r.status)
         requests[(r.admin, r.method, r.endpoint, status)] += 1
         if r.admin:  # the control plane: its own counter and its span, none of the proxy's series
@@ -148,6 +154,8 @@ class Telemetry:
                 self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs)
             if r.first_token_ns and r.stream:
                 self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
+            if r.upstream_status is not None:
+                upstream_errors[(model, str(r.upstream_status) if r.upstream_status else "none")] += 1
             if r.total_tokens is not None:
                 tokens[(model, "prompt")] += r.prompt_tokens
                 tokens[(model, "completion")] += r.completion_tokens
@@ -175,6 +183,8 @@ class Telemetry:
                 attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
             if r.finish_reasons:
                 attrs["gen_ai.response.finish_reasons"] = list(r.finish_reasons)
+            if r.upstream_status is not None:
+                attrs["aisix.upstream.status_code"] = r.upstream_status
         status = Status(StatusCode.UNSET)
         if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
             status = Status(StatusCode.ERROR, r.error or None)

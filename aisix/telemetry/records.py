@@ -22,7 +22,7 @@ class RequestRecord:
                  "model", "provider", "request_model", "response_model", "operation", "stream",
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
-                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin")
+                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -51,6 +51,7 @@ class RequestRecord:
         self.trace_flags = 1
         self.error: str | None = None
         self.admin = False  # an Admin API request: counted apart from the proxy's seed series
+        self.upstream_status: int | None = None  # a failed upstream call: what it answered (0: nothing)
 
     def set_usage(self, prompt: int, completion: int, total: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
