@@ -23,8 +23,8 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
 
 Counters of this hook live in this process (each worker and node counts on its own; with
 ``deployment.rate_limit_store.kind: redis`` :mod:`aisix.ratelimit_redis` counts once for all of
-them), are keyed by :func:`key_identity` / the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
-those of a deleted (or deleted and re-created) key or model. Everything runs synchronously on
+them), are keyed by :func:`key_identity` / the model's name, and survive a change of limits;
+:meth:`RateLimitHook.on_swap` drops those of a deleted (or deleted and re-created) key or model. Everything runs synchronously on
 the event loop: no lock, no await, O(1) per request.
 """
 from __future__ import annotations
