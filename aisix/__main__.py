@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config, creds = embedded_default(args.data_dir)
         if args.listen:
-            config.server.proxy = Listen(listen=args.listen)
+            config.server.proxy = config.server.proxy.model_copy(update={"listen": Listen(listen=args.listen).listen})
         if args.admin_listen:
-            config.server.admin = Listen(listen=args.admin_listen)
+            config.server.admin = config.server.admin.model_copy(update={"listen": Listen(listen=args.admin_listen).listen})
     except (ConfigError, ValueError) as e:
         print(f"aisix: {e}", file=sys.stderr)
         return 2

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .resources import ApiKey, Model, new_client_key
 
@@ -64,8 +65,37 @@ class Listen(_Strict):
         return v
 
 
+class CorsConfig(_Strict):
+    """CORS for browser clients on the proxy listener (https://fetch.spec.whatwg.org/#http-cors-protocol)."""
+
+    allow_origins: list[str] = Field(..., min_length=1, description='origins allowed, e.g. "https://app.example.com", '
+                                     'or "*" for any')
+    allow_headers: list[str] = Field(["*"], description="request headers a browser may send (preflight)")
+    expose_headers: list[str] = Field(["*"], description="response headers a browser script may read")
+    allow_credentials: bool = Field(False, description="let browsers send cookies/HTTP auth (never with `*`)")
+    max_age_s: int = Field(600, ge=0, description="how long a browser may cache a preflight answer, s")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if o != "*" and not re.fullmatch(r"https?://[^/\s?#]+", o):
+                raise ValueError(f'`{o}` is not an origin (scheme://host[:port], no path) or "*"')
+        return v
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any(self) -> "CorsConfig":
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError('allow_credentials needs explicit origins, not "*" (the Fetch standard forbids it)')
+        return self
+
+
+class ProxyListen(Listen):
+    cors: CorsConfig | None = Field(None, description="off unless set")
+
+
 class ServerConfig(_Strict):
-    proxy: Listen = Listen(listen="127.0.0.1:3000")
+    proxy: ProxyListen = ProxyListen(listen="127.0.0.1:3000")
     admin: Listen = Listen(listen="127.0.0.1:3001")
     shutdown_grace_ms: int = Field(30_000, ge=0, description="in-flight requests get this long after SIGTERM, ms")
 

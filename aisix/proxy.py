@@ -8,6 +8,7 @@ server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from time import perf_counter_ns
 
@@ -18,17 +19,18 @@ from .errors import GatewayError, invalid_request, upstream_unreachable
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
-from .ratelimit import REQUEST_BYTES
+from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
 from .redact import redact
+from .relay import StreamRelay
 from .resources import ApiKey, Model
 from .snapshot import Snapshot
-from .sse import SSEParser
 from .telemetry import RequestRecord, request_id
 from .telemetry.tracecontext import format_traceparent
 from .upstream import UpstreamResponse
 from .upstream_log import upstream_failure
 
 RECORD = web.RequestKey("aisix_record", RequestRecord)
+log = logging.getLogger("aisix.proxy")
 
 #: Upstream response headers worth passing back; hop-by-hop and framing headers never are.
 PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "openai-version",
@@ -58,6 +60,12 @@ async def read_json_object(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", "invalid_json")
     return body
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a ``Content-Type`` value, lower-cased and without parameters
+    (``Text/Event-Stream; Charset=UTF-8`` → ``text/event-stream``; RFC 9110 §8.3.1: case-insensitive)."""
+    return content_type.partition(";")[0].strip().lower()
 
 
 def resolve_model(body: dict, key: ApiKey, snap: Snapshot, rec: RequestRecord) -> Model:
@@ -162,7 +170,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     async def go() -> web.StreamResponse:
         upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
-        up = await _call_upstream(request, call, provider, upreq)
+        try:
+            up = await _call_upstream(request, call, provider, upreq)
+        except GatewayError as e:
+            if not (stream and provider.refused_stream_options(call.model, e)):
+                raise
+            log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
+                     call.model.name, e.status)
+            upreq = provider.chat_request(call.model, body, stream, _upstream_headers(call.record))
+            up = await _call_upstream(request, call, provider, upreq)
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
         return await _whole(up, call, provider.chat_response)
@@ -203,26 +219,22 @@ async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
                         headers=_passthrough(up, call.response_headers))
 
 
-#: An upstream event larger than this (bytes, still without its blank line) ends the stream (502).
-MAX_EVENT_BYTES = 16 * 1024 * 1024
-
-
 class _IdleWatch:
     """Closes the upstream when no data event came for ``idle_ms``; one timer per idle period,
-    re-armed lazily (the hot path only stores ``last``, a perf_counter_ns stamp)."""
+    re-armed lazily (the hot path only stores the relay's ``last_data_ns``, a perf_counter_ns stamp)."""
 
-    __slots__ = ("up", "idle_ns", "last", "fired", "handle", "loop")
+    __slots__ = ("up", "relay", "idle_ns", "fired", "handle", "loop")
 
-    def __init__(self, up: UpstreamResponse, idle_ms: int):
+    def __init__(self, up: UpstreamResponse, relay: StreamRelay, idle_ms: int):
         self.up = up
+        self.relay = relay
         self.idle_ns = idle_ms * 1_000_000
-        self.last = perf_counter_ns()
         self.fired = False
         self.loop = asyncio.get_running_loop()
         self.handle = self.loop.call_later(idle_ms / 1000, self._check)
 
     def _check(self) -> None:
-        left = self.last + self.idle_ns - perf_counter_ns()
+        left = self.relay.last_data_ns + self.idle_ns - perf_counter_ns()
         if left > 0:
             self.handle = self.loop.call_later(left / 1e9, self._check)
             return
@@ -235,114 +247,86 @@ class _IdleWatch:
 
 async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
                        call: Call) -> web.StreamResponse:
-    """Relay the upstream's SSE events to the client as they arrive, byte for byte.
+    """Relay the upstream's SSE events to the client as they arrive: the IO around the sans-IO
+    :class:`~aisix.relay.StreamRelay`, which makes every protocol decision.
 
-    Events are framed by :class:`~aisix.sse.SSEParser` only to find their ends; each complete
-    event goes out in the same write as the others of its read. The first token is stamped here.
-    A failure after the 200 went out ends the stream with one OpenAI-shaped error event (no
-    ``[DONE]``) and is measured as 502 (upstream error, malformed or broken stream) or 504
-    (timeout). A stream with no data event for ``stream_idle_timeout_ms`` (comments don't count)
-    ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as a 504.
+    The 200 goes out with the first bytes to write. A failure after it ends the stream with one
+    OpenAI-shaped error event (no ``[DONE]``) and is measured as 502 (upstream error, malformed or
+    broken stream) or 504 (timeout); before it, the client gets a JSON error with the status the
+    error stands for. A stream with no data event for ``stream_idle_timeout_ms`` (comments don't
+    count) ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as a 504.
     """
     rec = call.record
     model = call.model
-    out: web.StreamResponse | None = None
-    ctype = up.headers.get("content-type", "")
-    if not ctype.startswith("text/event-stream"):
+    if media_type(up.headers.get("content-type", "")) != "text/event-stream":
         try:
             await up.read()
         finally:
             rec.llm_end_ns = perf_counter_ns()
             up.close()
         raise upstream_unreachable(f"upstream {model.provider} did not answer with an event stream")
-    parser = SSEParser()
-    idle = _IdleWatch(up, model.provider_config.stream_idle_timeout_ms)
+    out: web.StreamResponse | None = None
+    relay = StreamRelay(decoder, model.provider, perf_counter_ns())
+    idle_ms = model.provider_config.stream_idle_timeout_ms
+    idle = _IdleWatch(up, relay, idle_ms)
     chunks = up.iter_chunks()
-    data_events = 0
-    error: GatewayError | None = None
-    clean = ended = False
     try:
+        last = b""
         try:
             async for chunk in chunks:
-                now = perf_counter_ns()
-                parts = []
-                for ev in parser.feed(chunk):
-                    b = decoder.feed(ev)
-                    if ev.data is not None:
-                        idle.last = now
-                        if rec.first_token_ns and not decoder.finished and not decoder.done:
-                            data_events += 1  # the gateway's own count of completion tokens
-                    if decoder.token and not rec.first_token_ns:
-                        rec.first_token_ns = now
-                        data_events = 1
-                    if decoder.error is not None:
-                        break
-                    if b is not None:
-                        parts.append(b)
-                if parts:
-                    if out is None:
-                        out = await _start_stream(request, up, call)
-                    await out.write(parts[0] if len(parts) == 1 else b"".join(parts))
-                if decoder.error is not None:
-                    raise decoder.error
-                if decoder.done:
-                    clean = ended = True
-                    if parser.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
-                        clean = await _relay_final_lf(chunks, out)
+                data = relay.feed(chunk, perf_counter_ns())
+                if data:
+                    out = out or await _start_stream(request, up, call)
+                    await out.write(data)
+                if relay.over:
                     break
-                if len(parser.pending) > MAX_EVENT_BYTES:
-                    raise upstream_unreachable(f"upstream {model.provider} sent an event over {MAX_EVENT_BYTES} bytes")
             else:
-                tail = parser.close()
-                if tail is not None:
-                    b = decoder.feed(tail)
-                    if decoder.error is not None:
-                        raise decoder.error
-                    if b:
-                        out = out or await _start_stream(request, up, call)
-                        await out.write(b)
-                if not decoder.finished and not idle.fired:
-                    raise upstream_unreachable("the upstream closed the stream before it finished")
+                last = relay.eof()
+            if relay.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
+                relay.clean = await _relay_final_lf(chunks, out)
         except GatewayError as e:
-            error = e
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # a translator choked
-            error = upstream_unreachable(f"upstream {model.provider} sent a malformed event ({type(e).__name__})")
-        if idle.fired and error is None or idle.fired and error.status == 502:
-            error = None if decoder.finished else GatewayError(
-                504, f"upstream stream idle for over {model.provider_config.stream_idle_timeout_ms} ms",
-                "timeout_error", "upstream_timeout")
+            relay.broken(e)
+        if idle.fired and (relay.error is None or relay.error.status == 502):
+            last += relay.idle_timeout(idle_ms)
         rec.llm_end_ns = perf_counter_ns()
-        if error is None and not ended:
-            end = decoder.end()  # e.g. the [DONE] an upstream left out
-            if end:
-                out = out or await _start_stream(request, up, call)
-                await out.write(end)
+        error = relay.error
+        if error is not None and out is None and not last:
+            raise error  # nothing sent yet: a JSON error with the status it stands for
+        out = out or await _start_stream(request, up, call)
+        if last:
+            await out.write(last)
         if error is not None:
-            if out is None:
-                raise error  # nothing sent yet: a JSON error with the status it stands for
             _upstream_failed(request, call, error, up.headers.get("x-request-id"))
             rec.error = error.message
             rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
             await out.write(error.sse_event())
-        elif out is None:
-            out = await _start_stream(request, up, call)
         await out.write_eof()
         if rec.status == 0:
             rec.status = 200
         return out
     finally:  # every way out, a client disconnect (cancellation) included, records what the stream got
-        rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
-        if decoder.usage is not None:
-            u = decoder.usage
-            rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
-        call.estimated_completion_tokens = data_events
-        rec.response_model = decoder.response_model
-        rec.finish_reasons = tuple(decoder.finish_reasons)
         idle.cancel()
-        if clean:
+        _record_stream(call, relay)
+        if relay.clean:
             up.release()
         else:
             up.close()
+
+
+def _record_stream(call: Call, relay: StreamRelay) -> None:
+    """What the stream got, into the record: first token, usage (the upstream's, else the
+    gateway's estimate), response model, finish reasons; the completion estimate for the limits."""
+    rec, decoder = call.record, relay.decoder
+    rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
+    rec.first_token_ns = relay.first_token_ns
+    if decoder.usage is not None:
+        u = decoder.usage
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+    elif relay.completion_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
+        rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), relay.completion_events)
+    call.estimated_completion_tokens = relay.completion_events
+    rec.response_model = decoder.response_model
+    rec.finish_reasons = tuple(decoder.finish_reasons)
 
 
 async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:

@@ -64,6 +64,10 @@ class ProviderConfig(BaseModel):
     read_timeout_ms: PositiveInt = Field(600_000, description="longest wait for any upstream byte, ms (504 after)")
     stream_idle_timeout_ms: PositiveInt = Field(
         300_000, description="a stream with no data event for this long is ended, ms (comments do not count)")
+    stream_usage: Literal["auto", "always", "never"] = Field(
+        "auto", description="OpenAI-compatible upstreams: ask for usage in streams (stream_options.include_usage); "
+        "auto: ask, and if the upstream answers 400 naming stream_options, retry once without it and remember; "
+        "never: don't ask (the gateway estimates usage)")
 
     @field_validator("api_key")
     @classmethod

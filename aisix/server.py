@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import proxy
 from .config import Config, parse_listen
+from .cors import enable_cors
 from .errors import CLIENT_CLOSED_REQUEST, GatewayError, error_type_for
 from .gateway import GATEWAY, Gateway
 from .hooks import Pipeline
@@ -196,6 +197,8 @@ def create_proxy_app(gateway: Gateway) -> web.Application:
     proxy.add_routes(app)
     app.router.add_get("/livez", _livez)
     app.router.add_get("/readyz", _readyz)
+    if gateway.config.server.proxy.cors is not None:
+        enable_cors(app, gateway.config.server.proxy.cors)
     return app
 
 

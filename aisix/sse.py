@@ -7,11 +7,15 @@ comments; ``data`` lines are joined with LF. A CR at the end of one read followe
 the start of the next is one line end, not two (so no empty event appears).
 
 Unlike a browser, every dispatched block is returned, comment-only blocks included, with the
-raw bytes it was made of, so a proxy can relay events byte for byte.
+raw bytes it was made of, so a proxy can relay events byte for byte. A UTF-8 byte order mark at
+the start of the stream is stripped (the standard's "One leading U+FEFF BYTE ORDER MARK character
+must be ignored"), even when it is split across reads; it is not part of the first event's raw bytes.
 """
 from __future__ import annotations
 
 __all__ = ["SSEEvent", "SSEParser"]
+
+BOM = b"\xef\xbb\xbf"
 
 
 class SSEEvent:
@@ -38,12 +42,13 @@ class SSEEvent:
 class SSEParser:
     """Incremental parser. ``feed(bytes) -> list[SSEEvent]``; ``close() -> SSEEvent | None`` at EOF."""
 
-    __slots__ = ("_buf", "_pos", "_skip_lf", "_data", "_event", "_id", "_comments")
+    __slots__ = ("_buf", "_pos", "_skip_lf", "_data", "_event", "_id", "_comments", "_head")
 
     def __init__(self) -> None:
         self._buf = b""        # raw bytes of the event in progress (from its first byte)
         self._pos = 0          # where the next unparsed line starts within _buf
         self._skip_lf = False  # the last read ended on CR: an LF first in the next read belongs to it
+        self._head: bytes | None = b""  # the stream's first bytes while a BOM may still be arriving; then None
         self._reset_fields()
 
     def _reset_fields(self) -> None:
@@ -54,6 +59,14 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add bytes; return the events completed by them (possibly none)."""
+        if self._head is not None:
+            chunk = self._head + chunk
+            if len(chunk) < 3 and BOM.startswith(chunk):
+                self._head = chunk  # maybe a BOM split across reads: wait for more
+                return []
+            self._head = None
+            if chunk.startswith(BOM):
+                chunk = chunk[3:]
         buf = self._buf + chunk if self._buf else chunk
         pos = self._pos
         if self._skip_lf and pos < len(buf):

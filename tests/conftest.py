@@ -29,3 +29,19 @@ def trace_sink():
     """An in-process OTLP/gRPC trace receiver: .endpoint, .spans, .wait_for(n)."""
     with services.trace_sink() as sink:
         yield sink
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """A scripted OpenAI-compatible upstream on loopback, one per test module (tests.harness.ScriptedUpstream)."""
+    from tests.harness import ScriptedUpstream
+    up = ScriptedUpstream().start()
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def sink():
+    """An in-process OTLP/gRPC trace receiver shared by one test module: .endpoint, .spans."""
+    with services.trace_sink() as s:
+        yield s

@@ -60,6 +60,7 @@ class Script:
     end: str = "eof"
     body: bytes | None = None  # a plain (non-streamed) body instead of writes
     head_delay: float = 0.0    # seconds before the status line and headers go out
+    refuse_field: str | None = None  # a strict server: a body with this field gets a 400 naming it
 
 
 @dataclass
@@ -130,6 +131,10 @@ class ScriptedUpstream:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         script = self.scripts.get(_key(body)) or self.scripts.get("default") or Script(
             status=500, headers={"Content-Type": "application/json"}, body=b'{"error":{"message":"no script"}}')
+        if script.refuse_field is not None and script.refuse_field in body:  # e.g. vLLM-style strict validation
+            return web.json_response({"error": {"message": f"Unrecognized request argument supplied: "
+                                                f"{script.refuse_field}", "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
         try:
             if script.head_delay:
                 await asyncio.sleep(script.head_delay)

@@ -72,6 +72,7 @@ class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
                         "status_code": sp.status.code,
                         "status_message": sp.status.message,
                         "events": [e.name for e in sp.events],
+                        "event_times": {e.name: e.time_unix_nano for e in sp.events},
                     })
         with self._cond:
             self.requests += 1

@@ -13,9 +13,7 @@ import uuid
 
 import pytest
 
-from tests import services
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream,
-                           ev, gateway_config, post_raw)
+from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw)
 
 CHAT = "/v1/chat/completions"
 REQ = "aisix_request_count_total"
@@ -23,19 +21,6 @@ TOK = "aisix_token_count_total"
 FT = "aisix_llm_first_token_latency_milliseconds"
 LLM = "aisix_llm_latency_milliseconds"
 LAT = "aisix_request_latency_milliseconds"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    up = ScriptedUpstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with services.trace_sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

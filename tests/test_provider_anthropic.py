@@ -382,6 +382,26 @@ async def test_e2e_tool_calls_stream_async(gw, emu):
     d.expect(COMPLETION, 12)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_e2e_tool_call_without_parameters_gives_empty_object(gw, emu, stream):
+    """Anthropic streams a parameterless tool call as one empty ``input_json_delta``; the
+    fragments must still add up to the same valid JSON as the non-streamed ``input: {}``."""
+    emu.reply(tool_calls=[("get_time", {}), ("get_weather", {"city": "Oslo"})], text=[])
+    tools = [{"type": "function", "function": {"name": "get_time"}},
+             {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    r = await gw.async_client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "time?"}], tools=tools, stream=stream)
+    if not stream:
+        args = [tc.function.arguments for tc in r.choices[0].message.tool_calls]
+    else:
+        calls: dict[int, str] = {}
+        async for c in r:
+            for tc in c.choices[0].delta.tool_calls or ():
+                calls[tc.index] = calls.get(tc.index, "") + (tc.function.arguments or "")
+        args = [calls[i] for i in sorted(calls)]
+    assert args[0] == "{}" and [json.loads(a) for a in args] == [{}, {"city": "Oslo"}]
+
+
 async def test_e2e_tool_round_trip_async(gw, emu):
     emu.reply(tool_calls=[("get_weather", {"city": "Oslo"})], text=[])
     client = gw.async_client()

@@ -79,3 +79,20 @@ def test_random_bytes_never_raise_and_raw_covers_the_input():
         data = bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
         events, p = parse_in_pieces(data, rng.sample(range(1, max(2, len(data))), k=min(3, max(0, len(data) - 1))))
         assert b"".join(e.raw for e in events) + p.pending == data
+
+
+@pytest.mark.parametrize("cut", range(0, 6))
+def test_leading_bom_is_stripped_wherever_the_read_splits(cut):
+    """WHATWG SSE: one leading U+FEFF is ignored; it is not part of the first event's raw bytes."""
+    data = b"\xef\xbb\xbf" + STREAM
+    evs, _ = parse_in_pieces(data, [cut] if cut else [])
+    assert [(e.data, e.event) for e in evs] == EXPECTED
+    assert b"".join(e.raw for e in evs) == STREAM
+
+
+def test_bom_only_at_the_start_and_a_partial_one_is_data():
+    p = SSEParser()
+    assert p.feed(b"\xef") == []
+    evs = p.feed(b"x: y\n\ndata: \xef\xbb\xbfz\n\n")  # \xef then not a BOM: kept, a field named "\xefx"
+    assert [e.raw for e in evs] == [b"\xefx: y\n\n", b"data: \xef\xbb\xbfz\n\n"]
+    assert evs[1].data == b"\xef\xbb\xbfz"  # a BOM later in the stream is content

@@ -12,8 +12,7 @@ import openai
 import pytest
 
 from aisix import upstream_log
-from tests import services
-from tests.harness import ROLE, TXT, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config, post_raw
+from tests.harness import ROLE, TXT, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw
 
 CHAT = "/v1/chat/completions"
 PROVIDER_KEY = "sk-upstream-Zq8vR2mN5pL1xT7w"
@@ -25,19 +24,6 @@ JSON = {"Content-Type": "application/json"}
 def err_body(message: str, etype: str = "invalid_request_error", param=None, code=None) -> bytes:
     import json
     return json.dumps({"error": {"message": message, "type": etype, "param": param, "code": code}}).encode()
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    up = ScriptedUpstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def sink():
-    with services.trace_sink() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

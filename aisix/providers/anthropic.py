@@ -290,7 +290,9 @@ class AnthropicStreamDecoder(ChunkDecoder):
     ``content_block_delta``: ``text_delta`` → ``content``, ``input_json_delta`` → argument
     fragment, ``thinking_delta`` → ``reasoning_content``; ``message_delta`` → the
     ``finish_reason`` chunk; ``message_stop`` → the usage chunk (if the client asked) and
-    ``data: [DONE]``; ``error`` → :attr:`error`. ``ping``, ``content_block_stop``,
+    ``data: [DONE]``; ``error`` → :attr:`error`. ``content_block_stop`` of a ``tool_use`` whose
+    arguments never came (a tool without parameters) → ``arguments: "{}"``, so the fragments add up
+    to the same valid JSON as the non-streamed ``input: {}``. ``ping``, other ``content_block_stop``s,
     ``signature_delta`` and empty fragments send nothing. Usage is set from ``message_start``
     and updated by each ``message_delta`` (its counts are cumulative).
     """
@@ -300,6 +302,7 @@ class AnthropicStreamDecoder(ChunkDecoder):
     def __init__(self, include_usage: bool):
         super().__init__(include_usage)
         self.tool_index: dict[int, int] = {}  # content block index → OpenAI tool call index
+        self.tool_args: set[int] = set()  # content block indexes of tool calls whose arguments began
         self._raw_usage: dict = {}
 
     def _set_usage(self, u) -> None:
@@ -352,7 +355,14 @@ class AnthropicStreamDecoder(ChunkDecoder):
             message = json_text(err["message"]) if err.get("message") is not None else ""
             self.stream_error(message, atype if atype in _SAME_TYPES else "api_error", atype)
             return None
-        return None  # ping, content_block_stop, and event types added later
+        if kind == "content_block_stop":
+            index = obj.get("index")
+            k = self.tool_index.get(index) if index_of(index, -1) >= 0 else None
+            if k is None or index in self.tool_args:
+                return None
+            self.tool_args.add(index)  # a tool call with no parameters: "{}", as the non-streamed path gives
+            return self.chunk([self.choice(0, {"tool_calls": [{"index": k, "function": {"arguments": "{}"}}]})])
+        return None  # ping and event types added later
 
     def _text(self, field: str, text: str) -> bytes:
         self.token = True
@@ -376,6 +386,7 @@ class AnthropicStreamDecoder(ChunkDecoder):
             if not part or k is None:
                 return None
             self.token = True
+            self.tool_args.add(index)
             return self.chunk([self.choice(0, {"tool_calls": [
                 {"index": k, "function": {"arguments": part}}]})])
         return None  # signature_delta, citations_delta, empty fragments

@@ -124,6 +124,12 @@ class Provider:
         hints (:func:`~aisix.providers.errors.error_envelope`); a 5xx stays a 5xx."""
         return error_envelope(self.name, status, headers, body)
 
+    def refused_stream_options(self, model: Model, err: GatewayError) -> bool:
+        """Whether ``err`` (an upstream answer to a streamed request) rejects the ``stream_options``
+        the gateway added, so the call should be made once more without them. Only OpenAI-style
+        providers add them; the default is False."""
+        return False
+
     def refused_credentials(self, status: int, err: GatewayError) -> bool:
         """Whether the upstream's error says it refused the *gateway's* provider credentials
         (401/403/407 here; a provider whose API answers a bad key otherwise says so)."""

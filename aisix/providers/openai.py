@@ -122,13 +122,36 @@ class OpenAIProvider(Provider):
             h["Authorization"] = f"Bearer {model.provider_config.api_key}"
         return h
 
+    def __init__(self):
+        self._no_stream_options: set[tuple[str, str]] = set()  # (alias, api_base) whose upstream refused them
+
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
-        body["model"] = model.model_id
+        """The body as the client sent it, ``model`` rewritten; a stream also asks for usage
+        (``stream_options.include_usage``, merged into the client's own) unless the model's
+        ``provider_config.stream_usage`` is ``never`` or its upstream refused them (``auto``), in
+        which case no ``stream_options`` go at all. ``body`` is not changed."""
+        out = {**body, "model": model.model_id}
         if stream:
-            opts = body.get("stream_options")
-            body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+            mode = model.provider_config.stream_usage
+            if mode == "always" or mode == "auto" and (model.name, self.base_url(model)) not in self._no_stream_options:
+                opts = body.get("stream_options")
+                out["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+            elif mode == "auto":
+                out.pop("stream_options", None)
         return UpstreamRequest(f"{self.base_url(model)}/chat/completions", self._headers(model, headers),
-                               orjson.dumps(body))
+                               orjson.dumps(out))
+
+    def refused_stream_options(self, model: Model, err: GatewayError) -> bool:
+        """``stream_usage: auto`` and a 400 whose message or ``param`` names ``stream_options``
+        (strict OpenAI-compatible servers reject the field): remember it for this model and its
+        ``api_base`` (for this process's life) and say to retry once without them."""
+        key = (model.name, self.base_url(model))
+        if model.provider_config.stream_usage != "auto" or err.status != 400 or key in self._no_stream_options:
+            return False
+        if "stream_options" not in err.message and "stream_options" not in (err.param or ""):
+            return False
+        self._no_stream_options.add(key)
+        return True
 
     def chat_response(self, body: bytes) -> ChatResult:
         try:

@@ -178,9 +178,11 @@ class Telemetry:
             attrs["aisix.stream"] = r.stream
             if r.response_model:
                 attrs["gen_ai.response.model"] = r.response_model
-            if r.total_tokens is not None:
+            if r.total_tokens is not None or r.usage_estimated:
                 attrs["gen_ai.usage.input_tokens"] = r.prompt_tokens
                 attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
+                if r.usage_estimated:
+                    attrs["aisix.usage.estimated"] = True
             if r.finish_reasons:
                 attrs["gen_ai.response.finish_reasons"] = list(r.finish_reasons)
             if r.upstream_status is not None:

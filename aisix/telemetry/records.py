@@ -22,7 +22,8 @@ class RequestRecord:
                  "model", "provider", "request_model", "response_model", "operation", "stream",
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
-                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status")
+                 "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status",
+                 "usage_estimated")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -52,6 +53,13 @@ class RequestRecord:
         self.error: str | None = None
         self.admin = False  # an Admin API request: counted apart from the proxy's seed series
         self.upstream_status: int | None = None  # a failed upstream call: what it answered (0: nothing)
+        self.usage_estimated = False  # prompt/completion tokens are the gateway's estimate (no total)
 
     def set_usage(self, prompt: int, completion: int, total: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
+
+    def estimate_usage(self, prompt: int, completion: int) -> None:
+        """The gateway's own estimate (tokens) when the upstream reported no usage: shown on the
+        span (``aisix.usage.estimated``), charged to rate limits, never counted in
+        ``aisix_token_count_total`` (which counts what upstreams report). ``total_tokens`` stays None."""
+        self.prompt_tokens, self.completion_tokens, self.usage_estimated = prompt, completion, True

@@ -6,7 +6,7 @@ Follows the public reference: request headers ``x-api-key`` and ``anthropic-vers
 ``event: X\\ndata: {json}\\n\\n`` framing (https://docs.anthropic.com/en/docs/build-with-claude/streaming):
 ``message_start``, then per content block ``content_block_start``/``content_block_delta``…/
 ``content_block_stop`` (a ``ping`` after the first block starts; a tool block's first
-``input_json_delta`` is empty), ``message_delta`` (stop reason, cumulative usage), ``message_stop``;
+``input_json_delta`` is empty, and the only one for a tool called without parameters), ``message_delta`` (stop reason, cumulative usage), ``message_stop``;
 and errors ``{"type":"error","error":{"type","message"},"request_id"}`` with ``request-id``,
 ``retry-after`` (429) and ``x-should-retry`` headers (https://docs.anthropic.com/en/api/errors).
 JSON is compact, as the API sends it, except ``ping``'s ``{"type": "ping"}``.
@@ -124,7 +124,7 @@ class AnthropicEmulator(Emulator):
         if r.text:
             blocks.append(({"type": "text", "text": ""}, [{"type": "text_delta", "text": t} for t in r.text]))
         for name, args in r.tool_calls:
-            frags = [""] + split_json(dumps(args))
+            frags = [""] + (split_json(dumps(args)) if args else [])  # no parameters: the empty fragment only
             blocks.append(({"type": "tool_use", "id": _id("toolu_"), "name": name, "input": {}},
                            [{"type": "input_json_delta", "partial_json": f} for f in frags]))
         sent = 0
