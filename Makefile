@@ -23,11 +23,12 @@ serve: install
 test: install services
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Real services the tests start on loopback: etcd, nginx (bench only), and a
+# Real services the tests start on loopback: etcd, redis-server, nginx (bench only), and a
 # Prometheus with its OTLP receiver (built once, ~3 min, when none is found).
 services:
 	@command -v etcd >/dev/null || { $(call apt_install,etcd-server); }
 	@command -v etcdctl >/dev/null || { $(call apt_install,etcd-client); }
+	@command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || { $(call apt_install,redis-server); }
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { $(call apt_install,nginx-light); } \
 		|| echo "make services: warning: nginx-light not installed (only bench needs it)" >&2
 	@bin=$$(scripts/prometheus-bin.sh) && flag=$$(scripts/prometheus-bin.sh --flag) && echo "prometheus: $$bin $$flag"

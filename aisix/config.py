@@ -11,6 +11,7 @@ Shape (AISIX's, extended)::
       config_provider: file            # file (default) | etcd
       file: {path: "./aisix-data/resources.json"}
       etcd: {host: ["127.0.0.1:2379"], prefix: "/aisix", timeout: 5}
+      rate_limit_store: {kind: local}  # local (default) | redis: shared by every worker and node
     observability:
       service_name: aisix
       metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
@@ -127,11 +128,35 @@ class EtcdConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class RateLimitStoreConfig(_Strict):
+    """Where rate-limit counts live: ``local`` (each process counts alone) or ``redis`` (one count
+    for every worker and node; see :mod:`aisix.ratelimit_redis` and the README's "Several nodes")."""
+
+    kind: Literal["local", "redis"] = "local"
+    url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "redis://[[user]:password@]host:port/db, rediss:// (TLS) or unix:///path?db=0"))
+    key_prefix: str = Field("aisix:", description="prepended to every Redis key the limiter writes")
+    on_store_error: Literal["allow", "deny"] = Field("allow", description=(
+        "Redis unreachable: allow = count on local counters until it answers again; deny = 429"))
+    lease_ttl_ms: int = Field(10_000, ge=100, description=(
+        "a concurrency slot's lease, renewed every third of it while its request runs; a node that "
+        "dies without giving its slots back has them freed this long after its last renewal, ms"))
+    timeout_ms: int = Field(500, ge=1, description="longest wait for Redis per call (connect or reply), ms")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
 class DeploymentConfig(_Strict):
     admin: AdminConfig = AdminConfig()
     config_provider: Literal["file", "etcd"] = "file"
     file: FileProviderConfig = FileProviderConfig()
     etcd: EtcdConfig = EtcdConfig()
+    rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()
 
 
 class MetricsConfig(_Strict):

@@ -4,11 +4,14 @@ Order (see the README): authentication → ``pre_call`` of each hook in order (v
 limit; a hook rejects by raising :class:`~aisix.errors.GatewayError`) → the provider call →
 ``post_call`` of every hook whose ``pre_call`` passed, on every way out (success, upstream
 error, timeout, client disconnect, cancellation), with what the call got.
-Hooks are synchronous: O(1) work, no awaits, so no lock is ever held across one.
+Hooks are synchronous: O(1) work, no lock ever held across an await. A ``pre_call`` that needs
+I/O (the Redis rate limiter's one round trip) returns an awaitable, which the pipeline awaits
+before the next hook; ``post_call`` never awaits: I/O it needs is handed to a background task.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Awaitable
 
 from .resources import ApiKey, Model
 from .telemetry.records import RequestRecord
@@ -41,11 +44,15 @@ class Call:
 class Hook:
     """Base class: override what you need."""
 
-    def pre_call(self, call: Call) -> None:
-        """Before the provider call. Raise GatewayError to end the request with that response."""
+    def pre_call(self, call: Call) -> Awaitable[None] | None:
+        """Before the provider call. Raise GatewayError (here or from the awaitable returned) to end
+        the request with that response."""
 
     def post_call(self, call: Call) -> None:
         """After the call, exactly once per passed ``pre_call``, however the call ended."""
+
+    async def aclose(self) -> None:
+        """At shutdown, after the last request: give back what the hook holds (connections, tasks)."""
 
 
 class Pipeline:
@@ -54,13 +61,15 @@ class Pipeline:
     def __init__(self, hooks: list[Hook] | None = None):
         self.hooks: list[Hook] = list(hooks or [])
 
-    def pre_call(self, call: Call) -> int:
-        """Run every ``pre_call``; returns how many passed. If one raises, the ``post_call`` of those
-        before it run, then the error propagates."""
+    async def pre_call(self, call: Call) -> int:
+        """Run every ``pre_call`` (awaiting what it returns); returns how many passed. If one raises,
+        the ``post_call`` of those before it run, then the error propagates."""
         passed = 0
         try:
             for hook in self.hooks:
-                hook.pre_call(call)
+                pending = hook.pre_call(call)
+                if pending is not None:
+                    await pending
                 passed += 1
         except BaseException:
             self.post_call(call, passed)
@@ -70,3 +79,7 @@ class Pipeline:
     def post_call(self, call: Call, passed: int) -> None:
         for hook in reversed(self.hooks[:passed]):
             hook.post_call(call)
+
+    async def aclose(self) -> None:
+        for hook in self.hooks:
+            await hook.aclose()

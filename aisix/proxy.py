@@ -315,7 +315,7 @@ async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamRespons
     """Run the pre-call hooks, ``await go()``, then the post-call hooks on every way out; the hooks'
     response headers go on errors too."""
     pipeline = request.app[GATEWAY].pipeline
-    passed = pipeline.pre_call(call)
+    passed = await pipeline.pre_call(call)
     try:
         return await go()
     except GatewayError as e:

@@ -21,10 +21,12 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
   headers show, per kind, the stricter of all the limits that apply (fewest remaining; on a tie
   the one that resets later).
 
-Counters live in this process (each gateway node counts on its own), are keyed by the key's
-id (never its secret, so a key whose limits, allowed models or secret change keeps its counts) /
-the model's name, and survive a change of limits; :meth:`RateLimitHook.on_swap` drops
-those of a deleted (or deleted and re-created) key or model. Everything runs synchronously on
+Counters of this hook live in this process (each worker and node counts on its own; with
+``deployment.rate_limit_store.kind: redis`` :mod:`aisix.ratelimit_redis` counts once for all of
+them), are keyed by :func:`key_identity` (the key's id, never its secret, so a key whose limits,
+allowed models or secret change keeps its counts) / the model's name, and survive a change of
+limits; :meth:`RateLimitHook.on_swap` drops those of a deleted (or deleted and re-created) key or
+model. Everything runs synchronously on
 the event loop: no lock, no await, O(1) per request.
 """
 from __future__ import annotations
@@ -195,6 +197,12 @@ def _headers(pairs: tuple, now: float) -> dict[str, str]:
     return h
 
 
+def key_identity(key: ApiKey) -> str:
+    """The opaque string an API key's counts are kept under (every store uses this one): its id
+    (stable across changes of its limits, allowed models or secret), else its SHA-256."""
+    return key.id or key.key_hash
+
+
 def charged_tokens(call: Call) -> int:
     """Tokens a finished call costs: the usage reported, else the gateway's estimate (see the module doc)."""
     r = call.record
@@ -225,7 +233,7 @@ class RateLimitHook(Hook):
         if krl is None and mrl is None:
             return
         now = self.clock()
-        kc = self._counters(self.keys, key.id or key.key_hash, key.id, now) if krl is not None else None
+        kc = self._counters(self.keys, key_identity(key), key.id, now) if krl is not None else None
         mc = self._counters(self.models, model.name, model.id, now) if mrl is not None else None
         pairs = ((kc, krl), (mc, mrl))
         if (kc is not None and _over(kc, krl)) or (mc is not None and _over(mc, mrl)):
@@ -279,8 +287,9 @@ class RateLimitHook(Hook):
             del self.models[name]
 
     # -- reads (tests, admin) ----------------------------------------------------------
-    def usage_of_key(self, key_id: str) -> Counters | None:
-        return self.keys.get(key_id)
+    def usage_of_key(self, identity: str) -> Counters | None:
+        """This process's counters of the key counted under ``identity`` (:func:`key_identity`)."""
+        return self.keys.get(identity)
 
     def usage_of_model(self, name: str) -> Counters | None:
         return self.models.get(name)

@@ -277,14 +277,15 @@ def create_admin_app_measured(gateway: Gateway) -> web.Application | None:
     return app
 
 
-def build_pipeline(holder: SnapshotHolder) -> Pipeline:
-    hooks = []
-    try:
-        from .ratelimit import RateLimitHook
-        hooks.append(RateLimitHook(holder, clock=time.time))
-    except ImportError:
-        pass
-    return Pipeline(hooks)
+def build_pipeline(config: Config, holder: SnapshotHolder, telemetry: Telemetry) -> Pipeline:
+    """The hooks: the rate limiter, on this process's counters or on Redis
+    (``deployment.rate_limit_store``)."""
+    store = config.deployment.rate_limit_store
+    if store.kind == "redis":
+        from .ratelimit_redis import RedisRateLimitHook
+        return Pipeline([RedisRateLimitHook(store, holder, telemetry.count_ratelimit_store_error)])
+    from .ratelimit import RateLimitHook
+    return Pipeline([RateLimitHook(holder, clock=time.time)])
 
 
 async def start_gateway(config: Config, worker: int = 0) -> Gateway:
@@ -303,7 +304,7 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
             raise
     _, port = parse_listen(config.server.proxy.listen)
     telemetry = Telemetry(config.observability, instance_id(port, worker))
-    return Gateway(config, holder, store, build_pipeline(holder), telemetry, UpstreamPool())
+    return Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
 
 
 class Server:
@@ -353,6 +354,7 @@ class Server:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     log.warning("stopping a listener failed: %r", t.exception())
         await self.gateway.pool.close()
+        await self.gateway.pipeline.aclose()
         await self.gateway.store.close()
         await self.gateway.telemetry.stop()
 

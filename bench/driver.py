@@ -25,7 +25,7 @@ from bench.loadgen import Job, chat_body, serve_jobs
 from bench.procs import Proc, Skip
 from bench.scenarios import FULL, QUICK, SCENARIOS, Scenario, run_duration, warmup_requests
 
-ORDER = ["direct", "aisix", "aisix-notel", "nginx", "litellm"]
+ORDER = ["direct", "aisix", "aisix-redis", "aisix-notel", "nginx", "litellm"]
 
 
 class LoadGen:
@@ -120,16 +120,19 @@ def _layout():
     return {cpus[0]}, set(cpus[1:2]), ""
 
 
-def _start_targets(tmp, want, target, upstream, prom, sink, notes) -> list:
+def _start_targets(tmp, want, target, upstream, prom, sink, redis, notes) -> list:
     """Start each wanted target on the target cpus; a failure becomes a note, not an error."""
     started = []
     for name in want:
         try:
             if name == "direct":
                 t = targets.start_direct(tmp, target)
-            elif name in ("aisix", "aisix-notel"):
+            elif name in ("aisix", "aisix-redis", "aisix-notel"):
+                if name == "aisix-redis" and redis is None:
+                    raise Skip(notes.get("redis", "no redis-server"))
                 t = targets.start_aisix(tmp, name, target, upstream.port, prom.port if prom else None,
-                                        sink.port if sink else targets.free_port(), telemetry=name == "aisix")
+                                        sink.port if sink else targets.free_port(), telemetry=name != "aisix-notel",
+                                        limits=True, redis_port=redis.port if name == "aisix-redis" else None)
             elif name == "nginx":
                 t = targets.start_nginx(tmp, target, upstream.port)
             elif name == "litellm":
@@ -166,8 +169,14 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
     try:
         upstream = targets.start_emulator(tmp, "upstream", client)
         infra.append(upstream)
-        prom = sink = None
-        if any(n == "aisix" for n in want):
+        prom = sink = redis = None
+        if "aisix-redis" in want:
+            try:
+                redis = targets.start_redis(tmp, client)  # on the client's core, like the other infra
+                infra.append(redis)
+            except Skip as e:
+                notes["redis"] = str(e)
+        if any(n in ("aisix", "aisix-redis") for n in want):
             prom, pnote = targets.start_prometheus(tmp, client, allow_build=not quick)
             if prom:
                 infra.append(prom)
@@ -178,7 +187,7 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
                 infra.append(sink)
             else:
                 notes["traces"] = "grpcio missing: traces exported to a port where nothing listens"
-        tlist = _start_targets(tmp, want, target, upstream, prom, sink, notes)
+        tlist = _start_targets(tmp, want, target, upstream, prom, sink, redis, notes)
         loadgen = LoadGen(client)
         sampler = RssSampler()
         sampler.start()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -36,6 +37,10 @@ CASES = [
 
 def micro_once(key_rl, model_rl, with_hook: bool, n: int) -> float:
     """ns per request of Call + pre_call + usage + post_call over ``n`` requests."""
+    return asyncio.run(_micro_once(key_rl, model_rl, with_hook, n))
+
+
+async def _micro_once(key_rl, model_rl, with_hook: bool, n: int) -> float:
     key = ApiKey(id="k1", key="sk-bench", allowed_models=["m1"], rate_limit=key_rl)
     model = Model(id="m1", name="m1", model="openai/up-1", rate_limit=model_rl)
     pipeline = Pipeline([RateLimitHook(clock=time.time)] if with_hook else [])
@@ -44,7 +49,7 @@ def micro_once(key_rl, model_rl, with_hook: bool, n: int) -> float:
     t0 = time.perf_counter_ns()
     for _ in range(n):
         call = Call(key, model, rec)
-        passed = pipeline.pre_call(call)
+        passed = await pipeline.pre_call(call)
         pipeline.post_call(call, passed)
     return (time.perf_counter_ns() - t0) / n
 

@@ -104,6 +104,10 @@ def _ratios(res) -> dict:
             if a and o:
                 r[f"aisix/{other} req/s"] = _ratio(a["rps"], o["rps"])
                 r[f"aisix/{other} cpu per req"] = _ratio(a["cpu_s_per_1k_req"], o["cpu_s_per_1k_req"])
+        red = row.get("aisix-redis")
+        if a and red:
+            r["aisix-redis/aisix req/s"] = _ratio(red["rps"], a["rps"])
+            r["aisix-redis/aisix cpu per req"] = _ratio(red["cpu_s_per_1k_req"], a["cpu_s_per_1k_req"])
         out[key] = r
     return out
 
@@ -142,6 +146,13 @@ def _checks(res, ratios) -> list:
         g("gap20-c32", "aisix", "gap_error_abs_ms", "p99"), "<= 1.0", lambda v: v <= 1.0)
     add("telemetry cost: aisix/aisix-notel req/s, streaming c=32",
         ratios.get("s20-c32", {}).get("aisix/aisix-notel req/s"), ">= 0.90", lambda v: v >= 0.9)
+    for key, label in (("ns-c1", "non-streaming"), ("s20-c1", "streaming")):
+        red, loc = g(key, "aisix-redis", "lat_ms", "p50"), g(key, "aisix", "lat_ms", "p50")
+        add(f"limits in Redis, {label} c=1: aisix-redis p50 - aisix p50 (ms)",
+            red - loc if red is not None and loc is not None else None, "<= 0.2", lambda v: v <= 0.2)
+    for key in ("ns-c1", "ns-c32", "s20-c32"):
+        add(f"limits in Redis, {key}: aisix-redis/aisix CPU per request",
+            ratios.get(key, {}).get("aisix-redis/aisix cpu per req"), "<= 1.15", lambda v: v <= 1.15)
     rss = [g(k, "aisix", "rss_mb") for k in ("ns-c128", "s20-c128")]
     rss = [v for v in rss if v is not None]
     add("peak RSS at c=128, aisix (MB)", max(rss) if rss else None, "<= 100", lambda v: v <= 100)

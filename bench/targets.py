@@ -10,8 +10,10 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 from bench._util import free_port
@@ -120,9 +122,42 @@ def start_tracesink(tmp: str, cpus) -> Proc | None:
     return p
 
 
+#: The key's limits of the driver's aisix targets: every kind a request takes (a count, a
+#: concurrency slot, tokens charged at the end), set far above what a run reaches.
+BENCH_LIMITS = "{rpm: 1000000000, tpm: 1000000000, concurrency: 1000000}"
+
+
+def start_redis(tmp: str, cpus) -> Proc:
+    """A redis-server (Debian's, from ``make services``) on a free port, no persistence; ``.port`` set."""
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if not binary:
+        raise Skip("redis-server is not installed (make services installs it)")
+    port = free_port()
+    d = os.path.join(tmp, "redis")
+    os.makedirs(d, exist_ok=True)
+    p = Proc("redis", [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                       "--dir", d], cpus, log=os.path.join(tmp, "redis.log"))
+    p.port = port
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16) == b"+PONG\r\n":
+                    return p
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not p.alive():
+            p.stop()
+            raise Skip(f"redis-server did not start: {p.log_tail(3)}")
+        time.sleep(0.05)
+
+
 def start_aisix(tmp: str, name: str, cpus, emu_port: int, prom_port: int | None, trace_port: int,
-                telemetry: bool) -> Target:
-    """The gateway, ``python -m aisix serve --config FILE``; ``telemetry=False`` sets OTEL_SDK_DISABLED."""
+                telemetry: bool, limits: bool = False, redis_port: int | None = None) -> Target:
+    """The gateway, ``python -m aisix serve --config FILE``; ``telemetry=False`` sets OTEL_SDK_DISABLED.
+    ``limits`` puts :data:`BENCH_LIMITS` on the key, counted in this process, or in the Redis on
+    ``redis_port`` when one is given (``deployment.rate_limit_store.kind: redis``)."""
     if not os.path.exists(os.path.join(ROOT, "aisix", "__main__.py")):
         raise Skip("aisix/__main__.py does not exist yet")
     port, admin = free_port(), free_port()
@@ -130,12 +165,14 @@ def start_aisix(tmp: str, name: str, cpus, emu_port: int, prom_port: int | None,
     os.makedirs(d, exist_ok=True)
     prom = f"http://127.0.0.1:{prom_port or free_port()}/api/v1/otlp/v1/metrics"
     cfg = os.path.join(d, "config.yaml")
+    store = f', rate_limit_store: {{kind: redis, url: "redis://127.0.0.1:{redis_port}/0"}}' if redis_port else ""
+    rate_limit = f", rate_limit: {BENCH_LIMITS}" if limits else ""
     with open(cfg, "w") as f:
         f.write(f"""server: {{proxy: {{listen: "127.0.0.1:{port}"}}, admin: {{listen: "127.0.0.1:{admin}"}}}}
-deployment: {{admin: {{admin_key: [{{key: "bench-admin"}}]}}, config_provider: file, file: {{path: "{d}/resources.json"}}}}
+deployment: {{admin: {{admin_key: [{{key: "bench-admin"}}]}}, config_provider: file, file: {{path: "{d}/resources.json"}}{store}}}
 observability: {{service_name: aisix, metrics: {{otlp_endpoint: "{prom}", export_interval_ms: 5000}}, traces: {{otlp_endpoint: "http://127.0.0.1:{trace_port}"}}}}
 models: [{{name: "bench-model", model: "openai/bench-upstream", provider_config: {{api_key: "sk-bench", api_base: "http://127.0.0.1:{emu_port}/v1"}}}}]
-apikeys: [{{key: "{CLIENT_KEY}", allowed_models: ["bench-model"]}}]
+apikeys: [{{key: "{CLIENT_KEY}", allowed_models: ["bench-model"]{rate_limit}}}]
 """)
     env = _env(OTEL_SDK_DISABLED="true") if not telemetry else _env()
     py = os.path.join(ROOT, ".venv", "bin", "python")

@@ -18,6 +18,13 @@ def etcd(tmp_path):
 
 
 @pytest.fixture
+def redis(tmp_path):
+    """A real redis-server for one test: .url, .port, .pid, .command(...), .stop(), .start()."""
+    with services.redis_server(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
 def trace_sink():
     """An in-process OTLP/gRPC trace receiver: .endpoint, .spans, .wait_for(n)."""
     with services.trace_sink() as sink:

@@ -87,6 +87,8 @@ class ScriptedUpstream:
     def __init__(self):
         self.scripts: dict[str, Script] = {}
         self.seen: list[Seen] = []
+        self.in_flight = 0      # requests being answered now
+        self.max_in_flight = 0  # the most ever at once
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}/v1"
         self._loop = asyncio.new_event_loop()
@@ -125,6 +127,8 @@ class ScriptedUpstream:
         body = json.loads(raw)
         seen = Seen(request.path, dict(request.headers), body, raw, time.monotonic())
         self.seen.append(seen)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         script = self.scripts.get(_key(body)) or self.scripts.get("default") or Script(
             status=500, headers={"Content-Type": "application/json"}, body=b'{"error":{"message":"no script"}}')
         if script.refuse_field is not None and script.refuse_field in body:  # e.g. vLLM-style strict validation
@@ -155,6 +159,8 @@ class ScriptedUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             seen.closed_by_peer = time.monotonic()
             raise
+        finally:
+            self.in_flight -= 1
 
 
 def _key(body: dict) -> str:

@@ -2,6 +2,7 @@
 
     with prometheus_server(tmp_path) as prom: prom.query("up")
     with etcd_server(tmp_path) as etcd: etcd.stop(); etcd.start()
+    with redis_server(tmp_path) as redis: redis.url; redis.stop(); redis.start()
     with trace_sink() as sink: sink.wait_for(1); sink.spans
 
 The binaries come from `make services`; when one is missing the test fails
@@ -202,6 +203,55 @@ def etcd_server(tmp_path):
         yield etcd
     finally:
         etcd.stop()
+
+
+# --- Redis ----------------------------------------------------------------------------
+
+class RedisServer:
+    """A redis-server on a free loopback port, no persistence; stop() and start() keep the port
+    (a restart comes back empty, as a Redis without persistence does)."""
+
+    def __init__(self, binary: str, tmp: Path):
+        self.host, self.port = HOST, free_port()
+        self.url = f"redis://{self.host}:{self.port}/0"
+        cmd = [binary, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
+               "--dir", str(tmp), "--protected-mode", "yes"]
+        self.process = _Process("redis-server", cmd, tmp / "redis.log", self._ping)
+
+    def _ping(self) -> bool:
+        return self.command("PING") == b"+PONG\r\n"
+
+    def command(self, *args: str) -> bytes:
+        """One command over a new connection; the raw RESP reply (first read)."""
+        with socket.create_connection((self.host, self.port), timeout=2) as s:
+            s.sendall(f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args))
+            return s.recv(65536)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def start(self) -> None:
+        self.process.start()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@contextlib.contextmanager
+def redis_server(tmp_path):
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if not binary:
+        _missing("redis-server", "(Debian package redis-server)")
+    tmp = Path(tmp_path)
+    tmp.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(binary, tmp)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- OTLP gRPC trace receiver (in-process) --------------------------------------

@@ -26,6 +26,13 @@ def write(tmp_path, text: str):
     ("observability:\n  metrics: {export_interval_ms: -5}\n", "observability.metrics.export_interval_ms", "greater than"),
     ("deployment:\n  config_provider: redis\n", "deployment.config_provider", "'file' or 'etcd'"),
     ("serverr: {}\n", "serverr", "Extra inputs are not permitted"),
+    ("deployment:\n  rate_limit_store: {kind: memcached}\n", "deployment.rate_limit_store.kind", "'local' or 'redis'"),
+    ('deployment:\n  rate_limit_store: {kind: redis, url: "http://x:1"}\n', "deployment.rate_limit_store.url",
+     "redis://, rediss:// or unix://"),
+    ("deployment:\n  rate_limit_store: {on_store_error: maybe}\n", "deployment.rate_limit_store.on_store_error",
+     "'allow' or 'deny'"),
+    ("deployment:\n  rate_limit_store: {lease_ttl_ms: 10}\n", "deployment.rate_limit_store.lease_ttl_ms",
+     "greater than or equal to 100"),
     ('models:\n  - {name: a, model: "openai/x"}\n  - {name: a, model: "openai/y"}\n', "models.1.name", "duplicate"),
     # integers past int64 (JSON stores, etcd, OTLP and Redis hold no more) crashed start-up with a traceback
     (f"apikeys:\n  - {{key: k, allowed_models: [], rate_limit: {{rpm: {10**30}}}}}\n",
@@ -51,6 +58,12 @@ def test_an_rpm_of_1e30_is_a_config_error_from_the_cli_not_a_traceback(tmp_path)
     r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--config", str(path)],
                        capture_output=True, text=True, timeout=30, env={"OTEL_SDK_DISABLED": "true"}, check=False)
     assert r.returncode == 2 and "models.0.rate_limit.rpm" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_rate_limit_store_defaults_to_local_counters(tmp_path):
+    store = load_config(str(write(tmp_path, "{}\n")), env={}).deployment.rate_limit_store
+    assert (store.kind, store.url, store.key_prefix, store.on_store_error, store.lease_ttl_ms, store.timeout_ms) == \
+        ("local", "redis://127.0.0.1:6379/0", "aisix:", "allow", 10_000, 500)
 
 
 def test_not_yaml_and_missing_file(tmp_path):

@@ -364,7 +364,7 @@ class Flaky(Hook):
             raise GatewayError(400, "nope")
 
 
-def test_thousand_cycles_with_errors_leave_concurrency_at_zero():
+async def test_thousand_cycles_with_errors_leave_concurrency_at_zero():
     env = Env({"concurrency": 1, "tpm": 10**9}, {"concurrency": 1})
     pipeline = Pipeline([env.hook, Flaky()])
     outcomes = {"ok": 0, "hook": 0, "upstream": 0, "cancel": 0}
@@ -379,7 +379,7 @@ def test_thousand_cycles_with_errors_leave_concurrency_at_zero():
     for i in range(1000):
         call = env.call()
         try:
-            passed = pipeline.pre_call(call)
+            passed = await pipeline.pre_call(call)
         except GatewayError as e:
             assert e.status == 400, e.message  # never a 429: every earlier slot came back
             outcomes["hook"] += 1

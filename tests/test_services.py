@@ -51,3 +51,16 @@ def test_trace_sink_receives_spans(trace_sink):
     spans = {s["name"]: s for s in trace_sink.spans}
     assert spans["child"]["parent_span_id"] == spans["parent"]["span_id"]
     assert spans["parent"]["service.name"] == "aisix-test"
+
+
+def test_redis_keeps_its_port_across_a_restart_and_comes_back_empty(redis):
+    assert redis.command("SET", "k", "v") == b"+OK\r\n"
+    assert redis.command("GET", "k") == b"$1\r\nv\r\n"
+    pid, url = redis.pid, redis.url
+    redis.stop()
+    assert redis.pid is None
+    with pytest.raises(OSError):
+        redis.command("PING")
+    redis.start()
+    assert redis.pid != pid and redis.url == url == f"redis://127.0.0.1:{redis.port}/0"
+    assert redis.command("GET", "k") == b"$-1\r\n"  # no persistence: a restart comes back empty

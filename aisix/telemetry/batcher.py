@@ -37,7 +37,9 @@ class Telemetry:
     → first token), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
     ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
-    the trace exporter failed to deliver).
+    the trace exporter failed to deliver), ``aisix_ratelimit_store_errors_total`` (requests whose
+    rate limits the shared store could not count, and its failed releases and renewals; see
+    :mod:`aisix.ratelimit_redis`).
     """
 
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
@@ -48,6 +50,8 @@ class Telemetry:
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
         self._dropped_reported: Counter = Counter()
+        self.ratelimit_store_errors = 0
+        self._store_errors_reported = 0
         self.processed = 0
         self.tick = tick
         self._task: asyncio.Task | None = None
@@ -85,6 +89,14 @@ class Telemetry:
             "was full), span_queue_full / span_export_failed (spans the trace exporter could not take / deliver)")
         for reason in ("queue_full", "span_queue_full", "span_export_failed"):
             self.dropped_count.add(0, {"reason": reason})  # the series exist (at 0) before anything is dropped
+        self.store_error_count = meter.create_counter(
+            "aisix_ratelimit_store_errors",
+            description="requests whose rate limits the shared store could not count; failed releases and renewals")
+        self.store_error_count.add(0)
+
+    def count_ratelimit_store_error(self) -> None:
+        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
+        self.ratelimit_store_errors += 1
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
@@ -140,6 +152,9 @@ class Telemetry:
         for (model, fallback), count in fallbacks.items():
             self.fallback_count.add(count, {"model": model, "fallback": fallback})
         self._report_dropped()
+        if self.ratelimit_store_errors != self._store_errors_reported:
+            self.store_error_count.add(self.ratelimit_store_errors - self._store_errors_reported)
+            self._store_errors_reported = self.ratelimit_store_errors
         self.processed += n
         return n
 
