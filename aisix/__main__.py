@@ -6,7 +6,7 @@ import logging
 import sys
 
 from . import __version__
-from .config import ConfigError, embedded_default, load_config
+from .config import ConfigError, embedded_default, load_config, parse_listen
 from .store import StoreError
 
 
@@ -16,7 +16,7 @@ def _banner(creds):
         proxy, admin = cfg.server.proxy.listen, cfg.server.admin.listen
         lines = [f"aisix serving: proxy http://{proxy}  admin http://{admin}/aisix/admin  (config: {cfg.source})"]
         obs = cfg.observability
-        lines.append(f"telemetry: {'metrics → ' + obs.metrics.otlp_endpoint + ', traces → ' + obs.traces.otlp_endpoint if obs.enabled else 'disabled (OTEL_SDK_DISABLED)'}")
+        lines.append(f"telemetry: {'metrics → ' + obs.metrics.otlp_endpoint + ', traces → ' + obs.traces.otlp_endpoint if obs.enabled else 'disabled (observability.enabled: false or OTEL_SDK_DISABLED=true)'}")
         if creds:
             lines += [
                 f"admin key:  {creds['admin_key']}",
@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    help="logging threshold (DEBUG adds one line per request)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the level is aisix's own; libraries speak from INFO up (their DEBUG would drown the per-request line)
+    logging.basicConfig(level=max(logging.getLevelName(args.log_level), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aisix").setLevel(args.log_level)
     try:
         if args.config:
             config, creds = load_config(args.config), None
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             config, creds = embedded_default(args.data_dir)
         for name, value in (("proxy", args.listen), ("admin", args.admin_listen)):
             if value:  # the listener's other settings stay as the file has them
+                try:
+                    parse_listen(value)
+                except ValueError as e:
+                    raise ConfigError(f"--{name.replace('proxy', 'listen').replace('admin', 'admin-listen')}: {e}") from None
                 old = getattr(config.server, name)
                 setattr(config.server, name, type(old).model_validate({**old.model_dump(), "listen": value}))
     except (ConfigError, ValueError) as e:

@@ -114,8 +114,10 @@ def resolve_model(body: dict, key: ApiKey, snap: Snapshot, rec: RequestRecord) -
     """The configured model the body names, checked against the key. 400 ``model_not_found``,
     403 ``model_access_forbidden``. Only a configured alias ever reaches ``rec.model``."""
     name = body.get("model")
-    if not isinstance(name, str) or not name:
+    if name is None or name == "":
         raise invalid_request("Missing `model` field in request body.", "model_not_found", "model")
+    if not isinstance(name, str):
+        raise invalid_request("`model` must be a string: the name of a configured model.", "invalid_type", "model")
     model = snap.models.get(name)
     if model is None:
         raise invalid_request(f"The model `{name}` does not exist.", "model_not_found", "model")
@@ -467,6 +469,7 @@ async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:
 async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) -> web.StreamResponse:
     headers = _passthrough(up, call.response_headers)
     headers.setdefault("x-request-id", request_id(call.record))
+    headers["x-aisix-request-id"] = request_id(call.record)
     headers["Content-Type"] = up.headers.get("content-type", "text/event-stream")
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"

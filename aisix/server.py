@@ -88,6 +88,7 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         if not resp.prepared:
             if "x-request-id" not in resp.headers:
                 resp.headers["x-request-id"] = request_id(rec)
+            resp.headers["x-aisix-request-id"] = request_id(rec)
             await resp.prepare(request)
             await resp.write_eof()
         if rec.status == 0:
@@ -120,7 +121,7 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         request.app[GATEWAY].telemetry.submit(rec)
         if access_log.isEnabledFor(logging.DEBUG):
             access_log.debug("%s %s %d model=%s %.1fms id=%s", rec.method, rec.endpoint, rec.status,
-                             rec.model or "-", (rec.end_ns - rec.start_ns) / 1e6, request_id(rec))
+                             rec.model or "-", (rec.end_ns - rec.start_ns) / 1e6, request_id(rec))  # = x-aisix-request-id
 
 
 def _unmatched_endpoint(request: web.Request) -> str:
@@ -225,11 +226,14 @@ def _http_error_message(e: web.HTTPException, request: web.Request) -> str:
         return f"Method {request.method} is not allowed on {request.path}"
     if e.status == 413:
         return "The request body is too large."
+    if e.status == 403 and e.text and e.text.startswith("CORS"):  # aiohttp-cors refusing a preflight
+        return f"{e.text} (allowed origins: server.proxy.cors.allow_origins)"
     return e.reason
 
 
 def _http_error_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status, "http_error")
+    return {403: "cors_forbidden", 404: "not_found", 405: "method_not_allowed",
+            413: "request_too_large"}.get(status, "http_error")
 
 
 def _allow_header(e: web.HTTPException) -> dict[str, str]:

@@ -168,3 +168,31 @@ def _listening(port: int) -> bool:
     import socket
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_cli_listen_errors_are_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "aisix", "serve", "--listen", "3200"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=30, env={"OTEL_SDK_DISABLED": "true"}, check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "aisix: --listen: `3200` is not host:port", r.stderr
+
+
+def test_gateway_request_id_is_always_in_x_aisix_request_id_and_the_debug_line(tmp_path, upstream):
+    import asyncio
+    upstream.script("own-id", status=200, headers={"Content-Type": "application/json", "x-request-id": "req_up_1"},
+                    body=b'{"id":"c","object":"chat.completion","model":"up-1","choices":[{"index":0,"message":'
+                    b'{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}')
+    with GatewayProcess(tmp_path, gateway_config(upstream.base_url), args=["--log-level", "debug"]) as gw:
+        for stream in (False, True):
+            got = asyncio.run(post_raw(gw.url + CHAT, chat("own-id" if not stream else "stream", stream)))
+            assert got.status == 200
+            ours = got.headers["x-aisix-request-id"]
+            assert len(ours) == 49 and (stream or got.headers["x-request-id"] == "req_up_1")
+            deadline = time.monotonic() + 5
+            while f"id={ours}" not in gw.output() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert f"id={ours}" in gw.output()
+        assert "DEBUG urllib3" not in gw.output() and "DEBUG grpc" not in gw.output()
+        bad = asyncio.run(post_raw(gw.url + CHAT, {"model": 123, "messages": [{"role": "user", "content": "x"}]}))
+        assert bad.status == 400 and json.loads(bad.body)["error"]["code"] == "invalid_type"
