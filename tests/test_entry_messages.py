@@ -286,6 +286,16 @@ def test_passthrough_decoder_relays_bytes_and_measures(step):
     assert d.done and d.finished and d.end() is None
 
 
+def test_passthrough_decoder_relays_the_upstream_error_event_unless_masked():
+    raw = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n'
+    d = AnthropicEventsDecoder()
+    assert d.feed(SSEParser().feed(raw)[0]) is None and d.error.code == "overloaded_error"
+    assert d.error_event(d.error) == raw
+    d.error.message = "Overloaded ****1234"  # what the redaction does to a message holding a secret
+    assert _events(d.error_event(d.error)) == [("error", {"type": "error", "error": {
+        "type": "overloaded_error", "message": "Overloaded ****1234"}})]
+
+
 def test_passthrough_decoder_adds_message_stop_and_frames_errors():
     d = AnthropicEventsDecoder()
     cut = ANTHROPIC_STREAM[:ANTHROPIC_STREAM.index(b"event: message_stop")]

@@ -31,7 +31,15 @@ from ..errors import GatewayError, invalid_request
 from ..ratelimit import BYTES_PER_TOKEN
 from .base import ChatResult
 from .reencode import ChunkEncoder
-from .translate import as_int, load_object, malformed, message_of, shown
+from .translate import (
+    as_int,
+    guard_answer,
+    load_object,
+    malformed,
+    message_of,
+    opt_list,
+    shown,
+)
 
 #: Anthropic's error ``type`` for each status (https://docs.anthropic.com/en/api/errors).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
@@ -322,6 +330,7 @@ def _arguments(fn: dict, what: str) -> dict:
     return obj
 
 
+@guard_answer
 def message_result(result: ChatResult) -> ChatResult:
     """A whole chat completion (a provider's translated :class:`ChatResult`) as a Message: its
     reasoning as a ``thinking`` block, its text as a ``text`` block, each tool call as a
@@ -337,7 +346,7 @@ def message_result(result: ChatResult) -> ChatResult:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     if isinstance(msg.get("content"), str) and msg["content"]:
         content.append({"type": "text", "text": msg["content"]})
-    for i, tc in enumerate(msg.get("tool_calls") or ()):
+    for i, tc in enumerate(opt_list(msg.get("tool_calls"), "upstream", "response (`tool_calls`)")):
         fn = tc.get("function") if isinstance(tc, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise malformed("upstream", f"response (`tool_calls[{i}]` without a function name)")

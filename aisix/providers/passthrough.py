@@ -24,7 +24,7 @@ from .base import ChatResult, Provider, StreamDecoder, Usage
 from .messages_chat import anthropic_error_body
 from .openai import OpenAIProvider, error_from_event
 from .responses_chat import responses_error_event
-from .translate import as_int, load_object, str_or
+from .translate import as_int, guard_answer, load_object, str_or
 
 #: Client headers an Anthropic upstream gets as sent (https://docs.anthropic.com/en/api/versioning,
 #: https://docs.anthropic.com/en/api/beta-headers); ``anthropic-version`` defaults to :data:`API_VERSION`.
@@ -101,6 +101,7 @@ def openai_request(provider: OpenAIProvider, model: Model, raw: bytes, path: str
 
 
 # -- Anthropic Messages --------------------------------------------------------------------------
+@guard_answer
 def anthropic_result(body: bytes) -> ChatResult:
     """A whole Messages API response, as it is (``body`` unchanged), measured: usage
     (``prompt_tokens`` = ``input_tokens`` + ``cache_creation_input_tokens`` +
@@ -119,18 +120,36 @@ def anthropic_error_event(err: GatewayError) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(anthropic_error_body(err)) + b"\n\n"
 
 
-class AnthropicEventsDecoder(AnthropicStreamDecoder):
+class _UpstreamErrorEvent:
+    """Relays the upstream's own error event as it was sent, unless its message had to change
+    (a secret masked in it): then :meth:`error_event` frames the changed error anew."""
+
+    error: GatewayError | None
+    _error_raw: tuple[bytes, str] | None = None
+
+    def _keep_error(self, event: SSEEvent) -> None:
+        if self.error is not None and self._error_raw is None:
+            self._error_raw = (event.raw, self.error.message)
+
+    def _raw_error(self, err: GatewayError) -> bytes | None:
+        raw = self._error_raw
+        return raw[0] if raw is not None and err is self.error and err.message == raw[1] else None
+
+
+class AnthropicEventsDecoder(_UpstreamErrorEvent, AnthropicStreamDecoder):
     """A Messages API stream relayed as the upstream sent it (every event, ``ping`` and comments
     included, as its raw bytes), measured by :class:`~aisix.providers.anthropic.AnthropicStreamDecoder`'s
     reading of it: usage (``message_start``, then each ``message_delta``), stop reason, ``error``
     events, ``message_stop`` (the end). First token: the first ``content_block_delta`` that
-    carries text, thinking or tool input. A stream that finished without ``message_stop`` gets it."""
+    carries text, thinking or tool input. A stream that finished without ``message_stop`` gets it;
+    an upstream ``error`` event ends it, relayed as sent (framed anew if its message was masked)."""
 
     def __init__(self):
         super().__init__(False)
 
     def feed(self, event: SSEEvent) -> bytes | None:
         super().feed(event)
+        self._keep_error(event)
         return event.raw if self.error is None else None
 
     def on_event(self, obj: dict, name: str | None) -> bytes | None:
@@ -143,7 +162,7 @@ class AnthropicEventsDecoder(AnthropicStreamDecoder):
         return None if self.done else b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
     def error_event(self, err: GatewayError) -> bytes:
-        return anthropic_error_event(err)
+        return self._raw_error(err) or anthropic_error_event(err)
 
 
 # -- OpenAI Responses ----------------------------------------------------------------------------
@@ -162,6 +181,7 @@ def _response_measures(resp: dict) -> tuple[Usage | None, str | None, tuple[str,
     return usage_of_response(resp.get("usage")), str_or(resp.get("model"), None), (finish,) if finish else ()
 
 
+@guard_answer
 def responses_result(body: bytes) -> ChatResult:
     """A whole Responses API ``response`` object, as it is, measured (usage, model, status).
     Raises 502 for a body that is not a JSON object."""
@@ -177,10 +197,11 @@ OUTPUT_EVENTS = frozenset(("response.output_text.delta", "response.function_call
 END_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
 
 
-class ResponsesEventsDecoder(StreamDecoder):
+class ResponsesEventsDecoder(_UpstreamErrorEvent, StreamDecoder):
     """A Responses API stream relayed as the upstream sent it, measured: the first output delta
     (:data:`OUTPUT_EVENTS`) is the first token; ``response.completed`` / ``.incomplete`` /
-    ``.failed`` end it with the response's usage; an ``error`` event ends it with its error.
+    ``.failed`` end it with the response's usage; an ``error`` event ends it with its error
+    (relayed as sent, framed anew if its message was masked).
     Events are read by their ``type`` (the ``event:`` line, else the JSON's ``type``)."""
 
     def __init__(self):
@@ -200,10 +221,13 @@ class ResponsesEventsDecoder(StreamDecoder):
         if not isinstance(obj, dict):
             return event.raw
         kind = kind or obj.get("type")
+        if not isinstance(kind, str):
+            return event.raw
         if kind in OUTPUT_EVENTS:
             self.token = True
         elif kind == "error":
             self.error = error_from_event(obj.get("error") if isinstance(obj.get("error"), dict) else obj, "openai")
+            self._keep_error(event)
             return None
         elif kind in END_EVENTS:
             resp = obj.get("response") if isinstance(obj.get("response"), dict) else {}
@@ -216,4 +240,4 @@ class ResponsesEventsDecoder(StreamDecoder):
         return None
 
     def error_event(self, err: GatewayError) -> bytes:
-        return responses_error_event(err)
+        return self._raw_error(err) or responses_error_event(err)

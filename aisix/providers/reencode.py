@@ -14,7 +14,7 @@ import orjson
 from ..errors import GatewayError
 from ..sse import SSEEvent, SSEParser
 from .base import StreamDecoder
-from .translate import malformed
+from .translate import MALFORMED, malformed
 
 
 class ChunkEncoder:
@@ -154,18 +154,30 @@ class ReencodingDecoder(StreamDecoder):
         self.usage, self.error, self.done, self.finished = inner.usage, inner.error, inner.done, inner.finished
         self.response_model, self.text_chars = inner.response_model, inner.text_chars
 
+    def _guarded(self, fn) -> bytes | None:
+        """``fn()``; an encoder that chokes on a chunk of an unexpected shape ends the stream with
+        a 502 (:attr:`error`) rather than raising."""
+        try:
+            return fn()
+        except GatewayError as e:
+            self.error = e
+        except MALFORMED:
+            self.error = malformed("upstream", "stream event")
+        self.token = False
+        return None
+
     def feed(self, event: SSEEvent) -> bytes | None:
         self.token = False
         data = self.inner.feed(event)
         self._sync()
         if self.error is not None or not data:
             return None
-        return self._encode(data) or None
+        return self._guarded(lambda: self._encode(data)) or None
 
     def end(self) -> bytes | None:
         data = self.inner.end()
         self._sync()
-        return (self._encode(data) if data else b"") + self.encoder.done()
+        return self._guarded(lambda: (self._encode(data) if data else b"") + self.encoder.done())
 
     def error_event(self, err: GatewayError) -> bytes:
         return self.encoder.error_event(err)

@@ -28,7 +28,7 @@ import orjson
 from ..errors import GatewayError, invalid_request
 from .base import ChatResult
 from .reencode import ChunkEncoder
-from .translate import as_int, load_object, malformed, shown
+from .translate import as_int, guard_answer, load_object, malformed, opt_list, shown
 
 #: Request fields that need what only a stateful upstream keeps, and what to call them.
 STATEFUL = (("previous_response_id", "previous_response_id (conversation state kept by the upstream)"),
@@ -275,6 +275,7 @@ def _call_item(call_id: str, name: str, args: str, status: str = "completed", ii
             "call_id": call_id, "name": name}
 
 
+@guard_answer
 def response_result(result: ChatResult, body: dict) -> ChatResult:
     """A whole chat completion (a provider's :class:`ChatResult`) as a ``response`` object:
     reasoning → a ``reasoning`` item (its text as a summary), text → a ``message`` item, each
@@ -289,7 +290,7 @@ def response_result(result: ChatResult, body: dict) -> ChatResult:
         output.append(_reasoning_item(reasoning))
     if isinstance(msg.get("content"), str) and msg["content"]:
         output.append(_message_item(msg["content"]))
-    for i, tc in enumerate(msg.get("tool_calls") or ()):
+    for i, tc in enumerate(opt_list(msg.get("tool_calls"), "upstream", "response (`tool_calls`)")):
         fn = tc.get("function") if isinstance(tc, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise malformed("upstream", f"response (`tool_calls[{i}]` without a function name)")
