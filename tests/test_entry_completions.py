@@ -13,39 +13,28 @@ import anthropic
 import openai
 import pytest
 
-from tests.emulators.anthropic import AnthropicEmulator
-from tests.emulators.openai import OpenAIEmulator
-from tests.harness import GatewayMetrics, GatewayProcess, gateway_config, post_raw
+from tests.entry_e2e import emulators, entry_gateway, series
+from tests.harness import post_raw
 from tests.provider_e2e import Delta
 
 COMPLETIONS = "/v1/completions"
-TOK = "aisix_token_count_total"
 
 
 def tokens(model: str) -> list[tuple[str, dict]]:
-    return [(TOK, {"model": model, "type": t}) for t in ("prompt", "completion", "total")] + [
-        ("aisix_llm_first_token_latency_milliseconds_count", {"model": model})]
+    s = series(model)
+    return [s["prompt"], s["completion"], s["total"], s["first"]]
 
 
 @pytest.fixture(scope="module")
 def emus():
-    with OpenAIEmulator() as o, AnthropicEmulator() as a:
-        yield o, a
+    with emulators() as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, emus, prometheus, sink):
-    o, a = emus
-    up = {"api_key": o.api_key, "api_base": o.base_url}
-    models = [{"name": "gpt", "model": "openai/gpt-3.5-turbo-instruct", "provider_config": up},
-              {"name": "ds", "model": "deepseek/deepseek-chat", "provider_config": up},
-              {"name": "mocked", "model": "mock/mock-1", "provider_config": {"ttft_ms": 0, "tpot_ms": 0, "tokens": 5}},
-              {"name": "claude", "model": "anthropic/claude-sonnet-4-5",
-               "provider_config": {"api_key": a.api_key, "api_base": a.base_url}}]
-    keys = [{"key": "sk-test", "allowed_models": [m["name"] for m in models]}]
-    cfg = gateway_config(o.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models, apikeys=keys)
-    with GatewayProcess(tmp_path_factory.mktemp("gw-completions"), cfg) as proc:
-        proc.metrics = GatewayMetrics(prometheus, proc.instance)
+    with entry_gateway(tmp_path_factory.mktemp("gw-completions"), prometheus, *emus, mock_tokens=5,
+                       traces=sink.endpoint) as proc:
         yield proc
 
 
@@ -59,10 +48,10 @@ def test_whole(gw, emus):
     d = Delta(gw.metrics, tokens("gpt"), COMPLETIONS)
     r = client(gw).completions.create(model="gpt", prompt="Say hello", max_tokens=5, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text == "Hello world"
-    assert r.choices[0].finish_reason == "stop" and r.model == "gpt-3.5-turbo-instruct"
+    assert r.choices[0].finish_reason == "stop" and r.model == "gpt-3.5-turbo-instruct"  # the emulator's legacy model
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (7, 2, 9)
     assert o.last.path == "/v1/completions"
-    assert o.last.json == {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hello", "max_tokens": 5, "temperature": 0}
+    assert o.last.json == {"model": "gpt-4o", "prompt": "Say hello", "max_tokens": 5, "temperature": 0}
     d.expect(tokens("gpt")[0], 7)
     d.expect(tokens("gpt")[1], 2)
     d.expect(tokens("gpt")[2], 9)

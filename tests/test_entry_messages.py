@@ -28,22 +28,11 @@ from aisix.providers.messages_chat import (
 )
 from aisix.providers.passthrough import AnthropicEventsDecoder, rewrite_model
 from aisix.sse import SSEParser
-from tests.emulators.anthropic import AnthropicEmulator
-from tests.emulators.openai import OpenAIEmulator
-from tests.harness import GatewayMetrics, GatewayProcess, gateway_config
+from tests.entry_e2e import emulators, entry_gateway, series
 from tests.provider_e2e import Delta
 from tests.test_provider_anthropic import STREAM as ANTHROPIC_STREAM
 
 MESSAGES = "/v1/messages"
-TOK = "aisix_token_count_total"
-
-
-def series(model: str) -> dict:
-    return {"prompt": (TOK, {"model": model, "type": "prompt"}),
-            "completion": (TOK, {"model": model, "type": "completion"}),
-            "total": (TOK, {"model": model, "type": "total"}),
-            "first": ("aisix_llm_first_token_latency_milliseconds_count", {"model": model}),
-            "first_sum": ("aisix_llm_first_token_latency_milliseconds_sum", {"model": model})}
 
 
 # -- the model rewrite ------------------------------------------------------------------------------
@@ -310,21 +299,14 @@ def test_passthrough_decoder_adds_message_stop_and_frames_errors():
 # -- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def emus():
-    with AnthropicEmulator() as a, OpenAIEmulator() as o:
+    with emulators() as (o, a):
         yield a, o
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, emus, prometheus):
     a, o = emus
-    models = [{"name": "claude", "model": "anthropic/claude-sonnet-4-5",
-               "provider_config": {"api_key": a.api_key, "api_base": a.base_url}},
-              {"name": "gpt", "model": "openai/gpt-4o", "provider_config": {"api_key": o.api_key, "api_base": o.base_url}},
-              {"name": "mocked", "model": "mock/mock-1", "provider_config": {"ttft_ms": 0, "tpot_ms": 0, "tokens": 4}}]
-    keys = [{"key": "sk-test", "allowed_models": ["claude", "gpt", "mocked"]}, {"key": "sk-other", "allowed_models": []}]
-    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models, apikeys=keys)
-    with GatewayProcess(tmp_path_factory.mktemp("gw-messages"), cfg) as proc:
-        proc.metrics = GatewayMetrics(prometheus, proc.instance)
+    with entry_gateway(tmp_path_factory.mktemp("gw-messages"), prometheus, o, a) as proc:
         yield proc
 
 

@@ -25,23 +25,14 @@ from aisix.providers.base import ChatResult
 from aisix.providers.passthrough import ResponsesEventsDecoder
 from aisix.providers.responses_chat import ResponsesEncoder, chat_body, response_result
 from aisix.sse import SSEParser
-from tests.emulators.anthropic import AnthropicEmulator
 from tests.emulators.openai import OpenAIEmulator
-from tests.harness import GatewayMetrics, GatewayProcess, gateway_config
+from tests.entry_e2e import emulators, entry_gateway, series
 from tests.provider_e2e import Delta
 from tests.test_entry_messages import CHAT_CHUNKS, CHAT_RESPONSE
 
 RESPONSES = "/v1/responses"
-TOK = "aisix_token_count_total"
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-def series(model: str) -> dict:
-    return {"prompt": (TOK, {"model": model, "type": "prompt"}),
-            "completion": (TOK, {"model": model, "type": "completion"}),
-            "total": (TOK, {"model": model, "type": "total"}),
-            "first": ("aisix_llm_first_token_latency_milliseconds_count", {"model": model})}
 
 
 # -- Responses → chat -----------------------------------------------------------------------------
@@ -194,23 +185,13 @@ def test_passthrough_decoder_relays_and_measures():
 # -- end to end -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def emus():
-    with OpenAIEmulator() as o, AnthropicEmulator() as a:
-        yield o, a
+    with emulators() as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, emus, prometheus):
-    o, a = emus
-    up = {"api_key": o.api_key, "api_base": o.base_url}
-    models = [{"name": "gpt", "model": "openai/gpt-4o", "provider_config": up},
-              {"name": "ds", "model": "deepseek/deepseek-chat", "provider_config": up},
-              {"name": "claude", "model": "anthropic/claude-sonnet-4-5",
-               "provider_config": {"api_key": a.api_key, "api_base": a.base_url}},
-              {"name": "mocked", "model": "mock/mock-1", "provider_config": {"ttft_ms": 0, "tpot_ms": 0, "tokens": 3}}]
-    keys = [{"key": "sk-test", "allowed_models": [m["name"] for m in models]}]
-    cfg = gateway_config(o.base_url, prom_otlp=prometheus.otlp_url, models=models, apikeys=keys)
-    with GatewayProcess(tmp_path_factory.mktemp("gw-responses"), cfg) as proc:
-        proc.metrics = GatewayMetrics(prometheus, proc.instance)
+    with entry_gateway(tmp_path_factory.mktemp("gw-responses"), prometheus, *emus, mock_tokens=3) as proc:
         yield proc
 
 
