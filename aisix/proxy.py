@@ -3,7 +3,9 @@
 authentication → model and access checks → pre-call hooks → provider call → (relay) →
 post-call hooks. Handlers fill the request's :class:`~aisix.telemetry.RequestRecord`; the
 server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
-``GET /v1/models`` (https://platform.openai.com/docs/api-reference/chat).
+``GET /v1/models`` (https://platform.openai.com/docs/api-reference/chat); the other client APIs
+(``/v1/messages``, ``/v1/responses``, ``/v1/completions``) are in :mod:`aisix.entry`, built on
+the pieces here.
 """
 from __future__ import annotations
 

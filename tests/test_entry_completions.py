@@ -139,3 +139,24 @@ def test_spans_name_each_route_and_operation(gw, emus, sink):
     assert {r: spans[r]["gen_ai.operation.name"] for r in spans} == routes
     assert spans["/v1/messages"]["gen_ai.provider.name"] == "anthropic"
     assert spans["/v1/responses"]["gen_ai.provider.name"] == "deepseek"
+
+
+def test_openapi_documents_every_entry_route():
+    """``GET /openapi`` has each route aisix.entry registers, valid, on the proxy listener, with the
+    error envelope the route answers in."""
+    from aiohttp import web
+    from openapi_spec_validator import validate as validate_spec
+
+    from aisix.entry import add_routes
+    from aisix.openapi import openapi_document
+    doc = openapi_document()
+    validate_spec(doc)
+    app = web.Application()
+    add_routes(app)
+    routes = {r.resource.canonical: r.method.lower() for r in app.router.routes()}
+    assert set(routes) == {"/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions"}
+    for path, method in routes.items():
+        item = doc["paths"][path]
+        assert "proxy listener" in item["servers"][0]["description"]
+        err = item[method]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert err.endswith("AnthropicError" if path.startswith("/v1/messages") else "/Error")
