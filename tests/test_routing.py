@@ -136,17 +136,19 @@ def dep(i: str, base: str, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, ups, prometheus):
+def gw(tmp_path_factory, ups, prometheus, sink):
     a, b, c = ups
     dead = f"http://{HOST}:{free_port()}/v1"
     models = [
         {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
+        {"name": "alternate", "deployments": [dep("down", dead), dep("up", a.base_url)],
+         "routing": {"strategy": "round_robin", "allowed_fails": 1000}},
         {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}, "fallbacks": ["backup"]},
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
-    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair"]}])
+    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "alternate"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -240,3 +242,33 @@ def test_a_400_is_not_retried(gw, ups):
         client(gw).chat.completions.create(model="pair", messages=[{"role": "user", "content": "bad"}])
     assert e.value.param == "messages" and e.value.response.headers["x-aisix-attempts"] == "1"
     assert seen(a, "bad") - na + seen(b, "bad") - nb == 1
+
+
+def test_one_client_span_per_attempt_and_the_upstream_sees_its_own(gw, ups, sink):
+    a = ups[0]
+    a.script("spans", status=200, headers=JSON, body=b'{"id":"c","object":"chat.completion","model":"up-1",'
+             b'"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+             b'"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}')
+    for _ in range(2):  # round robin: one of two requests starts at the dead deployment
+        r = client(gw).chat.completions.with_raw_response.create(model="alternate",
+                                                                  messages=[{"role": "user", "content": "spans"}])
+        if r.headers["x-aisix-attempts"] != "1":
+            break
+    n = int(r.headers["x-aisix-attempts"])
+    assert n == 2
+    trace_id, server_id = r.headers["x-aisix-request-id"].split("-")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len([s for s in sink.spans if s["trace_id"] == trace_id]) < n + 1:
+        time.sleep(0.05)
+    mine = [s for s in sink.spans if s["trace_id"] == trace_id]
+    server = [s for s in mine if s["kind"] == 2]
+    clients = sorted((s for s in mine if s["kind"] == 3), key=lambda s: s["start_ns"])
+    assert len(server) == 1 and server[0]["span_id"] == server_id and len(clients) == n
+    assert all(c["parent_span_id"] == server_id and c["name"] == "chat up-1" for c in clients)
+    for c in clients[:-1]:  # the failed ones: the dead deployment
+        assert c["attributes"]["aisix.deployment"] == "down" and c["attributes"]["error.type"] == "connect_error"
+        assert c["status_code"] == 2  # ERROR
+    ok = clients[-1]
+    assert ok["attributes"]["aisix.deployment"] == "up" and ok["attributes"]["http.response.status_code"] == 200
+    assert ok["attributes"]["gen_ai.usage.output_tokens"] == 1 and "error.type" not in ok["attributes"]
+    assert a.last("spans").headers["traceparent"] == f"00-{trace_id}-{ok['span_id']}-01"
