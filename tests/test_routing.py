@@ -141,6 +141,8 @@ def gw(tmp_path_factory, ups, prometheus, sink):
     dead = f"http://{HOST}:{free_port()}/v1"
     models = [
         {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
+        {"name": "pair2", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
+         "routing": {"strategy": "round_robin"}},
         {"name": "alternate", "deployments": [dep("down", dead), dep("up", a.base_url)],
          "routing": {"strategy": "round_robin", "allowed_fails": 1000}},
         {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
@@ -148,7 +150,7 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "alternate"]}])
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -272,3 +274,29 @@ def test_one_client_span_per_attempt_and_the_upstream_sees_its_own(gw, ups, sink
     assert ok["attributes"]["aisix.deployment"] == "up" and ok["attributes"]["http.response.status_code"] == 200
     assert ok["attributes"]["gen_ai.usage.output_tokens"] == 1 and "error.type" not in ok["attributes"]
     assert a.last("spans").headers["traceparent"] == f"00-{trace_id}-{ok['span_id']}-01"
+
+
+def test_admin_health_lists_each_deployment_and_its_cooldown(gw, ups):
+    import json
+    import urllib.request
+    a, b, _ = ups
+    a.script("health", status=429, headers={**JSON, "Retry-After": "30"},
+             body=b'{"error":{"message":"slow","type":"requests","code":"rate_limit_exceeded"}}')
+    b.script("health", writes=[(0, ev(ROLE)), (0, ev(TXT("b"))), (0, ev(STOP)), (0, DONE)])
+    for _ in range(2):  # round robin: one of the two reaches a, which cools down for 30 s
+        asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+            "model": "pair2", "stream": True, "messages": [{"role": "user", "content": "health"}]}))
+    req = urllib.request.Request(gw.admin_url + "/health/models", headers={"Authorization": "Bearer admin-test-key"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        doc = json.loads(r.read())
+    rows = {(x["model"], x["deployment"]): x for x in doc["list"]}
+    assert set(rows) >= {("pair2", "a"), ("pair2", "b"), ("pair", "a"), ("half-down", "up"), ("half-down", "down"), ("backup", "default")}
+    assert rows[("pair2", "a")]["state"] == "cooling_down" and 25_000 < rows[("pair2", "a")]["cooldown_remaining_ms"] <= 30_000
+    assert rows[("pair2", "b")]["state"] == "healthy" and rows[("pair2", "b")]["in_flight"] == 0
+    assert rows[("pair2", "b")]["ewma_first_byte_ms"] > 0 and rows[("pair2", "a")]["upstream"] == "openai/up-1"
+    unauth = urllib.request.Request(gw.admin_url + "/health/models")
+    try:
+        urllib.request.urlopen(unauth, timeout=5)
+        raise AssertionError("no key, yet 200")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
