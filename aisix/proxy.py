@@ -21,7 +21,7 @@ from .errors import GatewayError, invalid_request, upstream_unreachable
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
-from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
+from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES, charged_tokens
 from .redact import redact
 from .relay import StreamRelay
 from .resources import ApiKey, Model, hash_key
@@ -269,7 +269,10 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
             rec.fallbacks.append(model.name)
         tried: set[str] = set()
         for _ in range(1 + model.retries):
-            target = router.choose(model, tried, time.monotonic())
+            target = router.choose(model, tried, time.monotonic(), time.time())
+            if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
+                error = error or deployments_full(model)
+                break
             tried.add(target.deployment_id)
             attempts += 1
             call.target = target
@@ -279,7 +282,7 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
             provider = get_provider(target.provider)
             call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
                                          server_address(provider.base_url(target)), new_span_id(), perf_counter_ns())
-            router.started(target)
+            router.started(target, time.time())
             call.upstream_called = False
             try:
                 resp = await attempt(provider, target)
@@ -298,6 +301,8 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
                 continue
             finally:
                 router.finished(target)
+                if target.capacity is not None:
+                    router.charge(target, charged_tokens(call), time.time())
             att.end(str(call.upstream_status), True, perf_counter_ns())
             rec.attempts.append(att)
             return resp
@@ -308,6 +313,14 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
 def server_address(base_url: str) -> str:
     """The host of an upstream's base URL (the span's ``server.address``)."""
     return urlsplit(base_url).hostname or ""
+
+
+def deployments_full(model: Model) -> GatewayError:
+    """429 when no deployment of ``model`` has room under its own ``rate_limit``; ``Retry-After``
+    is the start of the next clock-aligned minute."""
+    wait = 60 - int(time.time()) % 60
+    return GatewayError(429, f"Every deployment of model `{model.name}` is at its rate limit; retry in {wait} s.",
+                        "rate_limit_error", "deployment_capacity_exceeded", {"Retry-After": str(wait)})
 
 
 def attempt_status(err: GatewayError) -> str:

@@ -121,6 +121,26 @@ def test_config_shape_is_validated():
     assert Model.model_validate(m.model_dump(mode="json", exclude_unset=True)).targets[0].deployment_id == "a"
 
 
+def test_a_deployment_without_room_under_its_own_rate_limit_is_skipped():
+    m = Model(name="g", deployments=[{"id": "small", "model": "openai/x", "rate_limit": {"rpm": 2, "tpm": 100}},
+                                     {"id": "big", "model": "openai/x", "rate_limit": {"concurrency": 1}}],
+              routing={"strategy": "round_robin"})
+    r, wall = Router(), 6000.0  # a minute boundary
+    small, big = m.targets
+    r.started(small, wall)
+    r.finished(small)
+    r.started(small, wall + 1)
+    r.finished(small)
+    assert all(r.choose(m, set(), 0, wall + 2) is big for _ in range(4))  # small used its 2 requests
+    r.started(big, wall + 2)
+    assert r.choose(m, set(), 0, wall + 3) is None  # big: 1 in flight of 1; small: full
+    assert r.choose(m, set(), 0, wall + 60) is small  # a new minute: small has room again
+    r.finished(big)
+    r.charge(small, 100, wall + 61)
+    assert r.choose(m, {"big"}, 0, wall + 62) is big  # small spent its tpm
+    assert r.health([m], 0)[0]["in_flight"] == 0
+
+
 # -- real gateways ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ups():
@@ -141,6 +161,8 @@ def gw(tmp_path_factory, ups, prometheus, sink):
     dead = f"http://{HOST}:{free_port()}/v1"
     models = [
         {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
+        {"name": "capped", "deployments": [dep("one", a.base_url, rate_limit={"rpm": 1}),
+                                           dep("two", b.base_url, rate_limit={"rpm": 1})]},
         {"name": "pair2", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}},
         {"name": "alternate", "deployments": [dep("down", dead), dep("up", a.base_url)],
@@ -150,7 +172,7 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate"]}])
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -300,3 +322,19 @@ def test_admin_health_lists_each_deployment_and_its_cooldown(gw, ups):
         raise AssertionError("no key, yet 200")
     except urllib.error.HTTPError as e:
         assert e.code == 401
+
+
+def test_every_deployment_at_its_rate_limit_is_a_429_and_each_served_its_share(gw, ups):
+    a, b, _ = ups
+    for up in (a, b):
+        up.script("capped", writes=[(0, ev(ROLE)), (0, ev(TXT("x"))), (0, ev(STOP)), (0, DONE)])
+    if time.time() % 60 > 50:  # the windows are clock-aligned minutes: start in a fresh one
+        time.sleep(61 - time.time() % 60)
+    got = [asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+        "model": "capped", "stream": True, "messages": [{"role": "user", "content": "capped"}]})) for _ in range(3)]
+    assert [g.status for g in got] == [200, 200, 429]
+    assert {g.headers["x-aisix-deployment"] for g in got[:2]} == {"capped/one", "capped/two"}
+    import json
+    err = json.loads(got[2].body)["error"]
+    assert err["code"] == "deployment_capacity_exceeded" and 0 < int(got[2].headers["Retry-After"]) <= 60
+    assert (seen(a, "capped"), seen(b, "capped")) == (1, 1)
