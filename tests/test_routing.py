@@ -338,3 +338,61 @@ def test_every_deployment_at_its_rate_limit_is_a_429_and_each_served_its_share(g
     err = json.loads(got[2].body)["error"]
     assert err["code"] == "deployment_capacity_exceeded" and 0 < int(got[2].headers["Retry-After"]) <= 60
     assert (seen(a, "capped"), seen(b, "capped")) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def gw_split(tmp_path_factory, ups, prometheus):
+    a, b, c = ups
+    models = [{"name": "split", "deployments": [dep("heavy", a.base_url, weight=3), dep("light", b.base_url)]},
+              {"name": "busy", "deployments": [dep("a", a.base_url), dep("c", c.base_url)],
+               "routing": {"strategy": "least_busy"}}]
+    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["split", "busy"]}])
+    with GatewayProcess(tmp_path_factory.mktemp("gw-split"), cfg) as g:
+        yield g
+
+
+def test_weights_hold_over_a_thousand_requests_and_attempts_counted_are_attempts_seen(gw_split, ups, prometheus):
+    a, b, _ = ups
+    body = (b'{"id":"c","object":"chat.completion","model":"up-1","choices":[{"index":0,"message":'
+            b'{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}')
+    for up in (a, b):
+        up.script("split", status=200, headers=JSON, body=body)
+
+    async def run():
+        import aiohttp
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(gw_split.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                                  json={"model": "split", "messages": [{"role": "user", "content": "split"}]}) as r:
+                    assert r.status == 200
+                    return r.headers["x-aisix-deployment"]
+            out = []
+            for _ in range(10):  # 1 000 requests, 100 at a time
+                out += await asyncio.gather(*(one() for _ in range(100)))
+            return out
+    picks = asyncio.run(run())
+    heavy, light = seen(a, "split"), seen(b, "split")
+    assert heavy + light == 1000 and picks.count("split/heavy") == heavy
+    assert abs(heavy / 1000 - 0.75) < 0.05, heavy
+    m = GatewayMetrics(prometheus, gw_split.instance)
+    m.wait_value("aisix_upstream_request_count_total", heavy, model="split", deployment="heavy", status_code="200")
+    m.wait_value("aisix_upstream_request_count_total", light, model="split", deployment="light", status_code="200")
+
+
+def test_least_busy_sends_a_new_request_to_the_idle_deployment(gw_split, ups):
+    a, _, c = ups
+    slow = [(0, ev(ROLE))] + [(0.2, ev(TXT("."))) for _ in range(10)] + [(0, ev(STOP)), (0, DONE)]
+    a.script("busy", writes=slow)
+    c.script("busy", writes=slow)
+
+    async def run():
+        first = asyncio.create_task(post_raw(gw_split.url + "/v1/chat/completions", {
+            "model": "busy", "stream": True, "messages": [{"role": "user", "content": "busy"}]}))
+        await asyncio.sleep(0.5)  # the first stream is under way on one deployment
+        second = await post_raw(gw_split.url + "/v1/chat/completions", {
+            "model": "busy", "stream": True, "messages": [{"role": "user", "content": "busy"}]})
+        return await first, second
+    first, second = asyncio.run(run())
+    assert first.status == second.status == 200
+    assert first.headers["x-aisix-deployment"] != second.headers["x-aisix-deployment"]
