@@ -154,6 +154,8 @@ class Deployment(BaseModel):
     model: str = Field(..., description="`{provider}/{model_id}`", json_schema_extra={"pattern": _MODEL_PATTERN})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
     weight: int = Field(1, ge=1, le=1_000_000, description="share of the traffic under `weighted` (default 1)")
+    rate_limit: RateLimit | None = Field(None, description="this deployment's own capacity (rpm, tpm, concurrency; "
+                                         "counted per process): a deployment without room is skipped")
 
     @field_validator("id")
     @classmethod
@@ -210,6 +212,7 @@ class Model(BaseModel):
     rate_limit: RateLimit | None = None
     _targets: tuple = PrivateAttr(())
     _deployment: str = PrivateAttr("default")
+    _capacity: RateLimit | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -244,6 +247,7 @@ class Model(BaseModel):
             t = Model.model_construct(name=self.name, model=d.model, provider_config=d.provider_config,
                                       deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None)
             t._deployment = d.id
+            t._capacity = d.rate_limit
             t._targets = (t,)
             targets.append(t)
         self._targets = tuple(targets)
@@ -257,6 +261,11 @@ class Model(BaseModel):
     def deployment_id(self) -> str:
         """This target's deployment id (``default`` for the one-upstream shape)."""
         return self._deployment
+
+    @property
+    def capacity(self) -> RateLimit | None:
+        """This target's deployment ``rate_limit`` (None: no limit of its own)."""
+        return self._capacity
 
     @property
     def retries(self) -> int:

@@ -64,7 +64,7 @@ async def translated(request: web.Request, call: Call, provider: Provider, targe
                      encoder: ChunkEncoder, result) -> web.StreamResponse:
     """The request as the chat completion ``chat`` to ``provider`` (its own translator), the answer
     back through ``encoder`` (streamed) or ``result(ChatResult) -> ChatResult`` (whole)."""
-    trace = _upstream_headers(call.record)
+    trace = _upstream_headers(call)
     up = await call_streamable(request, call, provider, stream,
                                lambda: provider.chat_request(target, dict(chat), stream, trace))
     decoder = ReencodingDecoder(provider.stream_decoder(True), encoder)

@@ -25,7 +25,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
         up = await call_streamable(request, call, provider, stream, lambda: provider.completions_request(
-            target, body, stream, _upstream_headers(call.record)))
+            target, body, stream, _upstream_headers(call)))
         return await respond(request, call, up, stream, provider.stream_decoder(include_usage), provider.chat_response)
 
     return await run(request, call, attempt)

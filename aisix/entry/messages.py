@@ -69,7 +69,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
         if provider.name == "anthropic":
             upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id), "/messages",
-                                      request.headers, _upstream_headers(call.record))
+                                      request.headers, _upstream_headers(call))
             up = await _call_upstream(request, call, provider, upreq)
             return await respond(request, call, up, stream, AnthropicEventsDecoder(), anthropic_result)
         chat = chat_body(body, chat_max_tokens_field(provider.name))
@@ -88,7 +88,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         if provider.name != "anthropic":
             return _estimate(body, call.response_headers)
         upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id),
-                                  "/messages/count_tokens", request.headers, _upstream_headers(call.record))
+                                  "/messages/count_tokens", request.headers, _upstream_headers(call))
         up = await _call_upstream(request, call, provider, upreq)
         try:
             data = await up.read()

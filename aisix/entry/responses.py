@@ -33,7 +33,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
         if provider.name == "openai":
             upreq = openai_request(provider, target, rewrite_model(raw, body, target.model_id), "/responses",
-                                   _upstream_headers(call.record))
+                                   _upstream_headers(call))
             up = await _call_upstream(request, call, provider, upreq)
             return await respond(request, call, up, stream, ResponsesEventsDecoder(), responses_result)
         chat = chat_body(body, chat_max_tokens_field(provider.name))
