@@ -56,8 +56,21 @@ def invalid_request(message: str, code: str | None = None, param: str | None = N
 
 
 def upstream_unreachable(message: str) -> GatewayError:
-    """502: the upstream could not be reached or broke the connection."""
+    """502 ``upstream_unreachable``: the upstream could not be reached (refused, reset or closed
+    before it answered)."""
     return GatewayError(502, message, "api_error", "upstream_unreachable")
+
+
+def upstream_malformed(message: str) -> GatewayError:
+    """502 ``upstream_malformed_response``: the upstream answered, with something that is not what
+    its API documents (a body that is not JSON, an event of the wrong shape, bad HTTP framing)."""
+    return GatewayError(502, message, "api_error", "upstream_malformed_response")
+
+
+def upstream_stream_broken(message: str) -> GatewayError:
+    """502 ``upstream_stream_broken``: the upstream's answer began, then its connection broke or
+    it closed before the response was complete (a stream before its finish, a body cut short)."""
+    return GatewayError(502, message, "api_error", "upstream_stream_broken")
 
 
 def upstream_too_large(message: str) -> GatewayError:

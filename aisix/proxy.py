@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from .errors import GatewayError, invalid_request, upstream_unreachable
+from .errors import GatewayError, invalid_request, upstream_malformed
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
@@ -164,7 +164,7 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
             if provider.refused_credentials(up.status, err):
                 err = upstream_refused_credentials(err, target)
         else:
-            err = upstream_unreachable(f"upstream {target.provider} answered HTTP {up.status}")
+            err = upstream_malformed(f"upstream {target.provider} answered HTTP {up.status}")
         err.upstream_status = up.status
         err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
         raise err
@@ -336,7 +336,10 @@ def deployments_full(model: Model) -> GatewayError:
 
 def attempt_status(err: GatewayError) -> str:
     """The ``status_code`` label of a failed attempt: the upstream's HTTP status, or
-    ``connect_error`` / ``timeout`` when it did not answer."""
+    ``connect_error`` / ``timeout`` when it did not answer, ``malformed_response`` /
+    ``stream_broken`` when its answer was unreadable or cut short."""
+    if err.code in ("upstream_malformed_response", "upstream_stream_broken") and not err.upstream_status:
+        return err.code.removeprefix("upstream_")
     kind = failure_kind(err)
     return kind if isinstance(kind, str) else str(err.upstream_status if err.upstream_status != 200 else kind)
 
@@ -432,7 +435,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
         finally:
             rec.llm_end_ns = perf_counter_ns()
             up.close()
-        raise upstream_unreachable(f"upstream {model.provider} did not answer with an event stream")
+        raise upstream_malformed(f"upstream {model.provider} did not answer with an event stream")
     out: web.StreamResponse | None = None
     relay = StreamRelay(decoder, model.provider, perf_counter_ns())
     idle_ms = model.provider_config.stream_idle_timeout_ms

@@ -12,7 +12,7 @@ bytes (or the provider's translation); nothing after ``[DONE]`` is relayed, what
 """
 from __future__ import annotations
 
-from .errors import GatewayError, upstream_unreachable
+from .errors import GatewayError, upstream_malformed, upstream_stream_broken
 from .providers import StreamDecoder
 from .sse import SSEParser
 
@@ -80,9 +80,9 @@ class StreamRelay:
                     self.clean = ev is events[-1] and not self.parser.pending
                     break
         except _CHOKES as e:
-            self.error = upstream_unreachable(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
+            self.error = upstream_malformed(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
         if not self.over and len(self.parser.pending) > MAX_EVENT_BYTES:
-            self.error = upstream_unreachable(f"upstream {self.provider} sent an event over {MAX_EVENT_BYTES} bytes")
+            self.error = upstream_malformed(f"upstream {self.provider} sent an event over {MAX_EVENT_BYTES} bytes")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @property
@@ -100,13 +100,13 @@ class StreamRelay:
             try:
                 out = self.decoder.feed(tail) or b""
             except _CHOKES as e:
-                self.error = upstream_unreachable(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
+                self.error = upstream_malformed(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
                 return b""
             if self.decoder.error is not None:
                 self.error = self.decoder.error
                 return b""
         if not self.decoder.finished:
-            self.error = upstream_unreachable("the upstream closed the stream before it finished")
+            self.error = upstream_stream_broken("the upstream closed the stream before it finished")
             return out
         return out + self._finish()
 

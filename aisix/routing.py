@@ -65,10 +65,12 @@ class DeploymentState:
 
 def failure_kind(err: GatewayError) -> str | int:
     """What an attempt's failure was, as ``routing.retry_on`` names it: ``connect_error`` (the
-    upstream did not answer), ``timeout``, or the HTTP status it stands for (an error inside a
-    stream that answered 200 counts as the status it carries)."""
+    upstream could not be reached), ``timeout``, or the HTTP status it stands for (an error inside a
+    stream that answered 200 counts as the status it carries; a malformed or broken answer is 502)."""
     if not err.upstream_status:
-        return "timeout" if err.status == 504 else "connect_error"
+        if err.status == 504:
+            return "timeout"
+        return "connect_error" if err.code == "upstream_unreachable" else err.status
     return err.status if err.upstream_status == 200 else err.upstream_status
 
 

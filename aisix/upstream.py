@@ -20,6 +20,7 @@ import aiohttp
 from .errors import (
     GatewayError,
     upstream_body_too_large,
+    upstream_stream_broken,
     upstream_timeout,
     upstream_unreachable,
 )
@@ -104,7 +105,7 @@ class _AiohttpResponse:
         except asyncio.TimeoutError as e:
             raise upstream_timeout("the upstream stream stalled (read timeout)") from e
         except aiohttp.ClientError as e:
-            raise upstream_unreachable(f"the upstream connection broke mid-stream: {type(e).__name__}") from e
+            raise upstream_stream_broken(f"the upstream connection broke mid-stream: {type(e).__name__}") from e
 
     def close(self) -> None:
         self._resp.close()

@@ -66,6 +66,8 @@ from yarl import URL
 from .errors import (
     GatewayError,
     upstream_body_too_large,
+    upstream_malformed,
+    upstream_stream_broken,
     upstream_timeout,
     upstream_too_large,
     upstream_unreachable,
@@ -152,7 +154,7 @@ class _Conn(asyncio.Protocol):
             if self.complete:  # e.g. bytes after a `Connection: close` response
                 self._extra_bytes()
             else:
-                self.lost = self.lost or upstream_unreachable(f"the upstream sent a malformed HTTP response: {e}")
+                self.lost = self.lost or upstream_malformed(f"the upstream sent a malformed HTTP response: {e}")
                 self.abort()
                 return
         if not self.headers_done and self.head_size > MAX_HEAD_BYTES and self.lost is None:
@@ -203,7 +205,7 @@ class _Conn(asyncio.Protocol):
             self.keep = False
         elif not self.complete and self.lost is None:
             if self.headers_done:
-                self.lost = upstream_unreachable("the upstream connection broke mid-body")
+                self.lost = upstream_stream_broken("the upstream connection broke mid-body")
             else:
                 self.lost = _Lost(f"the upstream closed the connection before answering: {exc or 'eof'}")
         self._wake()

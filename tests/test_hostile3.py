@@ -212,6 +212,6 @@ async def test_spans_lost_while_the_trace_receiver_is_down_are_counted(tmp_path,
                     assert r.status == 200
                     await r.read()
         m = GatewayMetrics(prometheus, gw.instance)
-        # every request's span (+ the harness's readiness probe) is lost, and counted
-        m.wait_value("aisix_telemetry_dropped_total", n + 1, timeout=30, reason="span_export_failed")
+        # every request's SERVER and CLIENT (upstream attempt) span, + the readiness probe's, is lost and counted
+        m.wait_value("aisix_telemetry_dropped_total", 2 * n + 1, timeout=30, reason="span_export_failed")
         assert m.value("aisix_telemetry_dropped_total", reason="queue_full") == 0

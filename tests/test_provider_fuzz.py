@@ -380,7 +380,7 @@ def test_request_nested_too_deeply_to_encode_is_400():
 def test_anthropic_malformed_response_is_502(body):
     with pytest.raises(GatewayError) as e:
         ANTHROPIC.chat_response(orjson.dumps(body))
-    assert e.value.status == 502 and e.value.code == "upstream_unreachable" and "malformed" in e.value.message
+    assert e.value.status == 502 and e.value.code == "upstream_malformed_response" and "malformed" in e.value.message
 
 
 @pytest.mark.parametrize("body", [
@@ -438,7 +438,7 @@ def test_anthropic_stream_unhashable_stop_reason_is_stop(event):
 def test_gemini_malformed_response_is_502(body):
     with pytest.raises(GatewayError) as e:
         GEMINI.chat_response(orjson.dumps(body))
-    assert e.value.status == 502 and e.value.code == "upstream_unreachable" and "malformed" in e.value.message
+    assert e.value.status == 502 and e.value.code == "upstream_malformed_response" and "malformed" in e.value.message
 
 
 def test_gemini_malformed_metadata_is_ignored():

@@ -142,7 +142,7 @@ def test_error_as_first_event_keeps_its_status_and_writes_nothing():
 
 def test_close_before_finish_is_502_and_a_finish_without_done_gets_one():
     r, got = run("openai", ev(ROLE) + ev(TXT("a")), [])
-    assert r.error.status == 502 and r.error.code == "upstream_unreachable" and not r.ended
+    assert r.error.status == 502 and r.error.code == "upstream_stream_broken" and not r.ended
     r, got = run("openai", ev(ROLE) + ev(TXT("a")) + ev(STOP) + b"data: {\"choices\":[]}", [])  # no blank line
     assert r.error is None and r.ended and got.endswith(DONE) and not r.clean
 

@@ -396,3 +396,14 @@ def test_least_busy_sends_a_new_request_to_the_idle_deployment(gw_split, ups):
     first, second = asyncio.run(run())
     assert first.status == second.status == 200
     assert first.headers["x-aisix-deployment"] != second.headers["x-aisix-deployment"]
+
+
+def test_failures_say_what_happened():
+    from aisix.errors import upstream_malformed, upstream_stream_broken
+    from aisix.proxy import attempt_status
+    assert attempt_status(upstream_unreachable("refused")) == "connect_error"
+    assert attempt_status(failure(504, None)) == "timeout"
+    assert attempt_status(upstream_malformed("not JSON")) == "malformed_response"
+    assert attempt_status(upstream_stream_broken("cut")) == "stream_broken"
+    assert attempt_status(failure(503, 503)) == "503"
+    assert failure_kind(upstream_malformed("x")) == 502 and retryable(upstream_stream_broken("x"), group())

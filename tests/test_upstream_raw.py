@@ -447,7 +447,7 @@ async def test_broken_connection_mid_body_is_502():
         assert await it.__anext__() == b"part"
         with pytest.raises(GatewayError) as e:
             await it.__anext__()
-        assert e.value.status == 502 and e.value.code == "upstream_unreachable"
+        assert e.value.status == 502 and e.value.code == "upstream_stream_broken"
         await pool.close()
 
 

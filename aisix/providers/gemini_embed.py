@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..errors import invalid_request, upstream_unreachable
+from ..errors import invalid_request, upstream_malformed
 from ..upstream import UpstreamRequest
 from .base import ChatResult, Usage
 from .translate import as_int
@@ -67,7 +67,7 @@ def _encode(values: list[float]) -> str:
     try:
         return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
     except (struct.error, OverflowError):
-        raise upstream_unreachable("upstream gemini sent an embedding value out of float32 range") from None
+        raise upstream_malformed("upstream gemini sent an embedding value out of float32 range") from None
 
 
 def _is_number(v) -> bool:
@@ -79,14 +79,14 @@ def embeddings_to_openai(obj: dict, request: UpstreamRequest | None) -> ChatResu
     req = request if isinstance(request, EmbedRequest) else None
     embs = obj.get("embeddings")
     if not isinstance(embs, list) or (req is not None and len(embs) != req.inputs):
-        raise upstream_unreachable("upstream gemini sent an unexpected embeddings body")
+        raise upstream_malformed("upstream gemini sent an unexpected embeddings body")
     data = []
     for i, e in enumerate(embs):
         values = e.get("values") if isinstance(e, dict) else None
         if not isinstance(values, list):
-            raise upstream_unreachable("upstream gemini sent an embedding without values")
+            raise upstream_malformed("upstream gemini sent an embedding without values")
         if not all(map(_is_number, values)):
-            raise upstream_unreachable("upstream gemini sent a malformed embedding (a value that is not a number)")
+            raise upstream_malformed("upstream gemini sent a malformed embedding (a value that is not a number)")
         data.append({"object": "embedding", "index": i,
                      "embedding": _encode(values) if req and req.encode_base64 else values})
     meta = obj.get("usageMetadata")

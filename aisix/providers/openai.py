@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from ..errors import GatewayError, upstream_unreachable
+from ..errors import GatewayError, upstream_malformed
 from ..resources import Model
 from ..sse import SSEEvent
 from ..upstream import UpstreamRequest
@@ -163,7 +163,7 @@ class OpenAIProvider(Provider):
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as e:
-            raise upstream_unreachable(f"upstream {self.name} sent a body that is not JSON") from e
+            raise upstream_malformed(f"upstream {self.name} sent a body that is not JSON") from e
         if isinstance(obj, dict) and obj.get("error") is not None and "choices" not in obj:
             e = error_from_event(obj["error"], self.name)  # a 200 whose body is an error: keep its message
             e.status = 502
@@ -171,7 +171,7 @@ class OpenAIProvider(Provider):
             raise e
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) and not isinstance(obj.get("data") if isinstance(obj, dict) else None, list):
-            raise upstream_unreachable(f"upstream {self.name} sent a body of an unexpected shape")
+            raise upstream_malformed(f"upstream {self.name} sent a body of an unexpected shape")
         reasons = tuple(ch.get("finish_reason") for ch in choices or ()
                         if isinstance(ch, dict) and isinstance(ch.get("finish_reason"), str))
         model = obj.get("model") if isinstance(obj.get("model"), str) else None

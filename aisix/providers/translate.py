@@ -25,7 +25,7 @@ import uuid
 
 import orjson
 
-from ..errors import GatewayError, error_type_for, invalid_request, upstream_unreachable
+from ..errors import GatewayError, error_type_for, invalid_request, upstream_malformed
 from ..sse import SSEEvent
 from .base import StreamDecoder, Usage
 from .errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
@@ -46,7 +46,7 @@ MALFORMED = (TypeError, AttributeError, KeyError, IndexError, ValueError, Overfl
 
 def malformed(provider: str, what: str) -> GatewayError:
     """502: the upstream's 2xx body or stream event does not have the documented shape."""
-    return upstream_unreachable(f"upstream {provider} sent a malformed {what}")
+    return upstream_malformed(f"upstream {provider} sent a malformed {what}")
 
 
 def guard_request(fn):
@@ -150,9 +150,9 @@ def load_object(body: bytes, provider: str) -> dict:
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise upstream_unreachable(f"upstream {provider} sent a body that is not JSON") from e
+        raise upstream_malformed(f"upstream {provider} sent a body that is not JSON") from e
     if not isinstance(obj, dict):
-        raise upstream_unreachable(f"upstream {provider} sent an unexpected body")
+        raise upstream_malformed(f"upstream {provider} sent an unexpected body")
     return obj
 
 
