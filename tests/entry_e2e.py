@@ -4,7 +4,8 @@ built-in mock, and the metric series the tests read from the session's real Prom
 
 Models: ``gpt`` (``openai/gpt-4o`` → the OpenAI emulator), ``ds`` (``deepseek/deepseek-chat`` →
 the same emulator), ``claude`` (``anthropic/claude-sonnet-4-5`` → the Anthropic emulator),
-``mocked`` (``mock/mock-1``, no pacing, ``mock_tokens`` tokens). Keys: ``sk-test`` (every
+``mocked`` (``mock/mock-1``, no pacing, ``mock_tokens`` tokens), and with a Gemini emulator
+``gem`` (``gemini/gemini-2.5-flash``). Keys: ``sk-test`` (every
 model), ``sk-other`` (none).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 from tests.emulators.anthropic import AnthropicEmulator
+from tests.emulators.gemini import GeminiEmulator
 from tests.emulators.openai import OpenAIEmulator
 from tests.harness import GatewayMetrics, GatewayProcess, gateway_config
 
@@ -29,7 +31,7 @@ def series(model: str) -> dict:
 
 @contextlib.contextmanager
 def entry_gateway(tmp, prometheus, o: OpenAIEmulator, a: AnthropicEmulator, mock_tokens: int = 4,
-                  traces: str | None = None):
+                  traces: str | None = None, g: GeminiEmulator | None = None):
     """The gateway (a :class:`GatewayProcess` with ``.metrics``), stopped on exit."""
     up = {"api_key": o.api_key, "api_base": o.base_url}
     models = [{"name": "gpt", "model": "openai/gpt-4o", "provider_config": up},
@@ -38,6 +40,9 @@ def entry_gateway(tmp, prometheus, o: OpenAIEmulator, a: AnthropicEmulator, mock
                "provider_config": {"api_key": a.api_key, "api_base": a.base_url}},
               {"name": "mocked", "model": "mock/mock-1",
                "provider_config": {"ttft_ms": 0, "tpot_ms": 0, "tokens": mock_tokens}}]
+    if g is not None:
+        models.append({"name": "gem", "model": "gemini/gemini-2.5-flash",
+                       "provider_config": {"api_key": g.api_key, "api_base": g.base_url}})
     keys = [{"key": "sk-test", "allowed_models": [m["name"] for m in models]}, {"key": "sk-other", "allowed_models": []}]
     cfg = gateway_config(o.base_url, prom_otlp=prometheus.otlp_url, traces=traces, models=models, apikeys=keys)
     with GatewayProcess(tmp, cfg) as proc:

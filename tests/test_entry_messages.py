@@ -28,6 +28,7 @@ from aisix.providers.messages_chat import (
 )
 from aisix.providers.passthrough import AnthropicEventsDecoder, rewrite_model
 from aisix.sse import SSEParser
+from tests.emulators.gemini import GeminiEmulator
 from tests.entry_e2e import emulators, entry_gateway, series
 from tests.provider_e2e import Delta
 from tests.test_provider_anthropic import STREAM as ANTHROPIC_STREAM
@@ -304,9 +305,15 @@ def emus():
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, emus, prometheus):
+def gem():
+    with GeminiEmulator() as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, emus, gem, prometheus):
     a, o = emus
-    with entry_gateway(tmp_path_factory.mktemp("gw-messages"), prometheus, o, a) as proc:
+    with entry_gateway(tmp_path_factory.mktemp("gw-messages"), prometheus, o, a, g=gem) as proc:
         yield proc
 
 
@@ -506,6 +513,27 @@ def test_translated_upstream_error_and_broken_stream(gw, emus):
         for _ in stream:
             pass
     assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_translated_to_gemini(gw, gem, stream):
+    """Through two translators (Messages → chat → Gemini and back): text, thinking and a tool call."""
+    gem.reply(thinking=["Weather needed."], text=["Checking."], tool_calls=[("get_weather", {"city": "Kyiv"})],
+              usage={"promptTokenCount": 19, "candidatesTokenCount": 7, "thoughtsTokenCount": 3})
+    d = delta(gw, "gem")
+    kw = {"model": "gem", "max_tokens": 100, "tools": TOOLS, "messages": [{"role": "user", "content": "Kyiv?"}]}
+    if stream:
+        with client(gw).messages.stream(**kw) as s:
+            msg = s.get_final_message()
+    else:
+        msg = client(gw).messages.create(**kw)
+    assert [b.type for b in msg.content] == ["thinking", "text", "tool_use"]
+    assert msg.content[1].text == "Checking." and msg.content[2].input == {"city": "Kyiv"}
+    assert msg.stop_reason == "tool_use" and (msg.usage.input_tokens, msg.usage.output_tokens) == (19, 10)
+    assert gem.requests[-1].json["generationConfig"]["maxOutputTokens"] == 100
+    d.expect(series("gem")["prompt"], 19)
+    d.expect(series("gem")["completion"], 10)  # candidates + thoughts
+    d.expect(series("gem")["first"], 1 if stream else 0)
 
 
 def test_translated_to_mock(gw):
