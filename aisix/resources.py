@@ -157,6 +157,14 @@ class Deployment(BaseModel):
     rate_limit: RateLimit | None = Field(None, description="this deployment's own capacity (rpm, tpm, concurrency; "
                                          "counted per process): a deployment without room is skipped")
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _capacity(cls, v: RateLimit | None) -> RateLimit | None:
+        if v is not None and (v.rpd is not None or v.tpd is not None):
+            raise ValueError("a deployment's capacity takes rpm, tpm and concurrency (rpd and tpd are for keys "
+                             "and models)")
+        return v
+
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
@@ -222,7 +230,7 @@ class Model(BaseModel):
     @field_validator("model")
     @classmethod
     def _provider_model(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None and info.data.get("deployments") is None:
+        if v is None and "deployments" in info.data and info.data["deployments"] is None:  # (absent, not invalid)
             raise PydanticCustomError("missing", "Field required")  # one upstream, `model`, or `deployments`
         return v if v is None else _provider_model(v)
 

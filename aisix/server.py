@@ -308,7 +308,9 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
             raise
     _, port = parse_listen(config.server.proxy.listen)
     telemetry = Telemetry(config.observability, instance_id(port, worker))
-    return Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
+    gateway = Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
+    holder.on_swap(lambda old, new: gateway.router.prune(new.models.values()))
+    return gateway
 
 
 class Server:

@@ -366,7 +366,6 @@ class AnthropicStreamDecoder(ChunkDecoder):
 
     def _text(self, field: str, text: str) -> bytes:
         self.token = True
-        self.text_chars += len(text)
         return self.chunk([self.choice(0, {field: text})])
 
     def _delta(self, obj: dict) -> bytes | None:

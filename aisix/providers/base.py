@@ -76,7 +76,6 @@ class StreamDecoder:
         self.finished = False  # a finish_reason was seen
         self.response_model: str | None = None
         self.finish_reasons: list[str] = []
-        self.text_chars = 0  # characters of generated text seen (for a usage estimate when none is sent)
 
     def feed(self, event: SSEEvent) -> bytes | None:
         """Bytes to send to the client for this event (``None``: send nothing)."""

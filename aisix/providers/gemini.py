@@ -420,7 +420,6 @@ class GeminiStreamDecoder(ChunkDecoder):
                                         "function": c["function"]} for c in calls]
             if text or thought or calls:
                 self.token = True
-                self.text_chars += len(text) + len(thought)
             if delta:
                 out.append(self.choice(idx, delta))
             if cand.get("finishReason"):
