@@ -439,11 +439,12 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
 
 
 def _record_stream(call: Call, relay: StreamRelay) -> None:
-    """What the stream got, into the record: first token, usage (the upstream's, else the
+    """What the stream got, into the record: first token, inter-token gaps, usage (the upstream's, else the
     gateway's estimate), response model, finish reasons; the completion estimate for the limits."""
     rec, decoder = call.record, relay.decoder
     rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
     rec.first_token_ns = relay.first_token_ns
+    rec.gaps_ns, rec.zero_gaps = relay.gaps_ns, relay.zero_gaps
     if decoder.usage is not None:
         u = decoder.usage
         rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)

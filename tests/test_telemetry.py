@@ -28,6 +28,8 @@ def upstream():
     up.script("stream", writes=stream)
     up.script("slow", writes=[(0, ev(ROLE))] + [(0.1, ev(TXT("x"))) for _ in range(20)] + [
         (0.05, ev(STOP)), (0, ev(USAGE(2, 20))), (0, b"data: [DONE]\n\n")])
+    up.script("gaps", writes=[(0, ev(ROLE) + ev(TXT("a"))), (0.35, ev(TXT("b"))), (0.6, ev(TXT("c")) + ev(TXT("d"))),
+                              (0, ev(STOP)), (0, ev(USAGE(6, 4))), (0, b"data: [DONE]\n\n")])
     whole = {"id": "c1", "object": "chat.completion", "created": 1, "model": "up-1",
              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
              "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
@@ -281,3 +283,30 @@ async def test_trace_sampling_ratio_zero_keeps_sampled_parents_only(tmp_path, up
     assert trace_sink.wait_for(1)
     time.sleep(0.5)
     assert [s["trace_id"] for s in trace_sink.spans] == ["4bf92f3577b34da6a3ce929d0e0e4736"]
+
+
+def buckets(prom, m: GatewayMetrics, name: str) -> dict[float, float]:
+    """``le`` → cumulative count of one histogram of one gateway."""
+    return {float(s["metric"]["le"]): float(s["value"][1]) for s in prom.query(m.sel(name + "_bucket"))}
+
+
+async def test_inter_token_latency_and_time_per_output_token_from_known_gaps(prometheus, tmp_path, upstream):
+    """A stream whose content events come 0 / 350 / 600 ms apart (c and d in one write) gives
+    three inter-token samples, one in each of the buckets (…, 1], (300, 400], (500, 750]; its time
+    per output token, (end − first token) / (4 − 1) ≈ 317 ms, lands in (300, 400]. A
+    non-streamed request adds neither."""
+    from aisix.telemetry.otel import TOKEN_BUCKETS_MS
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url, export_interval_ms=300)
+    with GatewayProcess(tmp_path, cfg) as gw:
+        got = await post_raw(gw.url + CHAT, chat("gaps", True))
+        assert got.status == 200 and got.body.endswith(b"data: [DONE]\n\n")
+        assert (await post_raw(gw.url + CHAT, chat("whole", False))).status == 200
+    m = GatewayMetrics(prometheus, gw.instance)
+    m.wait_value("aisix_llm_inter_token_latency_milliseconds_count", 3, model="m1")
+    m.wait_value("aisix_llm_time_per_output_token_milliseconds_count", 1, model="m1")
+    itl = buckets(prometheus, m, "aisix_llm_inter_token_latency_milliseconds")
+    assert sorted(le for le in itl if le != float("inf")) == [float(b) for b in TOKEN_BUCKETS_MS]
+    assert (itl[1], itl[300], itl[400], itl[500], itl[750], itl[float("inf")]) == (1, 1, 2, 2, 3, 3), itl
+    assert m.value("aisix_llm_inter_token_latency_milliseconds_sum") >= 950
+    tpot = buckets(prometheus, m, "aisix_llm_time_per_output_token_milliseconds")
+    assert (tpot[300], tpot[400]) == (0, 1), tpot

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..config import ObservabilityConfig
+from .histograms import BucketHistogram
 from .records import RequestRecord
 
 log = logging.getLogger("aisix.telemetry")
@@ -34,7 +35,11 @@ class Telemetry:
     ``aisix_request_latency_milliseconds{method,endpoint,status_code}`` (request received →
     body fully sent), ``aisix_llm_latency_milliseconds{model}`` (upstream call → response
     received), ``aisix_llm_first_token_latency_milliseconds{model}`` (streams only: request start
-    → first token), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
+    → first token), ``aisix_llm_inter_token_latency_milliseconds{model}`` (streams only: the gap
+    between consecutive content events as relayed, one sample per event after the first),
+    ``aisix_llm_time_per_output_token_milliseconds{model}`` (successful streams of at least two
+    completion tokens: (upstream end − first token) / (completion tokens − 1), one sample per
+    stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
     ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
     the trace exporter failed to deliver), ``aisix_ratelimit_store_errors_total`` (requests whose
@@ -58,8 +63,15 @@ class Telemetry:
         self.meter_provider = self.tracer_provider = None
         if not self.enabled:
             return
-        from .otel import setup
-        self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(cfg, service_instance_id)
+        from .otel import TOKEN_BUCKETS_MS, setup
+        self.inter_token_latency = BucketHistogram(
+            "aisix_llm_inter_token_latency", "ms", "streams: the gap between consecutive content events as the "
+            "gateway relayed them, one sample per event after the first", TOKEN_BUCKETS_MS)
+        self.time_per_output_token = BucketHistogram(
+            "aisix_llm_time_per_output_token", "ms", "successful streams: (upstream end - first token) / "
+            "(completion tokens - 1), one sample per stream", TOKEN_BUCKETS_MS)
+        self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
+            cfg, service_instance_id, (self.inter_token_latency, self.time_per_output_token))
         self._resource = self.tracer_provider.resource
         meter = self.meter_provider.get_meter("aisix")
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
@@ -183,6 +195,7 @@ class Telemetry:
                 self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs)
             if r.first_token_ns and r.stream:
                 self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
+                self._token_times(r, m_attrs)
             for e in r.upstream_errors:
                 upstream_errors[e] += 1
             for alias, deployment, status, start, end in r.attempts:
@@ -196,6 +209,16 @@ class Telemetry:
                 tokens[(model, "total")] += r.total_tokens
         if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
             self._span(r)
+
+    def _token_times(self, r: RequestRecord, m_attrs: dict) -> None:
+        """A stream's inter-token gaps (every one: a stall shows in the tail, where a per-stream
+        mean would hide it) and its time per output token (GenAI semantic conventions'
+        ``gen_ai.server.time_per_output_token``: successful responses only)."""
+        self.inter_token_latency.add(m_attrs, r.gaps_ns, 1 / _NS_PER_MS, r.zero_gaps)
+        tokens = r.completion_tokens
+        if r.status == 200 and tokens is not None and tokens > 1:
+            end = r.llm_end_ns or r.end_ns
+            self.time_per_output_token.add(m_attrs, ((end - r.first_token_ns) / (tokens - 1),), 1 / _NS_PER_MS)
 
     def _span(self, r: RequestRecord) -> None:
         """One SERVER span, built after the fact with the ids the hot path chose (and sent upstream)."""

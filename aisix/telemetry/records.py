@@ -23,7 +23,7 @@ class RequestRecord:
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
                  "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status",
-                 "usage_estimated", "attempts", "fallbacks", "upstream_errors")
+                 "usage_estimated", "attempts", "fallbacks", "upstream_errors", "gaps_ns", "zero_gaps")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -58,6 +58,10 @@ class RequestRecord:
         self.attempts: list[tuple[str, str, str, int, int]] = []
         self.fallbacks: list[str] = []  # the fallback aliases tried, in order
         self.upstream_errors: list[tuple[str, str]] = []  # each failed upstream call: (model alias, upstream_status label)
+        #: streams: the gaps (ns) between content events that came in different reads, and how many
+        #: came in the same read as the one before (gap 0); see :class:`aisix.relay.StreamRelay`
+        self.gaps_ns = ()
+        self.zero_gaps = 0
 
     def set_usage(self, prompt: int, completion: int, total: int) -> None:
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
