@@ -16,6 +16,7 @@ Shape (AISIX's, extended)::
       service_name: aisix
       metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
       traces: {otlp_endpoint: "http://127.0.0.1:4317"}
+      access_log: {path: "-"}          # off by default; "-" = stdout, else a file
     models:  [...]     # upserted by name at start-up
     apikeys: [...]     # upserted by key at start-up (stored as its SHA-256)
 
@@ -172,12 +173,17 @@ class TracesConfig(_Strict):
         "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
 
 
+class AccessLogConfig(_Strict):
+    path: str = Field(..., min_length=1, description='"-" for standard output, else a file (appended to)')
+
+
 class ObservabilityConfig(_Strict):
     enabled: bool = True
     service_name: str = "aisix"
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
     queue_size: int = Field(65_536, ge=1, le=MAX_INT, description="telemetry records waiting for the batcher; more are dropped")
+    access_log: AccessLogConfig | None = Field(None, description="one JSON line per request, written by the batcher; off when absent")
 
 
 class Config(_Strict):

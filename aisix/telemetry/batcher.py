@@ -18,7 +18,8 @@ from collections import Counter, deque
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..config import ObservabilityConfig
+from ..config import ConfigError, ObservabilityConfig
+from .access_log import AccessLog, access_line
 from .histograms import BucketHistogram
 from .records import RequestRecord
 
@@ -42,7 +43,8 @@ class Telemetry:
     stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
     ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
-    the trace exporter failed to deliver), ``aisix_ratelimit_store_errors_total`` (requests whose
+    the trace exporter failed to deliver; ``access_log_full``: access log lines the writer could not
+    take or write), ``aisix_ratelimit_store_errors_total`` (requests whose
     rate limits the shared store could not count, and its failed releases and renewals; see
     :mod:`aisix.ratelimit_redis`).
     """
@@ -61,6 +63,7 @@ class Telemetry:
         self.tick = tick
         self._task: asyncio.Task | None = None
         self.meter_provider = self.tracer_provider = None
+        self.access_log: AccessLog | None = None
         if not self.enabled:
             return
         from .otel import TOKEN_BUCKETS_MS, setup
@@ -105,6 +108,13 @@ class Telemetry:
             "aisix_ratelimit_store_errors",
             description="requests whose rate limits the shared store could not count; failed releases and renewals")
         self.store_error_count.add(0)
+        if cfg.access_log is not None:
+            try:
+                self.access_log = AccessLog(cfg.access_log.path)
+            except OSError as e:
+                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
+                                  f"{e.strerror}") from None
+            self.dropped_count.add(0, {"reason": "access_log_full"})
 
     def count_ratelimit_store_error(self) -> None:
         """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
@@ -149,9 +159,15 @@ class Telemetry:
         upstream_errors: Counter = Counter()
         attempts: Counter = Counter()
         fallbacks: Counter = Counter()
+        lines = [] if self.access_log is not None else None
         while q and (limit is None or n < limit):
-            self._record(q.popleft(), requests, tokens, upstream_errors, attempts, fallbacks)
+            r = q.popleft()
+            self._record(r, requests, tokens, upstream_errors, attempts, fallbacks)
+            if lines is not None:
+                lines.append(access_line(r))
             n += 1
+        if lines:
+            self.access_log.write(lines)
         for (admin, method, endpoint, status), count in requests.items():
             counter = self.admin_request_count if admin else self.request_count
             counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
@@ -172,8 +188,11 @@ class Telemetry:
 
     def _report_dropped(self) -> None:
         spans = self._spans
-        for reason, total in (("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
-                              ("span_export_failed", spans.failed)):
+        counts = [("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
+                  ("span_export_failed", spans.failed)]
+        if self.access_log is not None:
+            counts.append(("access_log_full", self.access_log.dropped))
+        for reason, total in counts:
             if total != self._dropped_reported[reason]:
                 self.dropped_count.add(total - self._dropped_reported[reason], {"reason": reason})
                 self._dropped_reported[reason] = total
@@ -266,6 +285,8 @@ class Telemetry:
         if not self.enabled:
             return
         self.drain()
+        if self.access_log is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.access_log.close, timeout / 2)
 
         # Metrics first (a hung trace collector must not hold them back), each in a daemon thread
         # with a deadline: the process never waits on an exporter longer than ``timeout`` s.

@@ -50,10 +50,8 @@ class BucketHistogram:
                 v *= scale
                 counts[bisect_left(bounds, v)] += 1
                 total += v
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
+                lo = min(lo, v)
+                hi = max(hi, v)
             if zeros:
                 counts[bisect_left(bounds, 0.0)] += zeros
                 lo, hi = min(lo, 0.0), max(hi, 0.0)
