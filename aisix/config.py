@@ -14,7 +14,8 @@ Shape (AISIX's, extended)::
       rate_limit_store: {kind: local}  # local (default) | redis: shared by every worker and node
     observability:
       service_name: aisix
-      metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
+      metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000,
+                prometheus: {listen: "127.0.0.1:9464"}}   # the scrape endpoint: off by default
       traces: {otlp_endpoint: "http://127.0.0.1:4317"}
       access_log: {path: "-"}          # off by default; "-" = stdout, else a file
     models:  [...]     # upserted by name at start-up
@@ -164,6 +165,8 @@ class MetricsConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
     export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
     export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
+    prometheus: Listen | None = Field(None, description="serve GET /metrics for a scraping Prometheus on this "
+                                      "host:port (worker i of --workers: port + i); off when absent")
 
 
 class TracesConfig(_Strict):

@@ -307,7 +307,11 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
             await store.close()
             raise
     _, port = parse_listen(config.server.proxy.listen)
-    telemetry = Telemetry(config.observability, instance_id(port, worker))
+    try:
+        telemetry = Telemetry(config.observability, instance_id(port, worker), worker=worker)
+    except BaseException:  # e.g. the access log or the scrape endpoint can't be opened: a ConfigError
+        await store.close()
+        raise
     return Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
 
 

@@ -141,13 +141,19 @@ def _prometheus_binary() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def prometheus_server(tmp_path):
-    """Prometheus on a free loopback port, with the repository's prometheus.yml."""
+def prometheus_server(tmp_path, scrape: list[str] = ()):
+    """Prometheus on a free loopback port, with the repository's prometheus.yml; with ``scrape``
+    (``host:port`` targets), a config of its own that also scrapes them every second (job ``scrape``)."""
     binary, flag = _prometheus_binary()
     tmp = Path(tmp_path)
     tmp.mkdir(parents=True, exist_ok=True)
     url = f"http://{HOST}:{free_port()}"
-    cmd = [binary, f"--config.file={ROOT / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+    config = ROOT / "prometheus.yml"
+    if scrape:
+        config = tmp / "prometheus.yml"
+        config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [
+            {"job_name": "scrape", "scrape_interval": "1s", "static_configs": [{"targets": list(scrape)}]}]}))
+    cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
            f"--web.listen-address={url.removeprefix('http://')}", flag]
     proc = _Process("prometheus", cmd, tmp / "prometheus.log", lambda: _get(f"{url}/-/ready")[0] == 200)
     proc.start()

@@ -49,7 +49,7 @@ class Telemetry:
     :mod:`aisix.ratelimit_redis`).
     """
 
-    def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
+    def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05, worker: int = 0):
         self.enabled = cfg.enabled
         #: new traces whose id's low 64 bits are under this are sampled (trace-id ratio)
         self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if cfg.enabled else 1 << 64
@@ -64,6 +64,7 @@ class Telemetry:
         self._task: asyncio.Task | None = None
         self.meter_provider = self.tracer_provider = None
         self.access_log: AccessLog | None = None
+        self.metrics_server = None  # the scrape endpoint's HTTP server, when configured
         if not self.enabled:
             return
         from .otel import TOKEN_BUCKETS_MS, setup
@@ -73,8 +74,14 @@ class Telemetry:
         self.time_per_output_token = BucketHistogram(
             "aisix_llm_time_per_output_token", "ms", "successful streams: (upstream end - first token) / "
             "(completion tokens - 1), one sample per stream", TOKEN_BUCKETS_MS)
+        histograms = (self.inter_token_latency, self.time_per_output_token)
+        readers, registry = (), None
+        if cfg.metrics.prometheus is not None:
+            from .scrape import prometheus_reader
+            reader, registry = prometheus_reader(histograms, "aisix")
+            readers = (reader,)
         self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
-            cfg, service_instance_id, (self.inter_token_latency, self.time_per_output_token))
+            cfg, service_instance_id, histograms, readers)
         self._resource = self.tracer_provider.resource
         meter = self.meter_provider.get_meter("aisix")
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
@@ -115,6 +122,9 @@ class Telemetry:
                 raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
                                   f"{e.strerror}") from None
             self.dropped_count.add(0, {"reason": "access_log_full"})
+        if registry is not None:
+            from .scrape import serve_metrics
+            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
 
     def count_ratelimit_store_error(self) -> None:
         """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
@@ -285,8 +295,12 @@ class Telemetry:
         if not self.enabled:
             return
         self.drain()
+        loop = asyncio.get_running_loop()
         if self.access_log is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.access_log.close, timeout / 2)
+            await loop.run_in_executor(None, self.access_log.close, timeout / 2)
+        if self.metrics_server is not None:  # no scrape after the final flush: it would see nothing new
+            await loop.run_in_executor(None, self.metrics_server.shutdown)
+            self.metrics_server.server_close()
 
         # Metrics first (a hung trace collector must not hold them back), each in a daemon thread
         # with a deadline: the process never waits on an exporter longer than ``timeout`` s.

@@ -28,7 +28,7 @@ class BucketHistogram:
 
     def __init__(self, name: str, unit: str, description: str, bounds: tuple[float, ...]):
         self.name, self.unit, self.description = name, unit, description
-        self.bounds = tuple(float(b) for b in bounds)
+        self.bounds = tuple(bounds)  # as given: an int edge shows as le="5" on /metrics, as the OTLP push gives
         self.start_ns = time.time_ns()
         self._points: dict[tuple, list] = {}  # attribute items → [bucket counts, count, sum, min, max]
         self._lock = threading.Lock()

@@ -129,11 +129,12 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
     return url.split("://", 1)[-1].rstrip("/"), insecure
 
 
-def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=()):
+def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), readers=()):
     """Build ``(meter_provider, tracer_provider, span_delivery, scope)`` for ``cfg``; spans go to
     ``span_delivery.offer`` (a :class:`SpanDelivery` in front of the BatchSpanProcessor). Every
     metric collection also carries ``histograms`` (:class:`~aisix.telemetry.histograms.BucketHistogram`,
-    aggregated by the batcher) in the ``aisix`` scope.
+    aggregated by the batcher) in the ``aisix`` scope. ``readers``: more metric readers (the scrape
+    endpoint's).
 
     Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
@@ -153,7 +154,7 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=()):
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
     # No exemplars: the batcher records outside any span context, so the default trace-based
     # filter would only cost a context lookup per measurement.
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views,
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader, *readers], views=views,
                                    exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
