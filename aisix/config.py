@@ -186,6 +186,8 @@ class ObservabilityConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
     queue_size: int = Field(65_536, ge=1, le=MAX_INT, description="telemetry records waiting for the batcher; more are dropped")
+    price_table: bool = Field(True, description="price models without `pricing` from genai-prices' table "
+                              "(~30 MB per process); false: only models' own `pricing` is counted")
     access_log: AccessLogConfig | None = Field(None, description="one JSON line per request, written by the batcher; off when absent")
 
 

@@ -264,7 +264,7 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
             tried.add(target.deployment_id)
             attempts += 1
             call.target = target
-            rec.provider, rec.request_model = target.provider, target.model_id
+            rec.provider, rec.request_model, rec.target = target.provider, target.model_id, target
             call.response_headers["x-aisix-deployment"] = f"{model.name}/{target.deployment_id}"
             call.response_headers["x-aisix-attempts"] = str(attempts)
             router.started(target)
@@ -339,7 +339,7 @@ async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
     rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
     if result.usage is not None:
         u = result.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     return web.Response(body=result.body, content_type="application/json",
                         headers=_passthrough(up, call.response_headers))
 
@@ -447,7 +447,7 @@ def _record_stream(call: Call, relay: StreamRelay) -> None:
     rec.gaps_ns, rec.zero_gaps = relay.gaps_ns, relay.zero_gaps
     if decoder.usage is not None:
         u = decoder.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     elif relay.completion_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
         rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), relay.completion_events)
     call.estimated_completion_tokens = relay.completion_events

@@ -26,7 +26,7 @@ QUEUE_DRAINS = 256
 _PIPE_BUF = 4096
 
 
-def access_line(r: RequestRecord, cost_usd: float | None = None) -> bytes:
+def access_line(r: RequestRecord) -> bytes:
     """One request as a JSON line (bytes, ``\\n``-terminated). Fields: ``time`` (request start, RFC 3339
     UTC, ms), ``method``, ``route`` (the route template, as ``http.route``), ``status``, ``model``
     (the configured alias, or null), ``deployment`` (the last attempt's, as ``x-aisix-deployment``: ``alias/id``; or null),
@@ -41,7 +41,7 @@ def access_line(r: RequestRecord, cost_usd: float | None = None) -> bytes:
         "method": r.method, "route": r.endpoint, "status": r.status,
         "model": r.model, "deployment": f"{r.attempts[-1][0]}/{r.attempts[-1][1]}" if r.attempts else None, "attempts": len(r.attempts),
         "stream": r.stream, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-        "total_tokens": r.total_tokens, "usage_estimated": r.usage_estimated, "cost_usd": cost_usd,
+        "total_tokens": r.total_tokens, "usage_estimated": r.usage_estimated, "cost_usd": r.cost_usd,
         "latency_ms": round((r.end_ns - r.start_ns) / 1e6, 3),
         "first_token_ms": round((r.first_token_ns - r.start_ns) / 1e6, 3) if r.first_token_ns else None,
         "trace_id": f"{r.trace_id:032x}", "request_id": request_id(r),

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..config import ConfigError, ObservabilityConfig
+from ..pricing import Prices
 from .access_log import AccessLog, access_line
 from .histograms import BucketHistogram
 from .records import RequestRecord
@@ -41,7 +42,8 @@ class Telemetry:
     ``aisix_llm_time_per_output_token_milliseconds{model}`` (successful streams of at least two
     completion tokens: (upstream end − first token) / (completion tokens − 1), one sample per
     stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
-    ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
+    ``aisix_cost_usd_total{model}`` (USD, from the reported usage and the deployment's price; only
+    models whose price is known), ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
     the trace exporter failed to deliver; ``access_log_full``: access log lines the writer could not
     take or write), ``aisix_ratelimit_store_errors_total`` (requests whose
@@ -103,6 +105,10 @@ class Telemetry:
         self.upstream_latency = meter.create_histogram(
             "aisix_upstream_latency", unit="ms", description="one upstream attempt: call to its end (streams: the "
             "last byte; a failure: when it failed)")
+        self.cost_count = meter.create_counter(
+            "aisix_cost_usd", description="USD the upstreams charge for the tokens they report, by model alias "
+            "(models with a known price only: their `pricing`, else genai-prices' table)")
+        self.prices = Prices(cfg.price_table)
         self.fallback_count = meter.create_counter(
             "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
             "for and the fallback")
@@ -143,6 +149,7 @@ class Telemetry:
     # -- the batcher -----------------------------------------------------------
     def start(self) -> None:
         if self.enabled and self._task is None:
+            self.prices.preload()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="aisix-telemetry-batcher")
 
     async def _run(self) -> None:
@@ -169,9 +176,14 @@ class Telemetry:
         upstream_errors: Counter = Counter()
         attempts: Counter = Counter()
         fallbacks: Counter = Counter()
+        costs: Counter = Counter()
         lines = [] if self.access_log is not None else None
         while q and (limit is None or n < limit):
             r = q.popleft()
+            if r.total_tokens is not None and r.target is not None and r.model is not None:
+                r.cost_usd = self._cost(r)
+                if r.cost_usd is not None:
+                    costs[r.model] += r.cost_usd
             self._record(r, requests, tokens, upstream_errors, attempts, fallbacks)
             if lines is not None:
                 lines.append(access_line(r))
@@ -189,6 +201,8 @@ class Telemetry:
             self.upstream_request_count.add(count, {"model": model, "deployment": deployment, "status_code": status})
         for (model, fallback), count in fallbacks.items():
             self.fallback_count.add(count, {"model": model, "fallback": fallback})
+        for model, usd in costs.items():
+            self.cost_count.add(usd, {"model": model})
         self._report_dropped()
         if self.ratelimit_store_errors != self._store_errors_reported:
             self.store_error_count.add(self.ratelimit_store_errors - self._store_errors_reported)
@@ -239,6 +253,14 @@ class Telemetry:
         if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
             self._span(r)
 
+    def _cost(self, r: RequestRecord) -> float | None:
+        """USD for the tokens the upstream reported (an estimate is never priced), at the price of
+        the deployment that answered; None when its price is unknown."""
+        price = self.prices.price(r.target, r.start_wall_ns)
+        if price is None:
+            return None
+        return price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cache_write_tokens)
+
     def _token_times(self, r: RequestRecord, m_attrs: dict) -> None:
         """A stream's inter-token gaps (every one: a stall shows in the tail, where a per-stream
         mean would hide it) and its time per output token (GenAI semantic conventions'
@@ -273,6 +295,8 @@ class Telemetry:
                 attrs["gen_ai.response.finish_reasons"] = list(r.finish_reasons)
             if r.upstream_status is not None:
                 attrs["aisix.upstream.status_code"] = r.upstream_status
+            if r.cost_usd is not None:
+                attrs["aisix.cost_usd"] = r.cost_usd
         status = Status(StatusCode.UNSET)
         if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
             status = Status(StatusCode.ERROR, r.error or None)
