@@ -165,6 +165,8 @@ class MetricsConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
     export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
     export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
+    exemplars: bool = Field(True, description="latency histograms carry the trace and span id of sampled "
+                            "requests as exemplars (OTLP push; Prometheus stores them with exemplar-storage on)")
     prometheus: Listen | None = Field(None, description="serve GET /metrics for a scraping Prometheus on this "
                                       "host:port (worker i of --workers: port + i); off when absent")
 

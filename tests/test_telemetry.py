@@ -41,7 +41,8 @@ def upstream():
 
 def two_models(upstream_base):
     pc = {"api_key": "sk-up", "api_base": upstream_base}
-    return dict(models=[{"name": "m1", "model": "openai/up-1", "provider_config": pc},
+    pricing = {"input_per_million": 1.0, "output_per_million": 2.0}  # so the dashboard's spend panels have data
+    return dict(models=[{"name": "m1", "model": "openai/up-1", "provider_config": pc, "pricing": pricing},
                         {"name": "m2", "model": "openai/up-2", "provider_config": pc}],
                 apikeys=[{"key": "sk-test", "allowed_models": ["m1"]}])
 
@@ -101,6 +102,8 @@ async def test_exact_counts_in_prometheus_after_known_requests(tmp_path, upstrea
         assert m.value("aisix_token_count_total", model="m1", type="total") == 5 * 15 + 4 * 10
         assert m.value("aisix_llm_latency_milliseconds_count", model="m1") == 5 + 4 + 2
         assert m.value("aisix_llm_first_token_latency_milliseconds_count", model="m1") == 5 + 2
+        assert m.value("aisix_cost_usd_total", model="m1") == pytest.approx(
+            (5 * 10 + 4 * 7) * 1.0 / 1e6 + (5 * 5 + 4 * 3) * 2.0 / 1e6)
         series = prom.query('{__name__=~"aisix_.*"}')
         assert {s["metric"].get("model") for s in series} - {None} == {"m1"}
         assert {s["metric"]["job"] for s in series} == {"aisix"}
@@ -310,3 +313,24 @@ async def test_inter_token_latency_and_time_per_output_token_from_known_gaps(pro
     assert m.value("aisix_llm_inter_token_latency_milliseconds_sum") >= 950
     tpot = buckets(prometheus, m, "aisix_llm_time_per_output_token_milliseconds")
     assert (tpot[300], tpot[400]) == (0, 1), tpot
+
+
+async def test_latency_samples_of_sampled_requests_carry_their_trace_as_exemplars(prometheus, tmp_path, upstream):
+    """A sampled request's latencies (request, LLM, first token) reach Prometheus with its trace and
+    span id as exemplars (the ids of the span the gateway exports); an unsampled one's never do."""
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url, export_interval_ms=300)
+    sampled, unsampled = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4737"
+    with GatewayProcess(tmp_path, cfg) as gw:
+        got = await post_raw(gw.url + CHAT, chat("stream", True), headers={"traceparent": f"00-{sampled}-00f067aa0ba902b7-01"})
+        assert got.status == 200
+        span_id = got.headers["x-aisix-request-id"].split("-")[1]
+        assert (await post_raw(gw.url + CHAT, chat("stream", True),
+                               headers={"traceparent": f"00-{unsampled}-00f067aa0ba902b7-00"})).status == 200
+    m = GatewayMetrics(prometheus, gw.instance)
+    m.wait_value("aisix_request_latency_milliseconds_count", 2, endpoint=CHAT)
+    for name, labels in (("aisix_request_latency_milliseconds", {"endpoint": CHAT}),
+                         ("aisix_llm_latency_milliseconds", {}), ("aisix_llm_first_token_latency_milliseconds", {})):
+        found = [(e["labels"], float(e["value"])) for s in prometheus.exemplars(m.sel(name + "_bucket", **labels))
+                 for e in s["exemplars"]]
+        assert [labels for labels, _ in found] == [{"trace_id": sampled, "span_id": span_id}], (name, found)
+        assert found[0][1] > 0

@@ -16,7 +16,8 @@ import time
 from collections import Counter, deque
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, \
+    set_span_in_context
 
 from ..config import ConfigError, ObservabilityConfig
 from ..pricing import Prices
@@ -27,6 +28,7 @@ from .records import RequestRecord
 log = logging.getLogger("aisix.telemetry")
 
 _NS_PER_MS = 1_000_000
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 class Telemetry:
@@ -56,6 +58,7 @@ class Telemetry:
         #: new traces whose id's low 64 bits are under this are sampled (trace-id ratio)
         self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if cfg.enabled else 1 << 64
         self.max_queue = cfg.queue_size
+        self.exemplars = cfg.enabled and cfg.metrics.exemplars
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
         self._dropped_reported: Counter = Counter()
@@ -229,15 +232,16 @@ class Telemetry:
             if r.trace_flags & 1:
                 self._span(r)
             return
+        ctx = self._exemplar(r)
         self.request_latency.record((r.end_ns - r.start_ns) / _NS_PER_MS,
-                                    {"method": r.method, "endpoint": r.endpoint, "status_code": status})
+                                    {"method": r.method, "endpoint": r.endpoint, "status_code": status}, ctx)
         model = r.model
         if model is not None:
             m_attrs = {"model": model}
             if r.llm_start_ns:
-                self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs)
+                self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs, ctx)
             if r.first_token_ns and r.stream:
-                self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
+                self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs, ctx)
                 self._token_times(r, m_attrs)
             for e in r.upstream_errors:
                 upstream_errors[e] += 1
@@ -252,6 +256,13 @@ class Telemetry:
                 tokens[(model, "total")] += r.total_tokens
         if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
             self._span(r)
+
+    def _exemplar(self, r: RequestRecord):
+        """The context that makes a latency sample of a sampled request an exemplar (its trace and
+        span id: the span the gateway exports for it), else None (no exemplar)."""
+        if not (self.exemplars and r.trace_flags & 1 and r.trace_id):
+            return None
+        return set_span_in_context(NonRecordingSpan(SpanContext(r.trace_id, r.span_id, False, _SAMPLED)))
 
     def _cost(self, r: RequestRecord) -> float | None:
         """USD for the tokens the upstream reported (an estimate is never priced), at the price of

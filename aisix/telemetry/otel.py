@@ -10,7 +10,7 @@ import socket
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Counter, Histogram, MeterProvider, ObservableCounter, \
-    ObservableGauge, ObservableUpDownCounter, UpDownCounter
+    ObservableGauge, ObservableUpDownCounter, TraceBasedExemplarFilter, UpDownCounter
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -152,10 +152,11 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), rea
         metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
         export_timeout_millis=cfg.metrics.export_timeout_ms)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
-    # No exemplars: the batcher records outside any span context, so the default trace-based
-    # filter would only cost a context lookup per measurement.
+    # Exemplars: the batcher passes each sampled request's span context with its latencies; the
+    # trace-based filter keeps those (one per bucket, the SDK's aligned reservoir), never a counter's.
+    exemplar_filter = TraceBasedExemplarFilter() if cfg.metrics.exemplars else AlwaysOffExemplarFilter()
     meter_provider = MeterProvider(resource=resource, metric_readers=[reader, *readers], views=views,
-                                   exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
+                                   exemplar_filter=exemplar_filter, shutdown_on_exit=False)
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
