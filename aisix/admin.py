@@ -7,6 +7,7 @@ Routes, under ``/aisix/admin`` (``{kind}`` is ``models`` or ``apikeys``)::
     GET    /aisix/admin/{kind}/{id}   200 the object | 404
     PUT    /aisix/admin/{kind}/{id}   201 created | 200 replaced
     DELETE /aisix/admin/{kind}/{id}   200 {"id", "deleted": true} | 404
+    GET    /aisix/admin/health/models 200 {"total": n, "list": [each deployment's routing state]}
     GET    /openapi                   the OpenAPI 3.1 document (no auth: it holds no data)
 
 Every other path needs ``Authorization: Bearer <admin key>`` (``deployment.admin.admin_key``,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 
 import orjson
@@ -64,6 +66,7 @@ def create_admin_app(gateway) -> web.Application:
     app.router.add_get(f"{ADMIN_PREFIX}/{_KIND}/{{id}}", _get)
     app.router.add_put(f"{ADMIN_PREFIX}/{_KIND}/{{id}}", _put)
     app.router.add_delete(f"{ADMIN_PREFIX}/{_KIND}/{{id}}", _delete)
+    app.router.add_get(f"{ADMIN_PREFIX}/health/models", _health_models)
     return app
 
 
@@ -128,6 +131,17 @@ async def _openapi(request: web.Request) -> web.Response:
 async def _list(request: web.Request) -> web.Response:
     kind = request.match_info["kind"]
     items = [_public(kind, obj) for obj in _store(request).list(kind)]
+    return _json({"total": len(items), "list": items})
+
+
+async def _health_models(request: web.Request) -> web.Response:
+    """``GET /aisix/admin/health/models``: each deployment of each model as this process's router
+    sees it: ``state`` (healthy / cooling_down), ``cooldown_remaining_ms``, ``in_flight``,
+    ``ewma_first_byte_ms``, ``recent_failures`` (:meth:`~aisix.routing.Router.health`). With
+    ``--workers N`` it is worker 0's view (the Admin API's process)."""
+    gw = request.app[GATEWAY]
+    models = sorted(gw.holder.current.models.values(), key=lambda m: m.name)
+    items = gw.router.health(models, time.monotonic())
     return _json({"total": len(items), "list": items})
 
 

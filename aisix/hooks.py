@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable
 
 from .resources import ApiKey, Model
-from .telemetry.records import RequestRecord
+from .telemetry.records import Attempt, RequestRecord
 
 
 @dataclass(slots=True, eq=False)
@@ -39,6 +39,8 @@ class Call:
     estimated_completion_tokens: int = 0
     target: Model | None = None  # the deployment the current attempt goes to (a one-upstream Model)
     upstream_called: bool = False  # the current attempt reached the upstream call
+    upstream_status: int = 0  # what the current attempt's upstream answered (its HTTP status)
+    attempt: Attempt | None = None  # the current attempt's record (its span id goes upstream)
 
 
 class Hook:

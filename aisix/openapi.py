@@ -92,6 +92,21 @@ def openapi_document() -> dict:
     paths: dict = {}
     for kind, (schema, noun) in _KINDS.items():
         paths.update(_paths(kind, schema, noun))
+    schemas["DeploymentHealth"] = {
+        "type": "object", "required": ["model", "deployment", "upstream", "state", "cooldown_remaining_ms", "in_flight",
+                                       "ewma_first_byte_ms", "recent_failures"],
+        "properties": {"model": {"type": "string"}, "deployment": {"type": "string"}, "upstream": {"type": "string"},
+                       "state": {"enum": ["healthy", "cooling_down"]},
+                       "cooldown_remaining_ms": {"type": "integer", "minimum": 0},
+                       "in_flight": {"type": "integer", "minimum": 0},
+                       "ewma_first_byte_ms": {"type": ["number", "null"]},
+                       "recent_failures": {"type": "integer", "minimum": 0}}}
+    paths["/aisix/admin/health/models"] = {"get": {
+        "operationId": "healthModels", "summary": "Each deployment's routing state, as this process sees it",
+        "responses": {"200": _json({"type": "object", "required": ["total", "list"], "properties": {
+            "total": {"type": "integer", "minimum": 0},
+            "list": {"type": "array", "items": _ref("DeploymentHealth")}}}, "Every deployment of every model"),
+            **_errors(401)}}}
     paths["/openapi"] = {"get": {"operationId": "openapi", "summary": "This document", "security": [],
                                  "responses": {"200": {"description": "OpenAPI 3.1 document",
                                                        "content": {"application/json": {"schema": {"type": "object"}}}}}}}

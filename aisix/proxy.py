@@ -8,9 +8,11 @@ server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from time import perf_counter_ns
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -19,13 +21,15 @@ from .errors import GatewayError, invalid_request, upstream_unreachable
 from .gateway import GATEWAY
 from .hooks import Call
 from .providers import Provider, StreamDecoder, get_provider
-from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES
+from .ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES, charged_tokens
 from .redact import redact
 from .relay import StreamRelay
 from .resources import ApiKey, Model, hash_key
 from .routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
 from .snapshot import Snapshot
 from .telemetry import RequestRecord, request_id
+from .telemetry.records import Attempt
+from .telemetry.tracecontext import new_span_id
 from .telemetry.tracecontext import format_traceparent
 from .upstream import UpstreamResponse
 from .upstream_log import upstream_failure
@@ -162,6 +166,7 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
         err.headers = _passthrough(up, err.headers)  # the upstream's request id helps the caller too
         raise err
     gw.router.succeeded(target, (perf_counter_ns() - start) / 1e6)
+    call.upstream_status = up.status
     return up
 
 
@@ -204,8 +209,12 @@ async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, dic
     return call, body
 
 
-def _upstream_headers(rec: RequestRecord) -> dict[str, str]:
-    return {"traceparent": format_traceparent(rec.trace_id, rec.span_id, rec.trace_flags)} if rec.trace_id else {}
+def _upstream_headers(call: Call) -> dict[str, str]:
+    """``traceparent`` for the upstream: this attempt's CLIENT span as the parent."""
+    rec = call.record
+    if not rec.trace_id:
+        return {}
+    return {"traceparent": format_traceparent(rec.trace_id, call.attempt.span_id, rec.trace_flags)}
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -226,7 +235,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call.record.stream = call.stream = stream
 
     async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
-        upreq = provider.chat_request(target, body, stream, _upstream_headers(call.record))
+        upreq = provider.chat_request(target, body, stream, _upstream_headers(call))
         try:
             up = await _call_upstream(request, call, provider, upreq)
         except GatewayError as e:
@@ -234,7 +243,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 raise
             log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
                      target.name, e.status)
-            upreq = provider.chat_request(target, body, stream, _upstream_headers(call.record))
+            upreq = provider.chat_request(target, body, stream, _upstream_headers(call))
             up = await _call_upstream(request, call, provider, upreq)
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
@@ -260,23 +269,29 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
             rec.fallbacks.append(model.name)
         tried: set[str] = set()
         for _ in range(1 + model.retries):
-            target = router.choose(model, tried, time.monotonic())
+            target = router.choose(model, tried, time.monotonic(), time.time())
+            if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
+                error = error or deployments_full(model)
+                break
             tried.add(target.deployment_id)
             attempts += 1
             call.target = target
             rec.provider, rec.request_model, rec.target = target.provider, target.model_id, target
             call.response_headers["x-aisix-deployment"] = f"{model.name}/{target.deployment_id}"
             call.response_headers["x-aisix-attempts"] = str(attempts)
-            router.started(target)
-            start = perf_counter_ns()
+            provider = get_provider(target.provider)
+            call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
+                                         server_address(provider.base_url(target)), new_span_id(), perf_counter_ns())
+            router.started(target, time.time())
             call.upstream_called = False
             try:
-                resp = await attempt(get_provider(target.provider), target)
+                resp = await attempt(provider, target)
             except GatewayError as e:
                 if not call.upstream_called:  # refused before the call (e.g. a request this provider can't express)
                     raise
-                rec.attempts.append((model.name, target.deployment_id, attempt_status(e), start, perf_counter_ns()))
                 _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
+                att.end(attempt_status(e), False, perf_counter_ns(), e.message)
+                rec.attempts.append(att)
                 router.failed(target, e, time.monotonic())
                 if not retryable(e, model):
                     raise
@@ -286,9 +301,26 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
                 continue
             finally:
                 router.finished(target)
-            rec.attempts.append((model.name, target.deployment_id, "200", start, perf_counter_ns()))
+                if target.capacity is not None:
+                    router.charge(target, charged_tokens(call), time.time())
+            att.end(str(call.upstream_status), True, perf_counter_ns())
+            rec.attempts.append(att)
             return resp
     raise error
+
+
+@functools.lru_cache(maxsize=1024)
+def server_address(base_url: str) -> str:
+    """The host of an upstream's base URL (the span's ``server.address``)."""
+    return urlsplit(base_url).hostname or ""
+
+
+def deployments_full(model: Model) -> GatewayError:
+    """429 when no deployment of ``model`` has room under its own ``rate_limit``; ``Retry-After``
+    is the start of the next clock-aligned minute."""
+    wait = 60 - int(time.time()) % 60
+    return GatewayError(429, f"Every deployment of model `{model.name}` is at its rate limit; retry in {wait} s.",
+                        "rate_limit_error", "deployment_capacity_exceeded", {"Retry-After": str(wait)})
 
 
 def attempt_status(err: GatewayError) -> str:
@@ -484,7 +516,7 @@ async def embeddings(request: web.Request) -> web.Response:
     call, body = await _prepare_call(request, "embeddings")
 
     async def attempt(provider: Provider, target: Model) -> web.Response:
-        upreq = provider.embeddings_request(target, body, _upstream_headers(call.record))
+        upreq = provider.embeddings_request(target, body, _upstream_headers(call))
         up = await _call_upstream(request, call, provider, upreq)
         return await _whole(up, call, lambda data: provider.embeddings_response(data, upreq))
 

@@ -173,6 +173,8 @@ class Deployment(BaseModel):
     weight: int = Field(1, ge=1, le=1_000_000, description="share of the traffic under `weighted` (default 1)")
     pricing: Pricing | None = Field(None, description="this deployment's prices (default: the model's `pricing`, "
                                     "else the price table)")
+    rate_limit: RateLimit | None = Field(None, description="this deployment's own capacity (rpm, tpm, concurrency; "
+                                         "counted per process): a deployment without room is skipped")
 
     @field_validator("id")
     @classmethod
@@ -231,6 +233,7 @@ class Model(BaseModel):
                                     "(genai-prices); neither: no cost is counted")
     _targets: tuple = PrivateAttr(())
     _deployment: str = PrivateAttr("default")
+    _capacity: RateLimit | None = PrivateAttr(None)
 
     @field_validator("name")
     @classmethod
@@ -266,6 +269,7 @@ class Model(BaseModel):
                                       deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None,
                                       pricing=d.pricing or self.pricing)
             t._deployment = d.id
+            t._capacity = d.rate_limit
             t._targets = (t,)
             targets.append(t)
         self._targets = tuple(targets)
@@ -279,6 +283,11 @@ class Model(BaseModel):
     def deployment_id(self) -> str:
         """This target's deployment id (``default`` for the one-upstream shape)."""
         return self._deployment
+
+    @property
+    def capacity(self) -> RateLimit | None:
+        """This target's deployment ``rate_limit`` (None: no limit of its own)."""
+        return self._capacity
 
     @property
     def retries(self) -> int:

@@ -29,14 +29,30 @@ class DeploymentState:
     """One deployment's health: ``in_flight`` requests, recent failure times (s), the end of
     its cooldown (s, 0: none), the EWMA of its time to first byte (ms, None: no sample yet)."""
 
-    __slots__ = ("in_flight", "fails", "cooldown_until", "ewma_ms", "last_fail")
+    __slots__ = ("in_flight", "fails", "cooldown_until", "ewma_ms", "last_fail", "minute", "requests", "tokens")
 
     def __init__(self):
         self.in_flight = 0
+        self.minute = 0  # the clock-aligned minute (Unix time // 60) the counts below belong to
+        self.requests = 0  # started in that minute
+        self.tokens = 0  # charged in that minute
         self.fails: deque[float] = deque()
         self.cooldown_until = 0.0
         self.ewma_ms: float | None = None
         self.last_fail = 0.0
+
+    def _roll(self, wall: float) -> None:
+        minute = int(wall // 60)
+        if minute != self.minute:
+            self.minute, self.requests, self.tokens = minute, 0, 0
+
+    def has_room(self, limit, wall: float) -> bool:
+        """Whether the deployment's ``rate_limit`` (rpm, tpm, concurrency) lets one more request in."""
+        if limit is None:
+            return True
+        self._roll(wall)
+        return ((limit.rpm is None or self.requests < limit.rpm) and (limit.tpm is None or self.tokens < limit.tpm)
+                and (limit.concurrency is None or self.in_flight < limit.concurrency))
 
     def snapshot(self, now: float) -> dict:
         """For ``GET /aisix/admin/health/models``."""
@@ -91,14 +107,19 @@ class Router:
             st = self._state[key] = DeploymentState()
         return st
 
-    def choose(self, model: Model, tried: set[str], now: float) -> Model:
+    def choose(self, model: Model, tried: set[str], now: float, wall: float = 0.0) -> Model | None:
         """The target for the next attempt at ``model``: among deployments not ``tried`` yet (all
-        again once each was tried), those not cooling down, by the strategy; when all of those are
-        cooling down, the one whose cooldown ends first."""
+        again once each was tried) that have room under their own ``rate_limit`` (``wall``: Unix
+        time, s), those not cooling down, by the strategy; when all of those are cooling down, the
+        one whose cooldown ends first. None when no deployment has room."""
         targets = model.targets
         if len(targets) == 1:
-            return targets[0]
-        cands = [t for t in targets if t.deployment_id not in tried] or list(targets)
+            t = targets[0]
+            return t if t.capacity is None or self.state(t).has_room(t.capacity, wall) else None
+        roomy = [t for t in targets if t.capacity is None or self.state(t).has_room(t.capacity, wall)]
+        if not roomy:
+            return None
+        cands = [t for t in roomy if t.deployment_id not in tried] or roomy
         healthy = [t for t in cands if self.state(t).cooldown_until <= now]
         if not healthy:
             return min(cands, key=lambda t: self.state(t).cooldown_until)
@@ -120,8 +141,19 @@ class Router:
                 return t
         return healthy[-1]
 
-    def started(self, target: Model) -> None:
-        self.state(target).in_flight += 1
+    def started(self, target: Model, wall: float = 0.0) -> None:
+        st = self.state(target)
+        st.in_flight += 1
+        if target.capacity is not None:
+            st._roll(wall)
+            st.requests += 1
+
+    def charge(self, target: Model, tokens: int, wall: float) -> None:
+        """Tokens the attempt cost, against its deployment's ``tpm``."""
+        if target.capacity is not None and tokens:
+            st = self.state(target)
+            st._roll(wall)
+            st.tokens += tokens
 
     def finished(self, target: Model) -> None:
         st = self.state(target)

@@ -1,5 +1,6 @@
 """grafana/dashboards/aisix.json: the panels the observability guide lists, on aisix's
-five metric families only, and PromQL that a real Prometheus accepts and answers."""
+metric families only (the seed's five and routing's per-deployment ones), and PromQL that a real
+Prometheus accepts and answers."""
 import json
 import math
 import re
@@ -22,15 +23,17 @@ ROWS = {
                 "First Token Latency by Model", "LLM Latency by Model"],
     "Token Usage": ["Prompt vs Completion Token Rate", "Token Usage by Model",
                     "Cumulative Tokens", "Token Distribution by Model"],
+    "Deployments": ["Upstream Attempts by Deployment and Status", "Upstream Latency P90 by Deployment", "Fallbacks"],
     "Streaming and Cost": ["Inter-Token Latency by Model", "Time per Output Token by Model",
                            "Spend by Model (USD per hour)", "Spend by Model"],
 }
 HISTOGRAMS = ["aisix_request_latency_milliseconds", "aisix_llm_latency_milliseconds",
-              "aisix_llm_first_token_latency_milliseconds", "aisix_llm_inter_token_latency_milliseconds",
-              "aisix_llm_time_per_output_token_milliseconds"]
-METRICS = {"aisix_request_count_total", "aisix_token_count_total", "aisix_cost_usd_total"} | {
+              "aisix_llm_first_token_latency_milliseconds", "aisix_upstream_latency_milliseconds",
+              "aisix_llm_inter_token_latency_milliseconds", "aisix_llm_time_per_output_token_milliseconds"]
+METRICS = {"aisix_request_count_total", "aisix_token_count_total", "aisix_upstream_request_count_total",
+           "aisix_fallback_count_total", "aisix_cost_usd_total"} | {
     f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
-LABELS = {"method", "endpoint", "status_code", "model", "type", "le"}
+LABELS = {"method", "endpoint", "status_code", "model", "type", "le", "deployment", "fallback"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
             "and", "or", "unless"}
 
@@ -112,6 +115,9 @@ def _push_sample_traffic(otlp_url):
     request_ms = meter.create_histogram("aisix_request_latency", unit="ms")
     llm_ms = meter.create_histogram("aisix_llm_latency", unit="ms")
     ttft_ms = meter.create_histogram("aisix_llm_first_token_latency", unit="ms")
+    attempts = meter.create_counter("aisix_upstream_request_count")
+    upstream_ms = meter.create_histogram("aisix_upstream_latency", unit="ms")
+    fallbacks = meter.create_counter("aisix_fallback_count")
     itl_ms = meter.create_histogram("aisix_llm_inter_token_latency", unit="ms")
     tpot_ms = meter.create_histogram("aisix_llm_time_per_output_token", unit="ms")
     cost = meter.create_counter("aisix_cost_usd")
@@ -126,6 +132,10 @@ def _push_sample_traffic(otlp_url):
             tokens.add(15, {"model": model, "type": "total"})
             llm_ms.record(100, {"model": model})
             ttft_ms.record(30, {"model": model})
+            for deployment, status in (("east", "200"), ("west", "connect_error")):
+                attempts.add(2, {"model": model, "deployment": deployment, "status_code": status})
+                upstream_ms.record(80, {"model": model, "deployment": deployment})
+            fallbacks.add(1, {"model": model, "fallback": "backup"})
             itl_ms.record(20, {"model": model})
             tpot_ms.record(25, {"model": model})
             cost.add(0.01, {"model": model})

@@ -121,6 +121,26 @@ def test_config_shape_is_validated():
     assert Model.model_validate(m.model_dump(mode="json", exclude_unset=True)).targets[0].deployment_id == "a"
 
 
+def test_a_deployment_without_room_under_its_own_rate_limit_is_skipped():
+    m = Model(name="g", deployments=[{"id": "small", "model": "openai/x", "rate_limit": {"rpm": 2, "tpm": 100}},
+                                     {"id": "big", "model": "openai/x", "rate_limit": {"concurrency": 1}}],
+              routing={"strategy": "round_robin"})
+    r, wall = Router(), 6000.0  # a minute boundary
+    small, big = m.targets
+    r.started(small, wall)
+    r.finished(small)
+    r.started(small, wall + 1)
+    r.finished(small)
+    assert all(r.choose(m, set(), 0, wall + 2) is big for _ in range(4))  # small used its 2 requests
+    r.started(big, wall + 2)
+    assert r.choose(m, set(), 0, wall + 3) is None  # big: 1 in flight of 1; small: full
+    assert r.choose(m, set(), 0, wall + 60) is small  # a new minute: small has room again
+    r.finished(big)
+    r.charge(small, 100, wall + 61)
+    assert r.choose(m, {"big"}, 0, wall + 62) is big  # small spent its tpm
+    assert r.health([m], 0)[0]["in_flight"] == 0
+
+
 # -- real gateways ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ups():
@@ -136,17 +156,23 @@ def dep(i: str, base: str, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, ups, prometheus):
+def gw(tmp_path_factory, ups, prometheus, sink):
     a, b, c = ups
     dead = f"http://{HOST}:{free_port()}/v1"
     models = [
         {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
+        {"name": "capped", "deployments": [dep("one", a.base_url, rate_limit={"rpm": 1}),
+                                           dep("two", b.base_url, rate_limit={"rpm": 1})]},
+        {"name": "pair2", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
+         "routing": {"strategy": "round_robin"}},
+        {"name": "alternate", "deployments": [dep("down", dead), dep("up", a.base_url)],
+         "routing": {"strategy": "round_robin", "allowed_fails": 1000}},
         {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}, "fallbacks": ["backup"]},
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
-    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair"]}])
+    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -240,3 +266,133 @@ def test_a_400_is_not_retried(gw, ups):
         client(gw).chat.completions.create(model="pair", messages=[{"role": "user", "content": "bad"}])
     assert e.value.param == "messages" and e.value.response.headers["x-aisix-attempts"] == "1"
     assert seen(a, "bad") - na + seen(b, "bad") - nb == 1
+
+
+def test_one_client_span_per_attempt_and_the_upstream_sees_its_own(gw, ups, sink):
+    a = ups[0]
+    a.script("spans", status=200, headers=JSON, body=b'{"id":"c","object":"chat.completion","model":"up-1",'
+             b'"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+             b'"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}')
+    for _ in range(2):  # round robin: one of two requests starts at the dead deployment
+        r = client(gw).chat.completions.with_raw_response.create(model="alternate",
+                                                                  messages=[{"role": "user", "content": "spans"}])
+        if r.headers["x-aisix-attempts"] != "1":
+            break
+    n = int(r.headers["x-aisix-attempts"])
+    assert n == 2
+    trace_id, server_id = r.headers["x-aisix-request-id"].split("-")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len([s for s in sink.spans if s["trace_id"] == trace_id]) < n + 1:
+        time.sleep(0.05)
+    mine = [s for s in sink.spans if s["trace_id"] == trace_id]
+    server = [s for s in mine if s["kind"] == 2]
+    clients = sorted((s for s in mine if s["kind"] == 3), key=lambda s: s["start_ns"])
+    assert len(server) == 1 and server[0]["span_id"] == server_id and len(clients) == n
+    assert all(c["parent_span_id"] == server_id and c["name"] == "chat up-1" for c in clients)
+    for c in clients[:-1]:  # the failed ones: the dead deployment
+        assert c["attributes"]["aisix.deployment"] == "down" and c["attributes"]["error.type"] == "connect_error"
+        assert c["status_code"] == 2  # ERROR
+    ok = clients[-1]
+    assert ok["attributes"]["aisix.deployment"] == "up" and ok["attributes"]["http.response.status_code"] == 200
+    assert ok["attributes"]["gen_ai.usage.output_tokens"] == 1 and "error.type" not in ok["attributes"]
+    assert a.last("spans").headers["traceparent"] == f"00-{trace_id}-{ok['span_id']}-01"
+
+
+def test_admin_health_lists_each_deployment_and_its_cooldown(gw, ups):
+    import json
+    import urllib.request
+    a, b, _ = ups
+    a.script("health", status=429, headers={**JSON, "Retry-After": "30"},
+             body=b'{"error":{"message":"slow","type":"requests","code":"rate_limit_exceeded"}}')
+    b.script("health", writes=[(0, ev(ROLE)), (0, ev(TXT("b"))), (0, ev(STOP)), (0, DONE)])
+    for _ in range(2):  # round robin: one of the two reaches a, which cools down for 30 s
+        asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+            "model": "pair2", "stream": True, "messages": [{"role": "user", "content": "health"}]}))
+    req = urllib.request.Request(gw.admin_url + "/health/models", headers={"Authorization": "Bearer admin-test-key"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        doc = json.loads(r.read())
+    rows = {(x["model"], x["deployment"]): x for x in doc["list"]}
+    assert set(rows) >= {("pair2", "a"), ("pair2", "b"), ("pair", "a"), ("half-down", "up"), ("half-down", "down"), ("backup", "default")}
+    assert rows[("pair2", "a")]["state"] == "cooling_down" and 25_000 < rows[("pair2", "a")]["cooldown_remaining_ms"] <= 30_000
+    assert rows[("pair2", "b")]["state"] == "healthy" and rows[("pair2", "b")]["in_flight"] == 0
+    assert rows[("pair2", "b")]["ewma_first_byte_ms"] > 0 and rows[("pair2", "a")]["upstream"] == "openai/up-1"
+    unauth = urllib.request.Request(gw.admin_url + "/health/models")
+    try:
+        urllib.request.urlopen(unauth, timeout=5)
+        raise AssertionError("no key, yet 200")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+
+
+def test_every_deployment_at_its_rate_limit_is_a_429_and_each_served_its_share(gw, ups):
+    a, b, _ = ups
+    for up in (a, b):
+        up.script("capped", writes=[(0, ev(ROLE)), (0, ev(TXT("x"))), (0, ev(STOP)), (0, DONE)])
+    if time.time() % 60 > 50:  # the windows are clock-aligned minutes: start in a fresh one
+        time.sleep(61 - time.time() % 60)
+    got = [asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+        "model": "capped", "stream": True, "messages": [{"role": "user", "content": "capped"}]})) for _ in range(3)]
+    assert [g.status for g in got] == [200, 200, 429]
+    assert {g.headers["x-aisix-deployment"] for g in got[:2]} == {"capped/one", "capped/two"}
+    import json
+    err = json.loads(got[2].body)["error"]
+    assert err["code"] == "deployment_capacity_exceeded" and 0 < int(got[2].headers["Retry-After"]) <= 60
+    assert (seen(a, "capped"), seen(b, "capped")) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def gw_split(tmp_path_factory, ups, prometheus):
+    a, b, c = ups
+    models = [{"name": "split", "deployments": [dep("heavy", a.base_url, weight=3), dep("light", b.base_url)]},
+              {"name": "busy", "deployments": [dep("a", a.base_url), dep("c", c.base_url)],
+               "routing": {"strategy": "least_busy"}}]
+    cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, models=models,
+                         apikeys=[{"key": "sk-test", "allowed_models": ["split", "busy"]}])
+    with GatewayProcess(tmp_path_factory.mktemp("gw-split"), cfg) as g:
+        yield g
+
+
+def test_weights_hold_over_a_thousand_requests_and_attempts_counted_are_attempts_seen(gw_split, ups, prometheus):
+    a, b, _ = ups
+    body = (b'{"id":"c","object":"chat.completion","model":"up-1","choices":[{"index":0,"message":'
+            b'{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}')
+    for up in (a, b):
+        up.script("split", status=200, headers=JSON, body=body)
+
+    async def run():
+        import aiohttp
+        async with aiohttp.ClientSession() as s:
+            async def one():
+                async with s.post(gw_split.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                                  json={"model": "split", "messages": [{"role": "user", "content": "split"}]}) as r:
+                    assert r.status == 200
+                    return r.headers["x-aisix-deployment"]
+            out = []
+            for _ in range(10):  # 1 000 requests, 100 at a time
+                out += await asyncio.gather(*(one() for _ in range(100)))
+            return out
+    picks = asyncio.run(run())
+    heavy, light = seen(a, "split"), seen(b, "split")
+    assert heavy + light == 1000 and picks.count("split/heavy") == heavy
+    assert abs(heavy / 1000 - 0.75) < 0.05, heavy
+    m = GatewayMetrics(prometheus, gw_split.instance)
+    m.wait_value("aisix_upstream_request_count_total", heavy, model="split", deployment="heavy", status_code="200")
+    m.wait_value("aisix_upstream_request_count_total", light, model="split", deployment="light", status_code="200")
+
+
+def test_least_busy_sends_a_new_request_to_the_idle_deployment(gw_split, ups):
+    a, _, c = ups
+    slow = [(0, ev(ROLE))] + [(0.2, ev(TXT("."))) for _ in range(10)] + [(0, ev(STOP)), (0, DONE)]
+    a.script("busy", writes=slow)
+    c.script("busy", writes=slow)
+
+    async def run():
+        first = asyncio.create_task(post_raw(gw_split.url + "/v1/chat/completions", {
+            "model": "busy", "stream": True, "messages": [{"role": "user", "content": "busy"}]}))
+        await asyncio.sleep(0.5)  # the first stream is under way on one deployment
+        second = await post_raw(gw_split.url + "/v1/chat/completions", {
+            "model": "busy", "stream": True, "messages": [{"role": "user", "content": "busy"}]})
+        return await first, second
+    first, second = asyncio.run(run())
+    assert first.status == second.status == 200
+    assert first.headers["x-aisix-deployment"] != second.headers["x-aisix-deployment"]

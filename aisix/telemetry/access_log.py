@@ -39,7 +39,7 @@ def access_line(r: RequestRecord) -> bytes:
     doc = {
         "time": start.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "method": r.method, "route": r.endpoint, "status": r.status,
-        "model": r.model, "deployment": f"{r.attempts[-1][0]}/{r.attempts[-1][1]}" if r.attempts else None, "attempts": len(r.attempts),
+        "model": r.model, "deployment": f"{r.attempts[-1].model}/{r.attempts[-1].deployment}" if r.attempts else None, "attempts": len(r.attempts),
         "stream": r.stream, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
         "total_tokens": r.total_tokens, "usage_estimated": r.usage_estimated, "cost_usd": r.cost_usd,
         "latency_ms": round((r.end_ns - r.start_ns) / 1e6, 3),

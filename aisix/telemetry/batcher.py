@@ -31,6 +31,9 @@ _NS_PER_MS = 1_000_000
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
+#: ``gen_ai.provider.name`` values of the GenAI semantic conventions' registry for our providers.
+GEN_AI_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini", "deepseek": "deepseek"}
+
 class Telemetry:
     """Owns the queue, the batcher task and the OpenTelemetry providers.
 
@@ -245,9 +248,10 @@ class Telemetry:
                 self._token_times(r, m_attrs)
             for e in r.upstream_errors:
                 upstream_errors[e] += 1
-            for alias, deployment, status, start, end in r.attempts:
-                attempts[(alias, deployment, status)] += 1
-                self.upstream_latency.record((end - start) / _NS_PER_MS, {"model": alias, "deployment": deployment})
+            for a in r.attempts:
+                attempts[(a.model, a.deployment, a.status)] += 1
+                self.upstream_latency.record((a.end_ns - a.start_ns) / _NS_PER_MS,
+                                             {"model": a.model, "deployment": a.deployment})
             for fb in r.fallbacks:
                 fallbacks[(model, fb)] += 1
             if r.total_tokens is not None:
@@ -291,7 +295,7 @@ class Telemetry:
                  "http.response.status_code": r.status}
         if r.model is not None:
             attrs["gen_ai.operation.name"] = r.operation
-            attrs["gen_ai.provider.name"] = r.provider or ""
+            attrs["gen_ai.provider.name"] = GEN_AI_PROVIDER.get(r.provider, r.provider or "")
             attrs["gen_ai.request.model"] = r.request_model or ""
             attrs["aisix.model"] = r.model
             attrs["aisix.stream"] = r.stream
@@ -313,10 +317,39 @@ class Telemetry:
             status = Status(StatusCode.ERROR, r.error or None)
             attrs["error.type"] = str(r.status)
         events = (Event("gen_ai.first_token", timestamp=r.first_token_ns + wall),) if r.first_token_ns else ()
+        server = SpanContext(r.trace_id, r.span_id, is_remote=False, trace_flags=flags)
         self._spans.offer(ReadableSpan(
-            f"{r.method} {r.endpoint}", SpanContext(r.trace_id, r.span_id, is_remote=False, trace_flags=flags),
-            parent, self._resource, attrs, events, kind=SpanKind.SERVER, status=status,
-            start_time=r.start_wall_ns, end_time=r.end_ns + wall, instrumentation_scope=self._scope))
+            f"{r.method} {r.endpoint}", server, parent, self._resource, attrs, events, kind=SpanKind.SERVER,
+            status=status, start_time=r.start_wall_ns, end_time=r.end_ns + wall, instrumentation_scope=self._scope))
+        for a in r.attempts:
+            self._attempt_span(r, a, server, flags, wall)
+
+    def _attempt_span(self, r: RequestRecord, a, server: SpanContext, flags: TraceFlags, wall: int) -> None:
+        """One CLIENT span per upstream attempt, child of the request's SERVER span, named
+        ``{operation} {upstream model}`` with the GenAI semantic conventions
+        (https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/); the successful attempt
+        carries the response model and usage."""
+        attrs = {"gen_ai.operation.name": r.operation, "gen_ai.provider.name": GEN_AI_PROVIDER.get(a.provider, a.provider),
+                 "gen_ai.request.model": a.upstream_model, "server.address": a.server_address,
+                 "aisix.model": a.model, "aisix.deployment": a.deployment}
+        status = Status(StatusCode.UNSET)
+        if a.ok:
+            if a.status.isdigit():
+                attrs["http.response.status_code"] = int(a.status)
+            if r.response_model:
+                attrs["gen_ai.response.model"] = r.response_model
+            if r.total_tokens is not None:
+                attrs["gen_ai.usage.input_tokens"] = r.prompt_tokens
+                attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
+        else:
+            attrs["error.type"] = a.status
+            if a.status.isdigit():
+                attrs["http.response.status_code"] = int(a.status)
+            status = Status(StatusCode.ERROR, a.error)
+        self._spans.offer(ReadableSpan(
+            f"{r.operation} {a.upstream_model}", SpanContext(r.trace_id, a.span_id, is_remote=False, trace_flags=flags),
+            server, self._resource, attrs, (), kind=SpanKind.CLIENT, status=status,
+            start_time=a.start_ns + wall, end_time=a.end_ns + wall, instrumentation_scope=self._scope))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Drain every queued record, then flush and shut down both exporters (bounded by ``timeout`` s)."""

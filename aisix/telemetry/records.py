@@ -9,6 +9,27 @@ def request_id(rec: "RequestRecord") -> str:
     return f"{rec.trace_id:032x}-{rec.span_id:016x}"
 
 
+class Attempt:
+    """One upstream attempt of a request (routing may make several): which deployment of which
+    alias, the CLIENT span it gets (``span_id``, also the parent in the ``traceparent`` sent
+    upstream), when (``perf_counter_ns``), and what it got: ``status`` is the ``status_code``
+    label (the upstream's HTTP status, or ``connect_error`` / ``timeout``), ``error`` a short
+    description on failure (already masked), ``ok`` whether it answered 2xx."""
+
+    __slots__ = ("model", "deployment", "provider", "upstream_model", "server_address", "span_id",
+                 "start_ns", "end_ns", "status", "ok", "error")
+
+    def __init__(self, model: str, deployment: str, provider: str, upstream_model: str, server_address: str,
+                 span_id: int, start_ns: int):
+        self.model, self.deployment, self.provider = model, deployment, provider
+        self.upstream_model, self.server_address = upstream_model, server_address
+        self.span_id, self.start_ns, self.end_ns = span_id, start_ns, 0
+        self.status, self.ok, self.error = "", False, None
+
+    def end(self, status: str, ok: bool, end_ns: int, error: str | None = None) -> None:
+        self.status, self.ok, self.end_ns, self.error = status, ok, end_ns, error
+
+
 class RequestRecord:
     """What one HTTP request did. The hot path only sets fields; the batcher derives metrics
     and the span from them after the fact.
@@ -55,8 +76,7 @@ class RequestRecord:
         self.admin = False  # an Admin API request: counted apart from the proxy's seed series
         self.upstream_status: int | None = None  # a failed upstream call: what it answered (0: nothing)
         self.usage_estimated = False  # prompt/completion tokens are the gateway's estimate (no total)
-        #: one per upstream attempt: (model alias, deployment id, status_code label, start_ns, end_ns)
-        self.attempts: list[tuple[str, str, str, int, int]] = []
+        self.attempts: list[Attempt] = []  # one per upstream attempt, in order
         self.fallbacks: list[str] = []  # the fallback aliases tried, in order
         self.upstream_errors: list[tuple[str, str]] = []  # each failed upstream call: (model alias, upstream_status label)
         #: streams: the gaps (ns) between content events that came in different reads, and how many
