@@ -13,10 +13,12 @@ hours) are taken at the request's start.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from .resources import Model, Pricing
 
@@ -96,8 +98,8 @@ def from_table(model_price) -> Price | None:
 
 class Prices:
     """Prices of deployments (one-upstream :class:`~aisix.resources.Model` targets), looked up once
-    each and kept. ``use_table``: look up models without ``pricing`` in genai-prices (loaded by
-    :meth:`preload`, ~0.2 s and ~30 MB per process; else on first use)."""
+    each and kept. ``use_table``: look up models without ``pricing`` in genai-prices (~0.2 s and
+    ~30 MB per process: loaded by :meth:`preload` when a model may be in it, else on first use)."""
 
     def __init__(self, use_table: bool = True):
         self.use_table = use_table
@@ -105,9 +107,11 @@ class Prices:
         self._found: dict[tuple, object] = {}  # (provider, model id, api_base) → the table's ModelInfo, or None
         self._converted: dict[int, tuple[object, Price | None]] = {}  # id(ModelPrice) → (it, Price)
 
-    def preload(self) -> None:
-        """Import the table on a thread, so the first lookup does not wait on the event loop."""
-        if self.use_table:
+    def preload(self, models) -> None:
+        """Load the table on a thread if one of ``models`` (or their deployments) may be priced by
+        it, so that its first lookup does not hold the event loop; a gateway whose models all have
+        ``pricing`` or run on local servers never loads it."""
+        if self.use_table and any(in_table_scope(t) for m in models for t in m.targets):
             threading.Thread(target=_snapshot, name="aisix-price-table", daemon=True).start()
 
     def price(self, target: Model, when_ns: int) -> Price | None:
@@ -120,7 +124,7 @@ class Prices:
             if p is None:
                 p = self._own[key] = from_pricing(own)
             return p
-        if not self.use_table:
+        if not self.use_table or not in_table_scope(target):
             return None
         key = (target.provider, target.model_id, target.provider_config.api_base)
         info = self._found.get(key, self)
@@ -133,6 +137,24 @@ class Prices:
         if hit is None or hit[0] is not mp:
             hit = self._converted[id(mp)] = (mp, from_table(mp))
         return hit[1]
+
+
+def in_table_scope(target: Model) -> bool:
+    """Whether the table may price ``target``: no ``pricing`` of its own, not ``mock``, and not on
+    a loopback or private address (a server of one's own is in no price table)."""
+    if target.pricing is not None or target.provider == "mock":
+        return False
+    base = target.provider_config.api_base
+    if base is None:
+        return True
+    host = urlsplit(base).hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return not (ip.is_loopback or ip.is_private or ip.is_link_local)
 
 
 def _snapshot():

@@ -309,6 +309,8 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
     _, port = parse_listen(config.server.proxy.listen)
     try:
         telemetry = Telemetry(config.observability, instance_id(port, worker), worker=worker)
+        if telemetry.enabled:
+            telemetry.prices.preload(holder.current.models.values())
     except BaseException:  # e.g. the access log or the scrape endpoint can't be opened: a ConfigError
         await store.close()
         raise

@@ -150,3 +150,17 @@ async def test_known_tokens_give_a_known_cost_in_prometheus_on_the_span_and_in_t
         await asyncio.sleep(0.1)
     span_costs = sorted(s["attributes"].get("aisix.cost_usd", -1) for s in spans)
     assert span_costs == pytest.approx(sorted([whole, whole, stream, -1, -1]))
+
+
+def test_only_models_the_table_may_price_are_looked_up():
+    from aisix.pricing import in_table_scope
+
+    def on(base):
+        return Model(name="x", model="openai/gpt-4o-mini", provider_config={"api_base": base} if base else {})
+    assert in_table_scope(on(None)) and in_table_scope(on("https://api.together.xyz/v1"))
+    for local in ("http://127.0.0.1:8000/v1", "http://localhost:8000/v1", "http://10.1.2.3/v1", "http://[::1]:9/v1",
+                  "http://192.168.1.5/v1"):
+        assert not in_table_scope(on(local)), local
+    assert not in_table_scope(Model(name="x", model="mock/mock-1"))
+    assert not in_table_scope(Model(name="x", model="openai/gpt-4o", pricing={"input_per_million": 1,
+                                                                               "output_per_million": 1}))

@@ -155,7 +155,6 @@ class Telemetry:
     # -- the batcher -----------------------------------------------------------
     def start(self) -> None:
         if self.enabled and self._task is None:
-            self.prices.preload()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="aisix-telemetry-batcher")
 
     async def _run(self) -> None:
