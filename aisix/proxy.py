@@ -310,7 +310,7 @@ async def _attempt(request: web.Request, call: Call, model: Model, target: Model
     """One attempt at ``target`` (a deployment of ``model``), measured as an :class:`Attempt`."""
     gw, rec = request.app[GATEWAY], call.record
     call.target, call.upstream_called, call.stream_error = target, False, None
-    rec.provider, rec.request_model = target.provider, target.model_id
+    rec.provider, rec.request_model, rec.target = target.provider, target.model_id, target
     provider = get_provider(target.provider)
     call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
                                  server_address(provider.base_url(target)), new_span_id(), perf_counter_ns())
@@ -423,7 +423,7 @@ async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
     rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
     if result.usage is not None:
         u = result.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     return web.Response(body=result.body, content_type="application/json",
                         headers=_passthrough(up, call.response_headers))
 
@@ -525,14 +525,15 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
 
 
 def _record_stream(call: Call, relay: StreamRelay) -> None:
-    """What the stream got, into the record: first token, usage (the upstream's, else the
+    """What the stream got, into the record: first token, inter-token gaps, usage (the upstream's, else the
     gateway's estimate), response model, finish reasons; the completion estimate for the limits."""
     rec, decoder = call.record, relay.decoder
     rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
     rec.first_token_ns = relay.first_token_ns
+    rec.gaps_ns, rec.zero_gaps = relay.gaps_ns, relay.zero_gaps
     if decoder.usage is not None:
         u = decoder.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     elif relay.completion_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
         rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), relay.completion_events)
     call.estimated_completion_tokens = relay.completion_events
