@@ -1,4 +1,5 @@
-"""The Admin API's OpenAPI 3.1 document, generated from the pydantic resource schemas.
+"""The Admin API's OpenAPI 3.1 document, generated from the pydantic resource schemas, with the
+proxy's entry routes (``/v1/messages``, ``/v1/responses``, ``/v1/completions``: :mod:`aisix.entry.openapi`).
 
 OpenAPI 3.1 schemas are JSON Schema 2020-12, which is what pydantic emits, so the
 resource schemas go in as they are (``components.schemas``), referenced by the paths. An API
@@ -12,6 +13,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from . import __version__
+from .entry.openapi import ANTHROPIC_ERROR, SECURITY_SCHEMES, entry_paths
 from .resources import ApiKeyWrite, Model
 
 ADMIN_PREFIX = "/aisix/admin"
@@ -83,6 +85,7 @@ def openapi_document() -> dict:
     schemas["ApiKey"] = {**schemas.pop("ApiKeyWrite"), "title": "ApiKey"}
     schemas["Error"] = _ERROR
     schemas["Deleted"] = _DELETED
+    schemas["AnthropicError"] = ANTHROPIC_ERROR
     schemas["ModelCreate"] = _ref("Model")
     schemas["ApiKeyCreate"] = _ref("ApiKey")  # without `key`, one is generated (returned in the 201)
     for schema, _noun in _KINDS.values():
@@ -107,6 +110,7 @@ def openapi_document() -> dict:
             "total": {"type": "integer", "minimum": 0},
             "list": {"type": "array", "items": _ref("DeploymentHealth")}}}, "Every deployment of every model"),
             **_errors(401)}}}
+    paths.update(entry_paths(_REF.format(model="Error")))  # on the proxy listener (their own `servers`)
     paths["/openapi"] = {"get": {"operationId": "openapi", "summary": "This document", "security": [],
                                  "responses": {"200": {"description": "OpenAPI 3.1 document",
                                                        "content": {"application/json": {"schema": {"type": "object"}}}}}}}
@@ -124,9 +128,11 @@ def openapi_document() -> dict:
                                 "`disabled` end a key's use (401 `expired_api_key` / `disabled_api_key`)."},
         "servers": [{"url": "/"}],
         "security": [{"adminKey": []}],
-        "tags": [{"name": "models"}, {"name": "apikeys"}],
+        "tags": [{"name": "models"}, {"name": "apikeys"},
+                 {"name": "proxy", "description": "client API routes besides chat completions, on the proxy listener"}],
         "paths": paths,
         "components": {"schemas": schemas,
                        "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer",
-                                                        "description": "an entry of deployment.admin.admin_key"}}},
+                                                        "description": "an entry of deployment.admin.admin_key"},
+                                           **SECURITY_SCHEMES}},
     }

@@ -3,7 +3,9 @@
 authentication → model and access checks → pre-call hooks → provider call → (relay) →
 post-call hooks. Handlers fill the request's :class:`~aisix.telemetry.RequestRecord`; the
 server middleware submits it. Routes: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
-``GET /v1/models`` (https://platform.openai.com/docs/api-reference/chat).
+``GET /v1/models`` (https://platform.openai.com/docs/api-reference/chat); the other client APIs
+(``/v1/messages``, ``/v1/responses``, ``/v1/completions``) are in :mod:`aisix.entry`, built on
+the pieces here.
 """
 from __future__ import annotations
 
@@ -43,12 +45,13 @@ PASSTHROUGH_HEADERS = ("x-request-id", "request-id", "openai-processing-ms", "op
 
 
 def presented_key(request: web.Request) -> str:
-    """The client key the request presents: ``Authorization: Bearer <key>`` (or a bare ``<key>``);
+    """The client key the request presents: ``Authorization: Bearer <key>`` (or a bare ``<key>``),
+    else ``x-api-key: <key>`` (the Anthropic SDK's header, https://docs.anthropic.com/en/api/overview);
     ``""`` when there is none."""
     header = request.headers.get("Authorization", "").strip()
     if header[:7].lower() == "bearer ":
         header = header[7:].strip()
-    return header
+    return header or request.headers.get("x-api-key", "").strip()
 
 
 def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
@@ -240,21 +243,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     call.record.stream = call.stream = stream
 
     async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
-        upreq = provider.chat_request(target, body, stream, _upstream_headers(call))
-        try:
-            up = await _call_upstream(request, call, provider, upreq)
-        except GatewayError as e:
-            if not (stream and provider.refused_stream_options(target, e)):
-                raise
-            log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
-                     target.name, e.status)
-            upreq = provider.chat_request(target, body, stream, _upstream_headers(call))
-            up = await _call_upstream(request, call, provider, upreq)
+        up = await call_streamable(request, call, provider, stream,
+                                   lambda: provider.chat_request(target, body, stream, _upstream_headers(call)))
         if stream:
             return await relay_stream(request, up, provider.stream_decoder(include_usage), call)
         return await _whole(up, call, provider.chat_response)
 
     return await _with_hooks(request, call, lambda: route(request, call, attempt))
+
+
+async def call_streamable(request: web.Request, call: Call, provider: Provider, stream: bool,
+                          build) -> UpstreamResponse:
+    """Call the upstream with ``build()`` (an :class:`~aisix.upstream.UpstreamRequest`); a stream
+    the upstream refused for the ``stream_options`` the gateway added
+    (:meth:`~aisix.providers.Provider.refused_stream_options`) is asked once more, built anew
+    (without them). Raises what :func:`_call_upstream` raises."""
+    try:
+        return await _call_upstream(request, call, provider, build())
+    except GatewayError as e:
+        if not (stream and provider.refused_stream_options(call.target, e)):
+            raise
+        log.info("model %s: the upstream refused stream_options (%s); asking without them from now on",
+                 call.target.name, e.status)
+        return await _call_upstream(request, call, provider, build())
 
 
 async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse:
@@ -510,7 +521,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             _upstream_failed(request, call, error, up.headers.get("x-request-id"))
             rec.error = error.message
             rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
-            await out.write(error.sse_event())
+            await out.write(relay.decoder.error_event(error))
         await out.write_eof()
         if rec.status == 0:
             rec.status = 200
@@ -606,3 +617,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)
+    from .entry import add_routes as add_entry_routes  # the other client APIs (they import this module)
+    add_entry_routes(app)

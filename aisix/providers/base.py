@@ -100,6 +100,11 @@ class StreamDecoder:
         """The upstream closed cleanly: final bytes to send (e.g. a ``data: [DONE]`` it left out)."""
         return None if self.done else b"data: [DONE]\n\n"
 
+    def error_event(self, err: GatewayError) -> bytes:
+        """The event that ends a stream already under way with ``err``, in the client's API
+        (OpenAI's: ``data: {"error": {...}}``; the Messages and Responses decoders frame their own)."""
+        return err.sse_event()
+
 
 class Provider:
     """One upstream API. Subclasses set ``name``/``default_api_base`` and implement the methods."""
@@ -122,6 +127,14 @@ class Provider:
 
     def stream_decoder(self, include_usage: bool) -> StreamDecoder:
         raise NotImplementedError
+
+    def completions_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
+        """The upstream call for a legacy text completion ``body`` (``POST /v1/completions``,
+        https://platform.openai.com/docs/api-reference/completions), passed through; its answer is
+        read as a chat completion's (:meth:`chat_response`, :meth:`stream_decoder`). Raises 400
+        ``unsupported_operation``: only OpenAI-compatible providers have this API."""
+        raise GatewayError(400, f"provider `{self.name}` has no legacy completions API (POST /v1/completions); "
+                           "use POST /v1/chat/completions", "invalid_request_error", "unsupported_operation")
 
     def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
         """The upstream call for an OpenAI embeddings ``body``. Raises GatewayError 400 if unsupported."""

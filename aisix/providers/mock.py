@@ -4,6 +4,7 @@ It produces the exact bytes an OpenAI server would (``chat.completion`` or a str
 ``chat.completion.chunk`` events with a usage chunk and ``data: [DONE]``), paced like a real
 model. ``provider_config`` settings: ``ttft_ms`` (time to first token, default 200),
 ``tpot_ms`` (time per output token, default 25), ``tokens`` (completion tokens, default 24).
+Legacy completions (``POST /v1/completions``) answer ``text_completion`` objects the same way.
 Embeddings (``POST /v1/embeddings``) are deterministic vectors of ``dimensions`` floats (default
 16, or the request's ``dimensions``) derived from each input's SHA-256, as floats or base64
 (``encoding_format``), https://platform.openai.com/docs/api-reference/embeddings/create.
@@ -71,15 +72,21 @@ class MockProvider(OpenAIProvider):
         ttft = _setting(model, "ttft_ms", 200) / 1000
         tpot = _setting(model, "tpot_ms", 25) / 1000
         n = int(_setting(model, "tokens", 24))
-        prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
+        legacy = not req.url.endswith("/chat/completions")  # POST /completions: text_completion objects
+        if legacy:
+            prompt_chars = len(str(body.get("prompt", "")))
+        else:
+            prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []) if isinstance(m, dict))
         prompt_tokens = max(1, prompt_chars // 4)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-        cid = f"chatcmpl-mock-{uuid.uuid4().hex[:12]}"
+        cid = f"{'cmpl' if legacy else 'chatcmpl'}-mock-{uuid.uuid4().hex[:12]}"
         created = int(time.time())
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.model_id,
-                "system_fingerprint": "fp_mock"}
+        base = {"id": cid, "object": "text_completion" if legacy else "chat.completion.chunk", "created": created,
+                "model": model.model_id, "system_fingerprint": "fp_mock"}
         words = [(" " if i and i % len(_WORDS) == 0 else "") + _WORDS[i % len(_WORDS)] for i in range(n)]
         headers = {"x-request-id": f"req_mock_{uuid.uuid4().hex[:16]}"}
+        if legacy:
+            return self._legacy(body, base, words, usage, headers, ttft, tpot)
         if not body.get("stream"):
             doc = {**base, "object": "chat.completion",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
@@ -101,6 +108,25 @@ class MockProvider(OpenAIProvider):
         parts.append((tpot, tail + b"data: [DONE]\n\n"))
         headers["content-type"] = "text/event-stream; charset=utf-8"
         return _MockResponse(200, headers, parts)
+
+    @staticmethod
+    def _legacy(body: dict, base: dict, words: list[str], usage: dict, headers: dict, ttft: float,
+                tpot: float) -> _MockResponse:
+        """A legacy text completion (https://platform.openai.com/docs/api-reference/completions/object)."""
+        def choice(text: str, finish: str | None) -> dict:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        if not body.get("stream"):
+            doc = {**base, "choices": [choice("".join(words), "stop")], "usage": usage}
+            headers["content-type"] = "application/json"
+            return _MockResponse(200, headers, [(ttft + tpot * len(words), orjson.dumps(doc))])
+        parts = [(ttft if i == 0 else tpot, b"data: " + orjson.dumps({**base, "choices": [choice(w, None)]}) + b"\n\n")
+                 for i, w in enumerate(words)]
+        tail = b"data: " + orjson.dumps({**base, "choices": [choice("", "stop")]}) + b"\n\n"
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail += b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
+        headers["content-type"] = "text/event-stream; charset=utf-8"
+        return _MockResponse(200, headers, [*parts, (tpot, tail + b"data: [DONE]\n\n")])
 
     def _embeddings(self, body: dict, model: Model) -> _MockResponse:
         inputs = body.get("input")

@@ -130,6 +130,13 @@ class OpenAIProvider(Provider):
         (``stream_options.include_usage``, merged into the client's own) unless the model's
         ``provider_config.stream_usage`` is ``never`` or its upstream refused them (``auto``), in
         which case no ``stream_options`` go at all. ``body`` is not changed."""
+        return self._json_request("/chat/completions", model, body, stream, headers)
+
+    def completions_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
+        """``POST {api_base}/completions``: the body as :meth:`chat_request` passes it on."""
+        return self._json_request("/completions", model, body, stream, headers)
+
+    def _json_request(self, path: str, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         out = {**body, "model": model.model_id}
         if stream:
             mode = model.provider_config.stream_usage
@@ -138,8 +145,7 @@ class OpenAIProvider(Provider):
                 out["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
             elif mode == "auto":
                 out.pop("stream_options", None)
-        return UpstreamRequest(f"{self.base_url(model)}/chat/completions", self._headers(model, headers),
-                               orjson.dumps(out))
+        return UpstreamRequest(f"{self.base_url(model)}{path}", self._headers(model, headers), orjson.dumps(out))
 
     def refused_stream_options(self, model: Model, err: GatewayError) -> bool:
         """``stream_usage: auto`` and a 400 whose message or ``param`` names ``stream_options``

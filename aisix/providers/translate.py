@@ -73,6 +73,18 @@ def guard_response(fn):
     return wrapper
 
 
+def guard_answer(fn):
+    """For the entry translators of a whole answer (a function of the upstream's body): a body
+    that trips the translation is a 502, as :func:`guard_response` makes it for a provider."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MALFORMED:
+            raise malformed("upstream", "response") from None
+    return wrapper
+
+
 def shown(v, limit: int = 64) -> str:
     """A client's value quoted in an error message: a string as it is, anything else as JSON,
     cut to ``limit`` characters (never a Python repr)."""

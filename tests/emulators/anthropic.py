@@ -46,6 +46,7 @@ class AnthropicEmulator(Emulator):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
 
     def headers(self, extra: dict | None = None) -> dict:
         return {"request-id": _id("req_"), "anthropic-organization-id": str(uuid.UUID(int=7)), **(extra or {})}
@@ -64,11 +65,18 @@ class AnthropicEmulator(Emulator):
         u.update(r.usage)
         return u
 
-    async def messages(self, request: web.Request) -> web.StreamResponse:
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """``POST /v1/messages/count_tokens`` (https://docs.anthropic.com/en/api/messages-count-tokens):
+        ``{"input_tokens": n}``, n = the body's length / 16 (what :meth:`usage_for` counts too)."""
         rec = await self.record(request)
-        r = self.next_reply()
-        if r.head_delay:
-            await asyncio.sleep(r.head_delay)
+        refused = self.refused(rec, ("model", "messages"))
+        if refused is not None:
+            return refused
+        return web.Response(text=dumps({"input_tokens": max(1, len(rec.raw) // 16)}), content_type="application/json",
+                            headers=self.headers())
+
+    def refused(self, rec: Recorded, required: tuple[str, ...]) -> web.Response | None:
+        """The API's answer to a request without its key, version or required fields (None: none)."""
         key = rec.headers.get("x-api-key")
         if key is None:
             return self.error(401, None, "x-api-key header is required")
@@ -76,12 +84,22 @@ class AnthropicEmulator(Emulator):
             return self.error(401, None, "invalid x-api-key")
         if "anthropic-version" not in rec.headers:
             return self.error(400, None, "anthropic-version: header is required")
-        body = rec.json
-        if not isinstance(body, dict):
+        if not isinstance(rec.json, dict):
             return self.error(400, None, "There was an error parsing the body of your request.")
-        for f in ("model", "max_tokens", "messages"):
-            if f not in body:
+        for f in required:
+            if f not in rec.json:
                 return self.error(400, None, f"{f}: Field required")
+        return None
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        rec = await self.record(request)
+        r = self.next_reply()
+        if r.head_delay:
+            await asyncio.sleep(r.head_delay)
+        refused = self.refused(rec, ("model", "max_tokens", "messages"))
+        if refused is not None:
+            return refused
+        body = rec.json
         if r.error:
             status, etype, message = r.error
             return self.error(status, etype, message, r.headers)
@@ -103,19 +121,27 @@ class AnthropicEmulator(Emulator):
                "stop_reason": stop, "stop_sequence": None,
                "usage": {**usage, "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
                          "service_tier": "standard"}}
+        self.sent.append(bytearray(dumps(doc).encode()))
         return web.Response(text=dumps(doc), content_type="application/json", headers=self.headers(r.headers))
 
     async def stream(self, request: web.Request, r: Reply, model: str, usage: dict, stop: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self.headers({"Content-Type": "text/event-stream; charset=utf-8",
                                                         "Cache-Control": "no-cache", **r.headers}))
         await resp.prepare(request)
+        wire = bytearray()
+        self.sent.append(wire)
+
+        async def write(data: bytes) -> None:
+            wire.extend(data)
+            await resp.write(data)
+
         start_usage = {**usage, "output_tokens": min(usage["output_tokens"], 1)}
         start = {"model": model, "id": _id("msg_"), "type": "message", "role": "assistant", "content": [],
                  "stop_reason": None, "stop_sequence": None,
                  "usage": {**start_usage, "cache_creation": {"ephemeral_5m_input_tokens": 0,
                                                              "ephemeral_1h_input_tokens": 0},
                            "service_tier": "standard"}}
-        await resp.write(event("message_start", {"type": "message_start", "message": start}))
+        await write(event("message_start", {"type": "message_start", "message": start}))
         blocks: list[tuple[dict, list[dict]]] = []
         if r.thinking:
             deltas = [{"type": "thinking_delta", "thinking": t} for t in r.thinking]
@@ -130,13 +156,13 @@ class AnthropicEmulator(Emulator):
         sent = 0
         for index, (block, deltas) in enumerate(blocks):
             await pause(r)
-            await resp.write(event("content_block_start",
+            await write(event("content_block_start",
                                    {"type": "content_block_start", "index": index, "content_block": block}))
             if index == 0:
-                await resp.write(event("ping", None))
+                await write(event("ping", None))
             for d in deltas:
                 if r.error_after is not None and sent >= r.error_after:
-                    await resp.write(event("error", {"type": "error", "error": {
+                    await write(event("error", {"type": "error", "error": {
                         "type": "overloaded_error", "message": "Overloaded"}}))
                     await resp.write_eof()
                     return resp
@@ -144,14 +170,14 @@ class AnthropicEmulator(Emulator):
                     request.transport.abort()
                     return resp
                 await pause(r)
-                await resp.write(event("content_block_delta", {"type": "content_block_delta", "index": index,
+                await write(event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                                "delta": d}))
                 sent += 1
-            await resp.write(event("content_block_stop", {"type": "content_block_stop", "index": index}))
+            await write(event("content_block_stop", {"type": "content_block_stop", "index": index}))
         await pause(r)
-        await resp.write(event("message_delta", {"type": "message_delta",
+        await write(event("message_delta", {"type": "message_delta",
                                                  "delta": {"stop_reason": stop, "stop_sequence": None},
                                                  "usage": usage}))
-        await resp.write(event("message_stop", {"type": "message_stop"}))
+        await write(event("message_stop", {"type": "message_stop"}))
         await resp.write_eof()
         return resp

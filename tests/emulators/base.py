@@ -70,6 +70,7 @@ class Emulator:
         self.replies: deque[Reply] = deque()
         self.requests: list[Recorded] = []
         self.sent_usage: list[dict] = []  # the usage each answer reported (its final value), in order
+        self.sent: list[bytearray] = []  # the body bytes of each 2xx answer, as written (streams: so far)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None

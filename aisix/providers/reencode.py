@@ -1,0 +1,183 @@
+"""One provider stream, re-encoded for another client API: the glue between the two layers.
+
+A provider's :class:`~aisix.providers.StreamDecoder` turns its upstream's events into
+``chat.completion.chunk`` events (the one translation layer every provider has); an encoder
+(:class:`~aisix.providers.messages_chat.MessagesEncoder`,
+:class:`~aisix.providers.responses_chat.ResponsesEncoder`) turns those chunks into the events of
+the API the client speaks. :class:`ReencodingDecoder` chains them and is itself a StreamDecoder,
+so the relay (:class:`~aisix.relay.StreamRelay`) measures and frames it as any other.
+"""
+from __future__ import annotations
+
+import orjson
+
+from ..errors import GatewayError
+from ..sse import SSEEvent, SSEParser
+from .base import StreamDecoder
+from .translate import MALFORMED, malformed
+
+
+class ChunkEncoder:
+    """Chat chunks in, another API's SSE events out (bytes): the reading every encoder shares.
+
+    :meth:`chunk` reads choice 0 of each ``chat.completion.chunk`` (a request of these APIs asks
+    for one) and calls the subclass's steps: :meth:`begin` before the first output (the chunk's
+    ``id``/``model``), :meth:`reasoning` (``reasoning_content``/``reasoning``), :meth:`text`
+    (``content``), :meth:`tool_start` (a tool call's first chunk: index, id, name) and
+    :meth:`tool_args` (its argument fragments), :meth:`close` (the open block/item, at the finish);
+    it keeps ``finish`` (the ``finish_reason``) and ``usage`` (the usage chunk's object).
+    :meth:`done` ends the stream with :meth:`finale`. ``output`` is True when the last
+    :meth:`chunk` emitted generated output (the first token). A tool call's first chunk without
+    a name is a 502 (malformed)."""
+
+    def __init__(self):
+        self.started = self.ended = self.output = False
+        self.finish: str | None = None
+        self.usage: dict | None = None
+        self.model = ""
+        self.tools: dict[int, object] = {}  # chat tool call index → the subclass's handle of it
+
+    def chunk(self, obj: dict) -> bytes:
+        """One chunk → the events it makes (``b""``: none)."""
+        self.output = False
+        out = [] if self.started else [self._begin(obj)]
+        choices = obj.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append(self.reasoning(reasoning))
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            out.append(self.text(delta["content"]))
+        for tc in delta.get("tool_calls") or ():
+            if isinstance(tc, dict):
+                out.append(self._tool(tc))
+        if isinstance(choice.get("finish_reason"), str):
+            self.finish = choice["finish_reason"]
+            out.append(self.close())
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        return b"".join(out)
+
+    def _begin(self, obj: dict) -> bytes:
+        self.started = True
+        self.model = obj.get("model") if isinstance(obj.get("model"), str) else ""
+        return self.begin(obj)
+
+    def _tool(self, tc: dict) -> bytes:
+        k = tc.get("index") if isinstance(tc.get("index"), int) else 0
+        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        out = b""
+        if k not in self.tools:
+            name = fn.get("name")
+            if not isinstance(name, str) or not name:
+                raise malformed("upstream", "stream event (a tool call's first chunk without a name)")
+            tid = tc.get("id") if isinstance(tc.get("id"), str) and tc["id"] else None
+            out, self.tools[k] = self.tool_start(tid, name)
+        args = fn.get("arguments")
+        if isinstance(args, str) and args:
+            self.output = True
+            out += self.tool_args(self.tools[k], args)
+        return out
+
+    def done(self) -> bytes:
+        """The chat stream ended (``[DONE]``, or a clean close after the finish): the open block
+        closed, then :meth:`finale`; ``b""`` once that went out."""
+        if self.ended:
+            return b""
+        self.ended = True
+        return (b"" if self.started else self._begin({})) + self.close() + self.finale()
+
+    # -- the steps an API's encoder defines ------------------------------------------------------------
+    def begin(self, obj: dict) -> bytes:
+        """The stream's opening events."""
+        raise NotImplementedError
+
+    def reasoning(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def tool_start(self, tool_id: str | None, name: str) -> tuple[bytes, object]:
+        """A tool call begins (``tool_id`` None: the upstream gave none): its events and a handle."""
+        raise NotImplementedError
+
+    def tool_args(self, handle, args: str) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> bytes:
+        """Close the block or item being streamed (``b""``: none is open)."""
+        raise NotImplementedError
+
+    def finale(self) -> bytes:
+        """The closing events (stop reason, usage)."""
+        raise NotImplementedError
+
+    def error_event(self, err: GatewayError) -> bytes:
+        """The event that ends the stream with ``err``."""
+        raise NotImplementedError
+
+
+class ReencodingDecoder(StreamDecoder):
+    """``inner`` (a provider's decoder, asked for the usage chunk) re-encoded by ``encoder``.
+
+    Measures come from ``inner`` (usage, finish, done, error, response model); ``token`` is True
+    when the encoder emitted output for the event. Comments (keep-alives) pass as they are."""
+
+    def __init__(self, inner: StreamDecoder, encoder: ChunkEncoder):
+        super().__init__(True)
+        self.inner = inner
+        self.encoder = encoder
+        self.parser = SSEParser()
+        self.finish_reasons = inner.finish_reasons
+
+    def _encode(self, data: bytes) -> bytes:
+        out = []
+        for ev in self.parser.feed(data):
+            if ev.data is None:
+                out.append(ev.raw)
+            elif ev.data == b"[DONE]":
+                out.append(self.encoder.done())
+            else:
+                try:
+                    obj = orjson.loads(ev.data)
+                except orjson.JSONDecodeError:
+                    continue  # not JSON: nothing to translate (a chat client would get it as it is)
+                if isinstance(obj, dict):
+                    out.append(self.encoder.chunk(obj))
+                    self.token = self.token or self.encoder.output
+        return b"".join(out)
+
+    def _sync(self) -> None:
+        inner = self.inner
+        self.usage, self.error, self.done, self.finished = inner.usage, inner.error, inner.done, inner.finished
+        self.response_model, self.text_chars = inner.response_model, inner.text_chars
+
+    def _guarded(self, fn) -> bytes | None:
+        """``fn()``; an encoder that chokes on a chunk of an unexpected shape ends the stream with
+        a 502 (:attr:`error`) rather than raising."""
+        try:
+            return fn()
+        except GatewayError as e:
+            self.error = e
+        except MALFORMED:
+            self.error = malformed("upstream", "stream event")
+        self.token = False
+        return None
+
+    def feed(self, event: SSEEvent) -> bytes | None:
+        self.token = False
+        data = self.inner.feed(event)
+        self._sync()
+        if self.error is not None or not data:
+            return None
+        return self._guarded(lambda: self._encode(data)) or None
+
+    def end(self) -> bytes | None:
+        data = self.inner.end()
+        self._sync()
+        return self._guarded(lambda: (self._encode(data) if data else b"") + self.encoder.done())
+
+    def error_event(self, err: GatewayError) -> bytes:
+        return self.encoder.error_event(err)
