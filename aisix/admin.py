@@ -244,7 +244,9 @@ def _to_store(kind: str, doc: dict, old: dict | None) -> tuple[dict, str | None]
     item = _validate(kind, doc)
     if kind == "models":
         obj = item.model_dump(mode="json", exclude_unset=True, exclude={"id"})
-        return (obj if old is None else _keep_masked_secret(obj, old)), None
+        obj = obj if old is None else _keep_masked_secret(obj, old)
+        _no_masked_placeholder(obj)
+        return obj, None
     if item.key is None and old is not None and isinstance(old.get("key_hash"), str):
         return {"key_hash": old["key_hash"], "key_prefix": old.get("key_prefix", ""), **item.settings()}, None
     secret = item.key or new_client_key()
@@ -315,6 +317,23 @@ def _keep_masked_secret(new: dict, old: dict) -> dict:
                                               olds[d["id"]].get("provider_config"), f"deployments.{i}.provider_config")}
             if isinstance(d, dict) and d.get("id") in olds else d for i, d in enumerate(new["deployments"])]
     return out
+
+
+def _no_masked_placeholder(obj: dict) -> None:
+    """A masked value a GET showed (``****…`` key, ``****@`` in a URL) that no stored secret backs
+    (a renamed deployment, a changed shape) must never be stored as the secret: 400 asking for it."""
+    configs = [("provider_config", obj.get("provider_config"))] + [
+        (f"deployments.{i}.provider_config", d.get("provider_config"))
+        for i, d in enumerate(obj.get("deployments") or ()) if isinstance(d, dict)]
+    for where, pc in configs:
+        if not isinstance(pc, dict):
+            continue
+        if isinstance(pc.get("api_key"), str) and pc["api_key"].startswith("****"):
+            raise invalid_request(f"field `{where}.api_key`: a masked key matches no stored one here (a new "
+                                  "deployment id or shape); send the key itself", "invalid_field", f"{where}.api_key")
+        if isinstance(pc.get("api_base"), str) and "://****@" in pc["api_base"]:
+            raise invalid_request(f"field `{where}.api_base`: masked credentials match no stored ones here; "
+                                  "send the URL itself", "invalid_field", f"{where}.api_base")
 
 
 def _keep_in(model, pc, old_model, old_pc, where: str) -> dict:

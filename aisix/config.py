@@ -14,8 +14,10 @@ Shape (AISIX's, extended)::
       rate_limit_store: {kind: local}  # local (default) | redis: shared by every worker and node
     observability:
       service_name: aisix
-      metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000}
+      metrics: {otlp_endpoint: "http://127.0.0.1:9090/api/v1/otlp/v1/metrics", export_interval_ms: 5000,
+                prometheus: {listen: "127.0.0.1:9464"}}   # the scrape endpoint: off by default
       traces: {otlp_endpoint: "http://127.0.0.1:4317"}
+      access_log: {path: "-"}          # off by default; "-" = stdout, else a file
     models:  [...]     # upserted by name at start-up
     apikeys: [...]     # upserted by key at start-up (stored as its SHA-256)
 
@@ -163,6 +165,10 @@ class MetricsConfig(_Strict):
     otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
     export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
     export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
+    exemplars: bool = Field(True, description="latency histograms carry the trace and span id of sampled "
+                            "requests as exemplars (OTLP push; Prometheus stores them with exemplar-storage on)")
+    prometheus: Listen | None = Field(None, description="serve GET /metrics for a scraping Prometheus on this "
+                                      "host:port (worker i of --workers: port + i); off when absent")
 
 
 class TracesConfig(_Strict):
@@ -172,12 +178,19 @@ class TracesConfig(_Strict):
         "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
 
 
+class AccessLogConfig(_Strict):
+    path: str = Field(..., min_length=1, description='"-" for standard output, else a file (appended to)')
+
+
 class ObservabilityConfig(_Strict):
     enabled: bool = True
     service_name: str = "aisix"
     metrics: MetricsConfig = MetricsConfig()
     traces: TracesConfig = TracesConfig()
     queue_size: int = Field(65_536, ge=1, le=MAX_INT, description="telemetry records waiting for the batcher; more are dropped")
+    price_table: bool = Field(True, description="price models without `pricing` from genai-prices' table "
+                              "(~30 MB per process); false: only models' own `pricing` is counted")
+    access_log: AccessLogConfig | None = Field(None, description="one JSON line per request, written by the batcher; off when absent")
 
 
 class Config(_Strict):

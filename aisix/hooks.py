@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Awaitable
 
+from .errors import GatewayError
 from .resources import ApiKey, Model
 from .telemetry.records import Attempt, RequestRecord
 
@@ -33,13 +34,14 @@ class Call:
     model: Model
     record: RequestRecord
     stream: bool = False
-    now: float = 0.0  # time.time() at the call's start, s
     response_headers: dict[str, str] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     estimated_completion_tokens: int = 0
     target: Model | None = None  # the deployment the current attempt goes to (a one-upstream Model)
     upstream_called: bool = False  # the current attempt reached the upstream call
     upstream_status: int = 0  # what the current attempt's upstream answered (its HTTP status)
+    attempts: int = 0  # upstream attempts made so far
+    stream_error: GatewayError | None = None  # the current attempt's stream broke after its 200
     attempt: Attempt | None = None  # the current attempt's record (its span id goes upstream)
 
 

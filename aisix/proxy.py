@@ -192,6 +192,11 @@ def _upstream_failed(request: web.Request, call: Call, err: GatewayError, reques
     secrets = (*gw.holder.current.secrets, target.provider_config.api_key, presented_key(request),
                *(k.key for k in gw.config.deployment.admin.admin_key))
     err.message = redact(err.message, secrets)
+    err.type = redact(err.type, secrets)
+    err.code = err.code and redact(err.code, secrets)
+    err.param = err.param and redact(err.param, secrets)
+    err.headers = {name: redact(value, secrets) for name, value in err.headers.items()}
+    request_id = request_id and redact(request_id, secrets)
     call.record.upstream_status = err.upstream_status or 0
     call.record.upstream_errors.append((target.name, str(err.upstream_status) if err.upstream_status else "none"))
     upstream_failure(target.name, target.provider, target.model_id, err.status, err.code,
@@ -207,7 +212,7 @@ async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, dic
     body = await read_json_object(request)
     model = resolve_model(body, key, snap, rec)
     rec.operation = operation
-    call = Call(key, model, rec, now=time.time())
+    call = Call(key, model, rec)
     call.state[REQUEST_BYTES] = len(await request.read())  # cached by aiohttp: no second read
     return call, body
 
@@ -268,56 +273,98 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
     only before the first byte went to the client: ``await attempt(provider, target)`` per try
     (a stream under way never raises; it ends in the stream). A failure that is not retryable
     (:func:`~aisix.routing.retryable`: a client error, or not in ``retry_on``) goes back as is;
-    so does the last one when every attempt failed. A 429's ``Retry-After`` is waited for (at
-    most :data:`~aisix.routing.MAX_RETRY_WAIT_S`) only when no other deployment is ready.
-    ``x-aisix-deployment`` (``alias/id``) and ``x-aisix-attempts`` say where it went."""
+    so does the last one when every attempt failed. A deployment that can't express the request
+    (a 400 before any upstream call) is skipped for the next one or the fallbacks. A 429's
+    ``Retry-After`` is waited for (at most :data:`~aisix.routing.MAX_RETRY_WAIT_S`) only when no
+    other deployment is ready. ``x-aisix-deployment`` (``alias/id``) and ``x-aisix-attempts`` say
+    where it went. Fallbacks are followed one level (a fallback's own fallbacks are not)."""
     gw = request.app[GATEWAY]
     router, rec = gw.router, call.record
     chain = [call.model, *(m for f in call.model.fallbacks if (m := gw.holder.current.models.get(f)) is not None)]
-    attempts, error = 0, None
+    error = refusal = None
     for n, model in enumerate(chain):
         if n:
             rec.fallbacks.append(model.name)
         tried: set[str] = set()
+        refused: set[str] = set()
         for _ in range(1 + model.retries):
             target = router.choose(model, tried, time.monotonic(), time.time())
             if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
                 error = error or deployments_full(model)
                 break
+            if target.deployment_id in refused:
+                break  # only deployments that can't express this request are left
             tried.add(target.deployment_id)
-            attempts += 1
-            call.target = target
-            rec.provider, rec.request_model = target.provider, target.model_id
-            call.response_headers["x-aisix-deployment"] = f"{model.name}/{target.deployment_id}"
-            call.response_headers["x-aisix-attempts"] = str(attempts)
-            provider = get_provider(target.provider)
-            call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
-                                         server_address(provider.base_url(target)), new_span_id(), perf_counter_ns())
-            router.started(target, time.time())
-            call.upstream_called = False
             try:
-                resp = await attempt(provider, target)
+                return await _attempt(request, call, model, target, attempt)
+            except _Refused as r:
+                refused.add(target.deployment_id)
+                refusal = refusal or r.error
+                continue
             except GatewayError as e:
-                if not call.upstream_called:  # refused before the call (e.g. a request this provider can't express)
-                    raise
-                _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
-                att.end(attempt_status(e), False, perf_counter_ns(), e.message)
-                rec.attempts.append(att)
-                router.failed(target, e, time.monotonic())
                 if not retryable(e, model):
                     raise
                 error = e
                 if not await _wait_before_retry(router, model, target, e):
                     break  # this model can't be retried in time: on to the fallbacks
-                continue
-            finally:
-                router.finished(target)
-                if target.capacity is not None:
-                    router.charge(target, charged_tokens(call), time.time())
-            att.end(str(call.upstream_status), True, perf_counter_ns())
+    raise error or refusal
+
+
+class _Refused(Exception):
+    """An attempt that ended before its upstream call (the provider can't express the request)."""
+
+    def __init__(self, error: GatewayError):
+        self.error = error
+
+
+async def _attempt(request: web.Request, call: Call, model: Model, target: Model, attempt) -> web.StreamResponse:
+    """One attempt at ``target`` (a deployment of ``model``), measured as an :class:`Attempt`."""
+    gw, rec = request.app[GATEWAY], call.record
+    call.target, call.upstream_called, call.stream_error = target, False, None
+    rec.provider, rec.request_model, rec.target = target.provider, target.model_id, target
+    provider = get_provider(target.provider)
+    call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
+                                 server_address(provider.base_url(target)), new_span_id(), perf_counter_ns())
+    _count_attempt(call, call.attempts + 1)  # before the response is built, which takes them
+    gw.router.started(target, time.time())
+    try:
+        resp = await attempt(provider, target)
+    except GatewayError as e:
+        if not call.upstream_called:  # refused before the call (e.g. a request this provider can't express)
+            _count_attempt(call, call.attempts)
+            raise _Refused(e) from None
+        call.attempts += 1
+        if e.upstream_status == 200 and e.status in (401, 403) and e.code != "upstream_auth_failed":
+            e = upstream_refused_credentials(e, target)  # an auth error as a stream's first event
+            e.upstream_status = 200
+        _upstream_failed(request, call, e, e.headers.get("x-request-id") or e.headers.get("request-id"))
+        att.end(attempt_status(e), False, perf_counter_ns(), e.message)
+        rec.attempts.append(att)
+        gw.router.failed(target, e, time.monotonic())
+        raise e from None
+    except asyncio.CancelledError:  # the client went away: the attempt is measured all the same
+        if call.upstream_called:
+            att.end("client_closed", False, perf_counter_ns(), "the client closed the request")
             rec.attempts.append(att)
-            return resp
-    raise error
+        raise
+    finally:
+        gw.router.finished(target)
+        if target.capacity is not None:
+            gw.router.charge(target, charged_tokens(call), time.time())
+    call.attempts += 1
+    broken = call.stream_error  # the stream broke after its 200: a failure of the deployment, not retried
+    if broken is not None:
+        att.end(attempt_status(broken), False, perf_counter_ns(), broken.message)
+        gw.router.failed(target, broken, time.monotonic())
+    else:
+        att.end(str(call.upstream_status), True, perf_counter_ns())
+    rec.attempts.append(att)
+    return resp
+
+
+def _count_attempt(call: Call, attempts: int) -> None:
+    call.response_headers["x-aisix-deployment"] = f"{call.attempt.model}/{call.attempt.deployment}"
+    call.response_headers["x-aisix-attempts"] = str(attempts)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -338,20 +385,22 @@ def attempt_status(err: GatewayError) -> str:
     """The ``status_code`` label of a failed attempt: the upstream's HTTP status, or
     ``connect_error`` / ``timeout`` when it did not answer, ``malformed_response`` /
     ``stream_broken`` when its answer was unreadable or cut short."""
-    if err.code in ("upstream_malformed_response", "upstream_stream_broken") and not err.upstream_status:
+    if err.code in ("upstream_malformed_response", "upstream_stream_broken") and err.upstream_status in (None, 0, 200):
         return err.code.removeprefix("upstream_")
     kind = failure_kind(err)
     return kind if isinstance(kind, str) else str(err.upstream_status if err.upstream_status != 200 else kind)
 
 
 async def _wait_before_retry(router: Router, model: Model, failed: Model, err: GatewayError) -> bool:
-    """After a failure with a retry hint: go elsewhere at once if another deployment is ready;
-    else wait the hint if it is short. False when the model can't be retried in time."""
+    """After a failure with a retry hint: go elsewhere at once if another deployment is ready (not
+    cooling down, room under its own rate limit); else wait the hint if it is short. False when
+    the model can't be retried in time."""
     hint = retry_after_s(err)
     if hint is None or hint == 0:
         return True
-    now = time.monotonic()
-    if any(t.deployment_id != failed.deployment_id and router.state(t).cooldown_until <= now for t in model.targets):
+    now, wall = time.monotonic(), time.time()
+    if any(t.deployment_id != failed.deployment_id and router.state(t).cooldown_until <= now
+           and router.state(t).has_room(t.capacity, wall) for t in model.targets):
         return True
     if hint > MAX_RETRY_WAIT_S:
         return False
@@ -385,7 +434,7 @@ async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
     rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
     if result.usage is not None:
         u = result.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     return web.Response(body=result.body, content_type="application/json",
                         headers=_passthrough(up, call.response_headers))
 
@@ -467,6 +516,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
         if last:
             await out.write(last)
         if error is not None:
+            error.upstream_status = error.upstream_status or up.status  # it did answer: an error in its stream
+            call.stream_error = error
             _upstream_failed(request, call, error, up.headers.get("x-request-id"))
             rec.error = error.message
             rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
@@ -485,14 +536,15 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
 
 
 def _record_stream(call: Call, relay: StreamRelay) -> None:
-    """What the stream got, into the record: first token, usage (the upstream's, else the
+    """What the stream got, into the record: first token, inter-token gaps, usage (the upstream's, else the
     gateway's estimate), response model, finish reasons; the completion estimate for the limits."""
     rec, decoder = call.record, relay.decoder
     rec.llm_end_ns = rec.llm_end_ns or perf_counter_ns()
     rec.first_token_ns = relay.first_token_ns
+    rec.gaps_ns, rec.zero_gaps = relay.gaps_ns, relay.zero_gaps
     if decoder.usage is not None:
         u = decoder.usage
-        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+        rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     elif relay.completion_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
         rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), relay.completion_events)
     call.estimated_completion_tokens = relay.completion_events

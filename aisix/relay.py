@@ -12,6 +12,8 @@ bytes (or the provider's translation); nothing after ``[DONE]`` is relayed, what
 """
 from __future__ import annotations
 
+from array import array
+
 from .errors import GatewayError, upstream_malformed, upstream_stream_broken
 from .providers import StreamDecoder
 from .sse import SSEParser
@@ -34,10 +36,17 @@ class StreamRelay:
     upstream's framing ended where ``[DONE]`` did: its connection may be reused),
     ``first_token_ns`` (0: none), ``last_data_ns``, and ``completion_events`` (the gateway's own
     count of completion tokens: data events from the first token up to the finish).
+
+    Inter-token gaps, for ``aisix_llm_inter_token_latency``: a *content event* is an event relayed
+    to the client from the first token up to the finish, and the finish event if it carries output
+    too (role-only openers, pings, comments, an empty finish chunk, usage chunks are not). Each read that relays content events appends, if an earlier
+    read relayed content, the gap since that read to ``gaps_ns`` (ns; one array append per read);
+    the other content events of the same read went out in the same write, so their gaps are 0 and
+    only counted, in ``zero_gaps``. ``len(gaps_ns) + zero_gaps`` = content events − 1.
     """
 
     __slots__ = ("decoder", "parser", "provider", "error", "ended", "clean", "first_token_ns",
-                 "last_data_ns", "completion_events")
+                 "last_data_ns", "completion_events", "last_content_ns", "gaps_ns", "zero_gaps")
 
     def __init__(self, decoder: StreamDecoder, provider: str, now_ns: int = 0):
         self.decoder = decoder
@@ -49,6 +58,9 @@ class StreamRelay:
         self.first_token_ns = 0
         self.last_data_ns = now_ns
         self.completion_events = 0
+        self.last_content_ns = 0
+        self.gaps_ns = array("q")
+        self.zero_gaps = 0
 
     @property
     def over(self) -> bool:
@@ -59,6 +71,7 @@ class StreamRelay:
         """One read from the upstream → the bytes to write for the events it completed."""
         dec = self.decoder
         parts = []
+        content = 0  # content events relayed in this read
         events = self.parser.feed(chunk)
         try:
             for ev in events:
@@ -67,9 +80,13 @@ class StreamRelay:
                     self.last_data_ns = now_ns
                     if self.first_token_ns and not dec.finished and not dec.done:
                         self.completion_events += 1
+                        if b is not None:
+                            content += 1
+                    elif dec.token and self.first_token_ns:
+                        content += 1  # the finish event carries the last token (Gemini's always does)
                 if dec.token and not self.first_token_ns:
                     self.first_token_ns = now_ns
-                    self.completion_events = 1
+                    self.completion_events = content = 1
                 if dec.error is not None:
                     self.error = dec.error
                     break
@@ -81,6 +98,11 @@ class StreamRelay:
                     break
         except _CHOKES as e:
             self.error = upstream_malformed(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
+        if content:
+            if self.last_content_ns:
+                self.gaps_ns.append(now_ns - self.last_content_ns)
+            self.zero_gaps += content - 1
+            self.last_content_ns = now_ns
         if not self.over and len(self.parser.pending) > MAX_EVENT_BYTES:
             self.error = upstream_malformed(f"upstream {self.provider} sent an event over {MAX_EVENT_BYTES} bytes")
         return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -71,6 +71,23 @@ class RateLimit(BaseModel):
     concurrency: PositiveInt | None = Field(None, description="requests in flight at once, streams included")
 
 
+_USD_PER_M = dict(ge=0, le=1e9, allow_inf_nan=False)
+
+
+class Pricing(BaseModel):
+    """What the upstream charges, USD per million tokens; overrides the price table (genai-prices).
+    Cached and cache-write rates default to the input rate (no discount)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_million: float = Field(..., **_USD_PER_M, description="prompt tokens not from the cache, USD per 1 M")
+    output_per_million: float = Field(..., **_USD_PER_M, description="completion tokens (reasoning included), "
+                                      "USD per 1 M")
+    cached_input_per_million: float | None = Field(None, **_USD_PER_M, description="prompt tokens read from the "
+                                                   "provider's prompt cache, USD per 1 M (default: the input rate)")
+    cache_write_per_million: float | None = Field(None, **_USD_PER_M, description="prompt tokens written to the "
+                                                  "prompt cache (Anthropic), USD per 1 M (default: the input rate)")
+
+
 class ProviderConfig(BaseModel):
     """How to reach the upstream. Times in ms.
 
@@ -154,8 +171,18 @@ class Deployment(BaseModel):
     model: str = Field(..., description="`{provider}/{model_id}`", json_schema_extra={"pattern": _MODEL_PATTERN})
     provider_config: ProviderConfig = Field(default_factory=ProviderConfig)
     weight: int = Field(1, ge=1, le=1_000_000, description="share of the traffic under `weighted` (default 1)")
+    pricing: Pricing | None = Field(None, description="this deployment's prices (default: the model's `pricing`, "
+                                    "else the price table)")
     rate_limit: RateLimit | None = Field(None, description="this deployment's own capacity (rpm, tpm, concurrency; "
                                          "counted per process): a deployment without room is skipped")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _capacity(cls, v: RateLimit | None) -> RateLimit | None:
+        if v is not None and (v.rpd is not None or v.tpd is not None):
+            raise ValueError("a deployment's capacity takes rpm, tpm and concurrency (rpd and tpd are for keys "
+                             "and models)")
+        return v
 
     @field_validator("id")
     @classmethod
@@ -210,6 +237,8 @@ class Model(BaseModel):
     fallbacks: list[ModelName] = Field([], max_length=16, description="other aliases tried in order when every "
                                  "deployment of this one failed")
     rate_limit: RateLimit | None = None
+    pricing: Pricing | None = Field(None, description="USD per million tokens, over the price table "
+                                    "(genai-prices); neither: no cost is counted")
     _targets: tuple = PrivateAttr(())
     _deployment: str = PrivateAttr("default")
     _capacity: RateLimit | None = PrivateAttr(None)
@@ -222,7 +251,7 @@ class Model(BaseModel):
     @field_validator("model")
     @classmethod
     def _provider_model(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None and info.data.get("deployments") is None:
+        if v is None and "deployments" in info.data and info.data["deployments"] is None:  # (absent, not invalid)
             raise PydanticCustomError("missing", "Field required")  # one upstream, `model`, or `deployments`
         return v if v is None else _provider_model(v)
 
@@ -245,7 +274,8 @@ class Model(BaseModel):
         targets = []
         for d in self.deployments:
             t = Model.model_construct(name=self.name, model=d.model, provider_config=d.provider_config,
-                                      deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None)
+                                      deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None,
+                                      pricing=d.pricing or self.pricing)
             t._deployment = d.id
             t._capacity = d.rate_limit
             t._targets = (t,)

@@ -13,6 +13,7 @@ ends first is tried (no self-inflicted outage).
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 
@@ -23,6 +24,8 @@ from .resources import NEVER_RETRIED, Model
 EWMA_ALPHA = 0.3
 #: A Retry-After longer than this (s) is not waited for: the attempt goes elsewhere.
 MAX_RETRY_WAIT_S = 2.0
+#: The longest cooldown a retry hint can set (s): an upstream can't park a deployment for days.
+MAX_HINT_COOLDOWN_S = 600.0
 
 
 class DeploymentState:
@@ -67,9 +70,9 @@ def failure_kind(err: GatewayError) -> str | int:
     """What an attempt's failure was, as ``routing.retry_on`` names it: ``connect_error`` (the
     upstream could not be reached), ``timeout``, or the HTTP status it stands for (an error inside a
     stream that answered 200 counts as the status it carries; a malformed or broken answer is 502)."""
+    if err.code == "upstream_timeout" or not err.upstream_status and err.status == 504:
+        return "timeout"
     if not err.upstream_status:
-        if err.status == 504:
-            return "timeout"
         return "connect_error" if err.code == "upstream_unreachable" else err.status
     return err.status if err.upstream_status == 200 else err.upstream_status
 
@@ -86,12 +89,14 @@ def retry_after_s(err: GatewayError) -> float | None:
     h = {k.lower(): v for k, v in err.headers.items()}
     try:
         if "retry-after-ms" in h:
-            return max(0.0, float(h["retry-after-ms"]) / 1000)
-        if "retry-after" in h:
-            return max(0.0, float(h["retry-after"]))
+            s = float(h["retry-after-ms"]) / 1000
+        elif "retry-after" in h:
+            s = float(h["retry-after"])
+        else:
+            return None
     except ValueError:
         return None
-    return None
+    return s if math.isfinite(s) and s >= 0 else None  # "inf", "nan", "-1": no hint
 
 
 class Router:
@@ -182,10 +187,19 @@ class Router:
             st.fails.popleft()
         hint = retry_after_s(err) if kind == 429 else None
         if hint is not None:
-            st.cooldown_until = max(st.cooldown_until, now + hint)
+            st.cooldown_until = max(st.cooldown_until, now + min(hint, MAX_HINT_COOLDOWN_S))
         elif len(st.fails) >= routing.allowed_fails:
             st.cooldown_until = max(st.cooldown_until, now + window)
             st.fails.clear()
+
+    def prune(self, models) -> None:
+        """Forget the state of deployments no longer configured (``models``: the live ones), so a
+        model deleted and created again starts healthy."""
+        live = {(m.name, t.deployment_id) for m in models for t in m.targets}
+        for key in [k for k in self._state if k not in live]:
+            del self._state[key]
+        for name in [n for n in self._turn if n not in {m.name for m in models}]:
+            del self._turn[name]
 
     def health(self, models, now: float) -> list[dict]:
         """Every deployment of ``models`` with its state (for the Admin API)."""

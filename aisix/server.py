@@ -307,8 +307,16 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
             await store.close()
             raise
     _, port = parse_listen(config.server.proxy.listen)
-    telemetry = Telemetry(config.observability, instance_id(port, worker))
-    return Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
+    try:
+        telemetry = Telemetry(config.observability, instance_id(port, worker), worker=worker)
+        if telemetry.enabled:
+            telemetry.prices.preload(holder.current.models.values())
+    except BaseException:  # e.g. the access log or the scrape endpoint can't be opened: a ConfigError
+        await store.close()
+        raise
+    gateway = Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
+    holder.on_swap(lambda old, new: gateway.router.prune(new.models.values()))
+    return gateway
 
 
 class Server:

@@ -6,11 +6,22 @@ atomic swap of the reference) never changes what a request already started with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 from .resources import ApiKey, Model, hash_key
 
+
+
+def _secrets_of(pc) -> tuple[str, ...]:
+    """A provider config's secrets: its ``api_key`` and the password in its ``api_base`` (``user:pw@``)."""
+    out = (pc.api_key,) if pc.api_key else ()
+    if pc.api_base and "@" in pc.api_base:
+        password = urlsplit(pc.api_base).password
+        if password:
+            out += (password,)
+    return out
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -28,7 +39,7 @@ class Snapshot:
     def build(cls, models: Iterable[Model], keys: Iterable[ApiKey], revision: int = 0) -> "Snapshot":
         models = MappingProxyType({m.name: m for m in models})
         keys = MappingProxyType({k.key_hash: k for k in keys})
-        secrets = tuple(t.provider_config.api_key for m in models.values() for t in m.targets if t.provider_config.api_key)
+        secrets = tuple(s for m in models.values() for t in m.targets for s in _secrets_of(t.provider_config))
         return cls(models, keys, revision, secrets)
 
     def key_for(self, secret: str) -> ApiKey | None:

@@ -119,6 +119,16 @@ class Prometheus:
             raise PromQLError(f"{promql!r}: {doc.get('errorType')}: {doc.get('error')}")
         return doc["data"]["result"]
 
+    def exemplars(self, promql: str, since_s: float = 600) -> list:
+        """/api/v1/query_exemplars over the last ``since_s`` seconds: [{seriesLabels, exemplars: [...]}]."""
+        now = time.time()
+        q = urllib.parse.urlencode({"query": promql, "start": now - since_s, "end": now + 5})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query_exemplars?{q}", timeout=10) as r:
+            doc = json.load(r)
+        if doc.get("status") != "success":
+            raise PromQLError(f"{promql!r}: {doc.get('error')}")
+        return doc["data"]
+
     def wait_for(self, promql: str, predicate: Callable[[list], bool] = bool, timeout: float = 10.0) -> list:
         """Polls `promql` until predicate(result) is true; returns that result."""
         deadline = time.monotonic() + timeout
@@ -141,14 +151,21 @@ def _prometheus_binary() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def prometheus_server(tmp_path):
-    """Prometheus on a free loopback port, with the repository's prometheus.yml."""
+def prometheus_server(tmp_path, scrape: list[str] = ()):
+    """Prometheus on a free loopback port (OTLP receiver and exemplar storage on), with the
+    repository's prometheus.yml; with ``scrape``
+    (``host:port`` targets), a config of its own that also scrapes them every second (job ``scrape``)."""
     binary, flag = _prometheus_binary()
     tmp = Path(tmp_path)
     tmp.mkdir(parents=True, exist_ok=True)
     url = f"http://{HOST}:{free_port()}"
-    cmd = [binary, f"--config.file={ROOT / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
-           f"--web.listen-address={url.removeprefix('http://')}", flag]
+    config = ROOT / "prometheus.yml"
+    if scrape:
+        config = tmp / "prometheus.yml"
+        config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [
+            {"job_name": "scrape", "scrape_interval": "1s", "static_configs": [{"targets": list(scrape)}]}]}))
+    cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+           f"--web.listen-address={url.removeprefix('http://')}", flag, "--enable-feature=exemplar-storage"]
     proc = _Process("prometheus", cmd, tmp / "prometheus.log", lambda: _get(f"{url}/-/ready")[0] == 200)
     proc.start()
     try:

@@ -563,3 +563,22 @@ async def test_deployment_keys_are_masked_and_kept_per_deployment(admin):
     err = await _error(await client.post(f"{BASE}/models", json={"name": "x", "model": "openai/a", "deployments": [
         {"id": "a", "model": "openai/a"}]}, headers=AUTH), 400)
     assert "not both" in err["message"]
+
+
+async def test_a_masked_key_that_no_stored_one_backs_is_refused(admin):
+    """A GET → PUT that renames a deployment (or changes the shape) sends masked values that match
+    no stored secret: 400, never ``****AAAA`` stored as the key (found by breaking it)."""
+    client, gw = admin
+    model = {"name": "grp", "deployments": [
+        {"id": "a", "model": "openai/gpt-4o", "provider_config": {"api_key": SECRET}},
+        {"id": "c", "model": "openai/gpt-4o", "provider_config": {"api_key": SECRET[::-1]}}]}
+    got = await (await client.post(f"{BASE}/models", json=model, headers=AUTH)).json()
+    renamed = {**got, "deployments": [{**got["deployments"][0], "id": "a2"}, got["deployments"][1]]}
+    err = await _error(await client.put(f"{BASE}/models/{got['id']}", json=renamed, headers=AUTH), 400)
+    assert err["param"] == "deployments.0.provider_config.api_key"
+    one = {"name": "grp", "model": "openai/gpt-4o", "provider_config": got["deployments"][0]["provider_config"]}
+    err = await _error(await client.put(f"{BASE}/models/{got['id']}", json=one, headers=AUTH), 400)
+    assert err["param"] == "provider_config.api_key"
+    err = await _error(await client.post(f"{BASE}/models", json={**MODEL, "name": "n2", "provider_config": {
+        "api_key": "****cdef"}}, headers=AUTH), 400)
+    assert [t.provider_config.api_key for t in gw.holder.current.models["grp"].targets] == [SECRET, SECRET[::-1]]

@@ -24,11 +24,14 @@ ROWS = {
     "Token Usage": ["Prompt vs Completion Token Rate", "Token Usage by Model",
                     "Cumulative Tokens", "Token Distribution by Model"],
     "Deployments": ["Upstream Attempts by Deployment and Status", "Upstream Latency P90 by Deployment", "Fallbacks"],
+    "Streaming and Cost": ["Inter-Token Latency by Model", "Time per Output Token by Model",
+                           "Spend by Model (USD per hour)", "Spend by Model"],
 }
 HISTOGRAMS = ["aisix_request_latency_milliseconds", "aisix_llm_latency_milliseconds",
-              "aisix_llm_first_token_latency_milliseconds", "aisix_upstream_latency_milliseconds"]
+              "aisix_llm_first_token_latency_milliseconds", "aisix_upstream_latency_milliseconds",
+              "aisix_llm_inter_token_latency_milliseconds", "aisix_llm_time_per_output_token_milliseconds"]
 METRICS = {"aisix_request_count_total", "aisix_token_count_total", "aisix_upstream_request_count_total",
-           "aisix_fallback_count_total"} | {
+           "aisix_fallback_count_total", "aisix_cost_usd_total"} | {
     f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 LABELS = {"method", "endpoint", "status_code", "model", "type", "le", "deployment", "fallback"}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
@@ -115,6 +118,9 @@ def _push_sample_traffic(otlp_url):
     attempts = meter.create_counter("aisix_upstream_request_count")
     upstream_ms = meter.create_histogram("aisix_upstream_latency", unit="ms")
     fallbacks = meter.create_counter("aisix_fallback_count")
+    itl_ms = meter.create_histogram("aisix_llm_inter_token_latency", unit="ms")
+    tpot_ms = meter.create_histogram("aisix_llm_time_per_output_token", unit="ms")
+    cost = meter.create_counter("aisix_cost_usd")
     for push in range(2):
         for status in ("200", "429"):
             requests.add(3, {"method": "POST", "endpoint": "/v1/chat/completions", "status_code": status})
@@ -130,6 +136,9 @@ def _push_sample_traffic(otlp_url):
                 attempts.add(2, {"model": model, "deployment": deployment, "status_code": status})
                 upstream_ms.record(80, {"model": model, "deployment": deployment})
             fallbacks.add(1, {"model": model, "fallback": "backup"})
+            itl_ms.record(20, {"model": model})
+            tpot_ms.record(25, {"model": model})
+            cost.add(0.01, {"model": model})
         assert reader.force_flush(10_000)
         time.sleep(1.1)  # two samples a second apart: rate(...[1m]) has something to work on
     provider.shutdown()
@@ -144,3 +153,17 @@ def test_every_expr_answers_on_gateway_shaped_data(tmp_path):
         for e in exprs(load()):
             values = [float(r["value"][1]) for r in prom.query(e)]
             assert any(not math.isnan(v) for v in values), (e, values)
+
+
+def test_latency_panels_show_exemplars_that_open_the_trace_in_jaeger():
+    """Each latency panel asks for exemplars (a sampled request's trace_id, see the gateway's
+    exemplar test); the Prometheus datasource links their trace_id to the Jaeger datasource."""
+    import yaml
+    rows = panels_by_row(load())
+    for title in ROWS["Latency"]:
+        panel = next(p for p in rows["Latency"] if p["title"] == title)
+        assert any(t.get("exemplar") for t in panel["targets"]), title
+    sources = yaml.safe_load((services.ROOT / "grafana/provisioning/datasources/datasource.yml").read_text())
+    by_uid = {s["uid"]: s for s in sources["datasources"]}
+    links = by_uid["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert [(link["name"], by_uid[link["datasourceUid"]]["type"]) for link in links] == [("trace_id", "jaeger")]

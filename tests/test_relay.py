@@ -172,3 +172,34 @@ def test_broken_transport_ends_with_its_error():
     assert r.feed(ev(TXT("a")), 1) == ev(TXT("a"))
     r.broken(upstream_unreachable("reset"))
     assert r.over and r.error.message == "reset"
+
+
+def test_inter_token_gaps_per_content_event_at_known_read_times():
+    """Reads at known times: the first content event has no gap; each later read's first content
+    event gets the gap since the last read that relayed content; the others of its read get 0.
+    Role-only openers, comments, the finish and the usage chunk are not content events."""
+    r = StreamRelay(get_provider("openai").stream_decoder(False), "openai")
+    reads = [(10, ev(ROLE) + ev(TXT("a"))), (25, ev(TXT("b")) + ev(TXT("c"))), (40, b": keep-alive\n\n"),
+             (100, ev(TXT("d"))), (130, ev(STOP) + ev(USAGE(3, 4)) + DONE)]
+    for t, data in reads:
+        r.feed(data, t)
+    assert r.ended and r.first_token_ns == 10
+    assert list(r.gaps_ns) == [15, 75] and r.zero_gaps == 1  # 4 content events → 3 samples: 15, 0, 75
+
+
+@pytest.mark.parametrize("provider", sorted(STREAMS))
+def test_inter_token_samples_are_content_events_less_one_whatever_the_reads(provider):
+    """Byte by byte (read i at time i), every content event comes in its own read: the gaps add up
+    to last content − first token. Whole, they are all in one read: every gap is 0. Either way
+    there is one sample per content event after the first (Anthropic's ping is none)."""
+    data = STREAMS[provider]
+    whole, body = run(provider, data, [])
+    content = len(whole.gaps_ns) + whole.zero_gaps + 1
+    assert list(whole.gaps_ns) == [] and content >= 2
+    chunks = [e for e in normalized(body) if isinstance(e, dict) and any(
+        ch["delta"].get("content") or ch["delta"].get("tool_calls") or ch["delta"].get("reasoning_content")
+        for ch in e["choices"])]
+    assert content == len(chunks)  # the client's content chunks, counted independently
+    bytewise, _ = run(provider, data, list(range(1, len(data))))
+    assert bytewise.zero_gaps == 0 and len(bytewise.gaps_ns) == content - 1
+    assert sum(bytewise.gaps_ns) == bytewise.last_content_ns - bytewise.first_token_ns > 0

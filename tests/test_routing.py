@@ -163,6 +163,9 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "half-down", "deployments": [dep("up", a.base_url), dep("down", dead)]},
         {"name": "capped", "deployments": [dep("one", a.base_url, rate_limit={"rpm": 1}),
                                            dep("two", b.base_url, rate_limit={"rpm": 1})]},
+        {"name": "mix", "deployments": [
+            {"id": "an", "model": "anthropic/claude-x", "provider_config": {"api_key": "sk-ant", "api_base": dead}},
+            dep("oa", a.base_url)], "routing": {"strategy": "round_robin", "allowed_fails": 1000}},
         {"name": "pair2", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}},
         {"name": "alternate", "deployments": [dep("down", dead), dep("up", a.base_url)],
@@ -172,7 +175,7 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped"]}])
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -407,3 +410,63 @@ def test_failures_say_what_happened():
     assert attempt_status(upstream_stream_broken("cut")) == "stream_broken"
     assert attempt_status(failure(503, 503)) == "503"
     assert failure_kind(upstream_malformed("x")) == 502 and retryable(upstream_stream_broken("x"), group())
+
+
+def test_garbage_retry_hints_are_ignored_and_huge_ones_capped():
+    from aisix.routing import MAX_HINT_COOLDOWN_S, retry_after_s
+    assert [retry_after_s(failure(429, 429, {"retry-after-ms": v})) for v in ("inf", "nan", "-5", "x")] == [None] * 4
+    assert retry_after_s(failure(429, 429, {"Retry-After": "1e400"})) is None  # float('1e400') is inf
+    m, r = group(), Router()
+    r.failed(m.targets[0], failure(429, 429, {"Retry-After": "1e308"}), 100.0)
+    assert r.state(m.targets[0]).cooldown_until == 100.0 + MAX_HINT_COOLDOWN_S
+    row = r.health([m], 100.0)[0]
+    assert isinstance(row["cooldown_remaining_ms"], int) and row["cooldown_remaining_ms"] == 600_000
+    r.prune([])  # the model was deleted: its deployments' state goes with it
+    assert r.state(m.targets[0]).cooldown_until == 0
+
+
+def test_a_deployment_that_cannot_express_the_request_is_skipped(gw, ups):
+    a = ups[0]
+    a.script("mix", status=200, headers=JSON, body=b'{"id":"c","object":"chat.completion","model":"up-1","choices":'
+             b'[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"},'
+             b'{"index":1,"message":{"role":"assistant","content":"ok2"},"finish_reason":"stop"}]}')
+    for _ in range(2):  # round robin: one of the two starts at the anthropic deployment, which can't do n=2
+        r = client(gw).chat.completions.with_raw_response.create(
+            model="mix", n=2, messages=[{"role": "user", "content": "mix"}])
+        assert r.headers["x-aisix-deployment"] == "mix/oa" and r.headers["x-aisix-attempts"] == "1"
+        assert [c.message.content for c in r.parse().choices] == ["ok", "ok2"]
+
+
+def test_a_stream_broken_after_its_200_counts_against_the_deployment(gw, ups, prometheus):
+    a = ups[0]
+    a.script("brk", writes=[(0, ev(ROLE)), (0, ev(TXT("once")))], end="reset")
+    m = GatewayMetrics(prometheus, gw.instance)
+    before = m.value("aisix_upstream_request_count_total", model="half-down", deployment="up",
+                     status_code="stream_broken")
+    got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+        "model": "half-down", "stream": True, "messages": [{"role": "user", "content": "brk"}]}))
+    assert got.status == 200 and b'"upstream_stream_broken"' in got.body
+    m.wait_value("aisix_upstream_request_count_total", before + 1, model="half-down", deployment="up",
+                 status_code="stream_broken")
+
+
+def test_an_attempt_cut_by_the_client_is_measured(gw, ups, prometheus):
+    a, b, _ = ups
+    for up in (a, b):
+        up.script("gone", head_delay=2.0, writes=[(0, ev(ROLE)), (0, ev(STOP)), (0, DONE)])
+    m = GatewayMetrics(prometheus, gw.instance)
+    before = sum(m.value("aisix_upstream_request_count_total", model="pair2", deployment=d, status_code="client_closed")
+                 for d in ("a", "b"))
+
+    async def cut():
+        import aiohttp
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.post(gw.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                                  json={"model": "pair2", "stream": True, "messages": [{"role": "user", "content": "gone"}]},
+                                  timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    await r.read()
+            except asyncio.TimeoutError:
+                pass
+    asyncio.run(cut())
+    m.wait_value("aisix_upstream_request_count_total", before + 1, model="pair2", status_code="client_closed")

@@ -28,6 +28,8 @@ def upstream():
     up.script("stream", writes=stream)
     up.script("slow", writes=[(0, ev(ROLE))] + [(0.1, ev(TXT("x"))) for _ in range(20)] + [
         (0.05, ev(STOP)), (0, ev(USAGE(2, 20))), (0, b"data: [DONE]\n\n")])
+    up.script("gaps", writes=[(0, ev(ROLE) + ev(TXT("a"))), (0.35, ev(TXT("b"))), (0.6, ev(TXT("c")) + ev(TXT("d"))),
+                              (0, ev(STOP)), (0, ev(USAGE(6, 4))), (0, b"data: [DONE]\n\n")])
     whole = {"id": "c1", "object": "chat.completion", "created": 1, "model": "up-1",
              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
              "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
@@ -39,7 +41,8 @@ def upstream():
 
 def two_models(upstream_base):
     pc = {"api_key": "sk-up", "api_base": upstream_base}
-    return dict(models=[{"name": "m1", "model": "openai/up-1", "provider_config": pc},
+    pricing = {"input_per_million": 1.0, "output_per_million": 2.0}  # so the dashboard's spend panels have data
+    return dict(models=[{"name": "m1", "model": "openai/up-1", "provider_config": pc, "pricing": pricing},
                         {"name": "m2", "model": "openai/up-2", "provider_config": pc}],
                 apikeys=[{"key": "sk-test", "allowed_models": ["m1"]}])
 
@@ -99,6 +102,8 @@ async def test_exact_counts_in_prometheus_after_known_requests(tmp_path, upstrea
         assert m.value("aisix_token_count_total", model="m1", type="total") == 5 * 15 + 4 * 10
         assert m.value("aisix_llm_latency_milliseconds_count", model="m1") == 5 + 4 + 2
         assert m.value("aisix_llm_first_token_latency_milliseconds_count", model="m1") == 5 + 2
+        assert m.value("aisix_cost_usd_total", model="m1") == pytest.approx(
+            (5 * 10 + 4 * 7) * 1.0 / 1e6 + (5 * 5 + 4 * 3) * 2.0 / 1e6)
         series = prom.query('{__name__=~"aisix_.*"}')
         assert {s["metric"].get("model") for s in series} - {None} == {"m1"}
         assert {s["metric"]["job"] for s in series} == {"aisix"}
@@ -107,7 +112,7 @@ async def test_exact_counts_in_prometheus_after_known_requests(tmp_path, upstrea
         assert len(exprs) >= 14
         for expr in exprs:
             if "aisix_fallback_count_total" in expr:
-                continue  # no fallback happened here (tests/test_dashboard.py answers it on shaped data)
+                continue  # this traffic has no fallback (tests/test_dashboard.py and test_routing.py cover it)
             assert prom.query(expr), f"no data for {expr}"
 
 
@@ -293,3 +298,51 @@ async def test_trace_sampling_ratio_zero_keeps_sampled_parents_only(tmp_path, up
     time.sleep(0.5)
     assert [s["trace_id"] for s in trace_sink.spans if s["kind"] == 2] == ["4bf92f3577b34da6a3ce929d0e0e4736"]
     assert {s["trace_id"] for s in trace_sink.spans} == {"4bf92f3577b34da6a3ce929d0e0e4736"}  # its CLIENT span too
+
+
+def buckets(prom, m: GatewayMetrics, name: str) -> dict[float, float]:
+    """``le`` → cumulative count of one histogram of one gateway."""
+    return {float(s["metric"]["le"]): float(s["value"][1]) for s in prom.query(m.sel(name + "_bucket"))}
+
+
+async def test_inter_token_latency_and_time_per_output_token_from_known_gaps(prometheus, tmp_path, upstream):
+    """A stream whose content events come 0 / 350 / 600 ms apart (c and d in one write) gives
+    three inter-token samples, one in each of the buckets (…, 1], (300, 400], (500, 750]; its time
+    per output token, (end − first token) / (4 − 1) ≈ 317 ms, lands in (300, 400]. A
+    non-streamed request adds neither."""
+    from aisix.telemetry.otel import TOKEN_BUCKETS_MS
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url, export_interval_ms=300)
+    with GatewayProcess(tmp_path, cfg) as gw:
+        got = await post_raw(gw.url + CHAT, chat("gaps", True))
+        assert got.status == 200 and got.body.endswith(b"data: [DONE]\n\n")
+        assert (await post_raw(gw.url + CHAT, chat("whole", False))).status == 200
+    m = GatewayMetrics(prometheus, gw.instance)
+    m.wait_value("aisix_llm_inter_token_latency_milliseconds_count", 3, model="m1")
+    m.wait_value("aisix_llm_time_per_output_token_milliseconds_count", 1, model="m1")
+    itl = buckets(prometheus, m, "aisix_llm_inter_token_latency_milliseconds")
+    assert sorted(le for le in itl if le != float("inf")) == [float(b) for b in TOKEN_BUCKETS_MS]
+    assert (itl[1], itl[300], itl[400], itl[500], itl[750], itl[float("inf")]) == (1, 1, 2, 2, 3, 3), itl
+    assert m.value("aisix_llm_inter_token_latency_milliseconds_sum") >= 950
+    tpot = buckets(prometheus, m, "aisix_llm_time_per_output_token_milliseconds")
+    assert (tpot[300], tpot[400]) == (0, 1), tpot
+
+
+async def test_latency_samples_of_sampled_requests_carry_their_trace_as_exemplars(prometheus, tmp_path, upstream):
+    """A sampled request's latencies (request, LLM, first token) reach Prometheus with its trace and
+    span id as exemplars (the ids of the span the gateway exports); an unsampled one's never do."""
+    cfg = gateway_config(upstream.base_url, prom_otlp=prometheus.otlp_url, export_interval_ms=300)
+    sampled, unsampled = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4737"
+    with GatewayProcess(tmp_path, cfg) as gw:
+        got = await post_raw(gw.url + CHAT, chat("stream", True), headers={"traceparent": f"00-{sampled}-00f067aa0ba902b7-01"})
+        assert got.status == 200
+        span_id = got.headers["x-aisix-request-id"].split("-")[1]
+        assert (await post_raw(gw.url + CHAT, chat("stream", True),
+                               headers={"traceparent": f"00-{unsampled}-00f067aa0ba902b7-00"})).status == 200
+    m = GatewayMetrics(prometheus, gw.instance)
+    m.wait_value("aisix_request_latency_milliseconds_count", 2, endpoint=CHAT)
+    for name, labels in (("aisix_request_latency_milliseconds", {"endpoint": CHAT}),
+                         ("aisix_llm_latency_milliseconds", {}), ("aisix_llm_first_token_latency_milliseconds", {})):
+        found = [(e["labels"], float(e["value"])) for s in prometheus.exemplars(m.sel(name + "_bucket", **labels))
+                 for e in s["exemplars"]]
+        assert [labels for labels, _ in found] == [{"trace_id": sampled, "span_id": span_id}], (name, found)
+        assert found[0][1] > 0

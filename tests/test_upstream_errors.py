@@ -134,7 +134,7 @@ def test_no_secret_reaches_client_log_or_span(gw, upstream, sink):
     upstream.script("echo-503", status=503, headers=JSON, body=err_body(echo, "server_error"))
     upstream.script("echo-mid", writes=[(0, ev(ROLE)), (0, ev(TXT("hi"))),
                                         (0, ev(json.dumps({"error": {"message": echo, "type": "server_error"}})))])
-    bodies = []
+    bodies, n0 = [], len(sink.spans)
     for key in ("echo-401", "echo-503"):
         for stream in (False, True):
             got = asyncio.run(post_raw(gw.url + CHAT, {"model": "m1", "stream": stream,
@@ -150,11 +150,11 @@ def test_no_secret_reaches_client_log_or_span(gw, upstream, sink):
         assert "Incorrect API key provided: ****" in b  # the message survives, the key does not
         assert not any(s in b for s in secrets), b
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and sum(1 for s in sink.spans if s["attributes"].get(
+    while time.monotonic() < deadline and sum(1 for s in sink.spans[n0:] if s["attributes"].get(
             "aisix.upstream.status_code") is not None) < 5:
         time.sleep(0.1)
-    spans = [s for s in sink.spans if s["attributes"].get("aisix.upstream.status_code") is not None]
-    assert len(spans) >= 5 and any("****" in s["status_message"] for s in spans)
+    spans = [s for s in sink.spans[n0:] if s["attributes"].get("aisix.upstream.status_code") is not None]
+    assert len(spans) >= 5 and any("****" in s["status_message"] for s in spans), [(s["name"], s["status_message"], s["attributes"].get("http.response.status_code")) for s in spans]
     for s in sink.spans:
         text = json.dumps(s)
         assert not any(x in text for x in secrets), text
@@ -174,3 +174,30 @@ def test_failure_lines_are_rate_limited_per_model_and_status(caplog):
     assert len(lines) == 3
     assert "(9 more like it in the last 10 s)" in lines[1]
     assert "status=502" in lines[0] and "upstream_status=-" in lines[0] and "status=429" in lines[2]
+
+
+def test_secrets_in_every_error_field_and_header_are_masked(gw, upstream):
+    """Not just the message: an upstream echoing the key in ``type``, ``param``, ``code`` and its
+    ``x-request-id`` / ``x-ratelimit-*`` headers (found by breaking it)."""
+    import json
+    body = json.dumps({"error": {"message": "bad", "type": f"t-{PROVIDER_KEY}", "param": f"p-{PROVIDER_KEY}",
+                                 "code": f"c-{PROVIDER_KEY}"}}).encode()
+    upstream.script("echo-fields", status=429, headers={**JSON, "x-request-id": f"rid-{PROVIDER_KEY}",
+                                                        "x-ratelimit-foo": PROVIDER_KEY}, body=body)
+    import asyncio
+    got = asyncio.run(post_raw(gw.url + CHAT, {"model": "m1", "messages": [{"role": "user", "content": "echo-fields"}]},
+                               CLIENT_KEY))
+    assert got.status == 429
+    text = got.body.decode() + json.dumps(dict(got.headers))
+    assert PROVIDER_KEY not in text and "****" in text
+    time.sleep(0.3)
+    assert PROVIDER_KEY not in gw.output()
+
+
+def test_an_auth_error_as_a_streams_first_event_is_the_upstreams_not_the_clients(gw, upstream):
+    import json
+    upstream.script("first-auth", writes=[(0, ev(json.dumps({"error": {
+        "message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}})))])
+    with pytest.raises(openai.AuthenticationError) as e:
+        ask(gw, "first-auth", stream=True)
+    assert e.value.code == "upstream_auth_failed" and "refused the gateway's credentials" in e.value.message

@@ -200,9 +200,10 @@ def usage_of(u) -> tuple[Usage, int]:
     if not isinstance(u, Mapping):
         u = {}
     cached = as_int(u.get("cache_read_input_tokens"))
-    prompt = as_int(u.get("input_tokens")) + as_int(u.get("cache_creation_input_tokens")) + cached
+    written = as_int(u.get("cache_creation_input_tokens"))
+    prompt = as_int(u.get("input_tokens")) + written + cached
     completion = as_int(u.get("output_tokens"))
-    return Usage(prompt, completion, prompt + completion), cached
+    return Usage(prompt, completion, prompt + completion, cached, written), cached
 
 
 def _finish(reason) -> str:
@@ -366,7 +367,6 @@ class AnthropicStreamDecoder(ChunkDecoder):
 
     def _text(self, field: str, text: str) -> bytes:
         self.token = True
-        self.text_chars += len(text)
         return self.chunk([self.choice(0, {field: text})])
 
     def _delta(self, obj: dict) -> bytes | None:

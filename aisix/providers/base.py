@@ -24,11 +24,17 @@ MAX_TOKENS = 1 << 40
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts as OpenAI reports them (tokens)."""
+    """Token counts as OpenAI reports them (tokens). ``cached_tokens``: prompt tokens read from the
+    provider's prompt cache (OpenAI ``prompt_tokens_details.cached_tokens``, DeepSeek
+    ``prompt_cache_hit_tokens``, Anthropic ``cache_read_input_tokens``, Gemini
+    ``cachedContentTokenCount``); ``cache_write_tokens``: prompt tokens written to it (Anthropic
+    ``cache_creation_input_tokens``). Both are part of ``prompt_tokens``; they are priced apart."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @classmethod
     def from_openai(cls, u: Mapping | None) -> "Usage | None":
@@ -43,7 +49,16 @@ class Usage:
             return None
         if not (0 <= p < MAX_TOKENS and 0 <= c < MAX_TOKENS and 0 <= t < MAX_TOKENS):
             return None  # nonsense counts would poison the cumulative token counters for good
-        return cls(p, c, t)
+        return cls(p, c, t, _cached_of(u, p))
+
+
+def _cached_of(u: Mapping, prompt: int) -> int:
+    """Cached prompt tokens of an OpenAI-style ``usage`` (0 when absent or malformed; never over ``prompt``)."""
+    details = u.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    if n is None:
+        n = u.get("prompt_cache_hit_tokens")  # DeepSeek's name
+    return n if type(n) is int and 0 <= n <= prompt else 0
 
 
 @dataclass(slots=True)
@@ -76,7 +91,6 @@ class StreamDecoder:
         self.finished = False  # a finish_reason was seen
         self.response_model: str | None = None
         self.finish_reasons: list[str] = []
-        self.text_chars = 0  # characters of generated text seen (for a usage estimate when none is sent)
 
     def feed(self, event: SSEEvent) -> bytes | None:
         """Bytes to send to the client for this event (``None``: send nothing)."""

@@ -223,8 +223,9 @@ def usage_of(meta) -> tuple[Usage, dict] | None:
     thoughts = as_int(meta.get("thoughtsTokenCount"))
     completion = as_int(meta.get("candidatesTokenCount")) + thoughts
     total = as_int(meta.get("totalTokenCount")) or prompt + completion
-    u = Usage(prompt, completion, total)
-    return u, usage_object(u, as_int(meta.get("cachedContentTokenCount")), thoughts)
+    cached = as_int(meta.get("cachedContentTokenCount"))
+    u = Usage(prompt, completion, total, min(cached, prompt))
+    return u, usage_object(u, cached, thoughts)
 
 
 def new_call_id(signature=None) -> str:
@@ -420,7 +421,6 @@ class GeminiStreamDecoder(ChunkDecoder):
                                         "function": c["function"]} for c in calls]
             if text or thought or calls:
                 self.token = True
-                self.text_chars += len(text) + len(thought)
             if delta:
                 out.append(self.choice(idx, delta))
             if cand.get("finishReason"):

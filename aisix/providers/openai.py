@@ -90,7 +90,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         if self.response_model is None and isinstance(obj.get("model"), str):
             self.response_model = obj["model"]
         choices = obj.get("choices")
-        if not self.token_seen and delta_has_output(choices):
+        if delta_has_output(choices):  # every parsed event; after the first token only a finish or usage is
             self.token = self.token_seen = True
         if isinstance(choices, list):
             for ch in choices:

@@ -152,7 +152,7 @@ class ReencodingDecoder(StreamDecoder):
     def _sync(self) -> None:
         inner = self.inner
         self.usage, self.error, self.done, self.finished = inner.usage, inner.error, inner.done, inner.finished
-        self.response_model, self.text_chars = inner.response_model, inner.text_chars
+        self.response_model = inner.response_model
 
     def _guarded(self, fn) -> bytes | None:
         """``fn()``; an encoder that chokes on a chunk of an unexpected shape ends the stream with

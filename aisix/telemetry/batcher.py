@@ -16,14 +16,19 @@ import time
 from collections import Counter, deque
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, \
+    set_span_in_context
 
-from ..config import ObservabilityConfig
+from ..config import ConfigError, ObservabilityConfig
+from ..pricing import Prices
+from .access_log import AccessLog, access_line
+from .histograms import BucketHistogram
 from .records import RequestRecord
 
 log = logging.getLogger("aisix.telemetry")
 
 _NS_PER_MS = 1_000_000
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 #: ``gen_ai.provider.name`` values of the GenAI semantic conventions' registry for our providers.
@@ -37,19 +42,26 @@ class Telemetry:
     ``aisix_request_latency_milliseconds{method,endpoint,status_code}`` (request received →
     body fully sent), ``aisix_llm_latency_milliseconds{model}`` (upstream call → response
     received), ``aisix_llm_first_token_latency_milliseconds{model}`` (streams only: request start
-    → first token), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
-    ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
+    → first token), ``aisix_llm_inter_token_latency_milliseconds{model}`` (streams only: the gap
+    between consecutive content events as relayed, one sample per event after the first),
+    ``aisix_llm_time_per_output_token_milliseconds{model}`` (successful streams of at least two
+    completion tokens: (upstream end − first token) / (completion tokens − 1), one sample per
+    stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
+    ``aisix_cost_usd_total{model}`` (USD, from the reported usage and the deployment's price; only
+    models whose price is known), ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
-    the trace exporter failed to deliver), ``aisix_ratelimit_store_errors_total`` (requests whose
+    the trace exporter failed to deliver; ``access_log_full``: access log lines the writer could not
+    take or write), ``aisix_ratelimit_store_errors_total`` (requests whose
     rate limits the shared store could not count, and its failed releases and renewals; see
     :mod:`aisix.ratelimit_redis`).
     """
 
-    def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05):
+    def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05, worker: int = 0):
         self.enabled = cfg.enabled
         #: new traces whose id's low 64 bits are under this are sampled (trace-id ratio)
         self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if cfg.enabled else 1 << 64
         self.max_queue = cfg.queue_size
+        self.exemplars = cfg.enabled and cfg.metrics.exemplars
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
         self._dropped_reported: Counter = Counter()
@@ -59,10 +71,25 @@ class Telemetry:
         self.tick = tick
         self._task: asyncio.Task | None = None
         self.meter_provider = self.tracer_provider = None
+        self.access_log: AccessLog | None = None
+        self.metrics_server = None  # the scrape endpoint's HTTP server, when configured
         if not self.enabled:
             return
-        from .otel import setup
-        self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(cfg, service_instance_id)
+        from .otel import TOKEN_BUCKETS_MS, setup
+        self.inter_token_latency = BucketHistogram(
+            "aisix_llm_inter_token_latency", "ms", "streams: the gap between consecutive content events as the "
+            "gateway relayed them, one sample per event after the first", TOKEN_BUCKETS_MS)
+        self.time_per_output_token = BucketHistogram(
+            "aisix_llm_time_per_output_token", "ms", "successful streams: (upstream end - first token) / "
+            "(completion tokens - 1), one sample per stream", TOKEN_BUCKETS_MS)
+        histograms = (self.inter_token_latency, self.time_per_output_token)
+        readers, registry = (), None
+        if cfg.metrics.prometheus is not None:
+            from .scrape import prometheus_reader
+            reader, registry = prometheus_reader(histograms, "aisix")
+            readers = (reader,)
+        self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
+            cfg, service_instance_id, histograms, readers)
         self._resource = self.tracer_provider.resource
         meter = self.meter_provider.get_meter("aisix")
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
@@ -84,6 +111,10 @@ class Telemetry:
         self.upstream_latency = meter.create_histogram(
             "aisix_upstream_latency", unit="ms", description="one upstream attempt: call to its end (streams: the "
             "last byte; a failure: when it failed)")
+        self.cost_count = meter.create_counter(
+            "aisix_cost_usd", description="USD the upstreams charge for the tokens they report, by model alias "
+            "(models with a known price only: their `pricing`, else genai-prices' table)")
+        self.prices = Prices(cfg.price_table)
         self.fallback_count = meter.create_counter(
             "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
             "for and the fallback")
@@ -96,6 +127,16 @@ class Telemetry:
             "aisix_ratelimit_store_errors",
             description="requests whose rate limits the shared store could not count; failed releases and renewals")
         self.store_error_count.add(0)
+        if cfg.access_log is not None:
+            try:
+                self.access_log = AccessLog(cfg.access_log.path)
+            except OSError as e:
+                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
+                                  f"{e.strerror}") from None
+            self.dropped_count.add(0, {"reason": "access_log_full"})
+        if registry is not None:
+            from .scrape import serve_metrics
+            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
 
     def count_ratelimit_store_error(self) -> None:
         """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
@@ -140,9 +181,20 @@ class Telemetry:
         upstream_errors: Counter = Counter()
         attempts: Counter = Counter()
         fallbacks: Counter = Counter()
+        costs: Counter = Counter()
+        lines = [] if self.access_log is not None else None
         while q and (limit is None or n < limit):
-            self._record(q.popleft(), requests, tokens, upstream_errors, attempts, fallbacks)
+            r = q.popleft()
+            if r.total_tokens is not None and r.target is not None and r.model is not None:
+                r.cost_usd = self._cost(r)
+                if r.cost_usd is not None:
+                    costs[r.model] += r.cost_usd
+            self._record(r, requests, tokens, upstream_errors, attempts, fallbacks)
+            if lines is not None:
+                lines.append(access_line(r))
             n += 1
+        if lines:
+            self.access_log.write(lines)
         for (admin, method, endpoint, status), count in requests.items():
             counter = self.admin_request_count if admin else self.request_count
             counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
@@ -154,6 +206,8 @@ class Telemetry:
             self.upstream_request_count.add(count, {"model": model, "deployment": deployment, "status_code": status})
         for (model, fallback), count in fallbacks.items():
             self.fallback_count.add(count, {"model": model, "fallback": fallback})
+        for model, usd in costs.items():
+            self.cost_count.add(usd, {"model": model})
         self._report_dropped()
         if self.ratelimit_store_errors != self._store_errors_reported:
             self.store_error_count.add(self.ratelimit_store_errors - self._store_errors_reported)
@@ -163,8 +217,11 @@ class Telemetry:
 
     def _report_dropped(self) -> None:
         spans = self._spans
-        for reason, total in (("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
-                              ("span_export_failed", spans.failed)):
+        counts = [("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
+                  ("span_export_failed", spans.failed)]
+        if self.access_log is not None:
+            counts.append(("access_log_full", self.access_log.dropped))
+        for reason, total in counts:
             if total != self._dropped_reported[reason]:
                 self.dropped_count.add(total - self._dropped_reported[reason], {"reason": reason})
                 self._dropped_reported[reason] = total
@@ -177,15 +234,17 @@ class Telemetry:
             if r.trace_flags & 1:
                 self._span(r)
             return
+        ctx = self._exemplar(r)
         self.request_latency.record((r.end_ns - r.start_ns) / _NS_PER_MS,
-                                    {"method": r.method, "endpoint": r.endpoint, "status_code": status})
+                                    {"method": r.method, "endpoint": r.endpoint, "status_code": status}, ctx)
         model = r.model
         if model is not None:
             m_attrs = {"model": model}
             if r.llm_start_ns:
-                self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs)
+                self.llm_latency.record(((r.llm_end_ns or r.end_ns) - r.llm_start_ns) / _NS_PER_MS, m_attrs, ctx)
             if r.first_token_ns and r.stream:
-                self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs)
+                self.first_token_latency.record((r.first_token_ns - r.start_ns) / _NS_PER_MS, m_attrs, ctx)
+                self._token_times(r, m_attrs)
             for e in r.upstream_errors:
                 upstream_errors[e] += 1
             for a in r.attempts:
@@ -200,6 +259,31 @@ class Telemetry:
                 tokens[(model, "total")] += r.total_tokens
         if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
             self._span(r)
+
+    def _exemplar(self, r: RequestRecord):
+        """The context that makes a latency sample of a sampled request an exemplar (its trace and
+        span id: the span the gateway exports for it), else None (no exemplar)."""
+        if not (self.exemplars and r.trace_flags & 1 and r.trace_id):
+            return None
+        return set_span_in_context(NonRecordingSpan(SpanContext(r.trace_id, r.span_id, False, _SAMPLED)))
+
+    def _cost(self, r: RequestRecord) -> float | None:
+        """USD for the tokens the upstream reported (an estimate is never priced), at the price of
+        the deployment that answered; None when its price is unknown."""
+        price = self.prices.price(r.target, r.start_wall_ns)
+        if price is None:
+            return None
+        return price.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.cache_write_tokens)
+
+    def _token_times(self, r: RequestRecord, m_attrs: dict) -> None:
+        """A stream's inter-token gaps (every one: a stall shows in the tail, where a per-stream
+        mean would hide it) and its time per output token (GenAI semantic conventions'
+        ``gen_ai.server.time_per_output_token``: successful responses only)."""
+        self.inter_token_latency.add(m_attrs, r.gaps_ns, 1 / _NS_PER_MS, r.zero_gaps)
+        tokens = r.completion_tokens
+        if r.status == 200 and tokens is not None and tokens > 1:
+            end = r.llm_end_ns or r.end_ns
+            self.time_per_output_token.add(m_attrs, ((end - r.first_token_ns) / (tokens - 1),), 1 / _NS_PER_MS)
 
     def _span(self, r: RequestRecord) -> None:
         """One SERVER span, built after the fact with the ids the hot path chose (and sent upstream)."""
@@ -225,6 +309,8 @@ class Telemetry:
                 attrs["gen_ai.response.finish_reasons"] = list(r.finish_reasons)
             if r.upstream_status is not None:
                 attrs["aisix.upstream.status_code"] = r.upstream_status
+            if r.cost_usd is not None:
+                attrs["aisix.cost_usd"] = r.cost_usd
         status = Status(StatusCode.UNSET)
         if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
             status = Status(StatusCode.ERROR, r.error or None)
@@ -276,6 +362,12 @@ class Telemetry:
         if not self.enabled:
             return
         self.drain()
+        loop = asyncio.get_running_loop()
+        if self.access_log is not None:
+            await loop.run_in_executor(None, self.access_log.close, timeout / 2)
+        if self.metrics_server is not None:  # no scrape after the final flush: it would see nothing new
+            await loop.run_in_executor(None, self.metrics_server.shutdown)
+            self.metrics_server.server_close()
 
         # Metrics first (a hung trace collector must not hold them back), each in a daemon thread
         # with a deadline: the process never waits on an exporter longer than ``timeout`` s.

@@ -10,7 +10,7 @@ import socket
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, Counter, Histogram, MeterProvider, ObservableCounter, \
-    ObservableGauge, ObservableUpDownCounter, UpDownCounter
+    ObservableGauge, ObservableUpDownCounter, TraceBasedExemplarFilter, UpDownCounter
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -19,12 +19,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from ..config import ObservabilityConfig
+from .histograms import reader_with_histograms
 
 #: Histogram bucket edges in ms. Source: the OpenTelemetry GenAI semantic conventions' advice for
 #: ``gen_ai.client.operation.duration`` (0.01 s … 81.92 s, doubling), in ms, extended by halving
 #: down to 1.25 ms and by doubling up to 655 360 ms (~11 min, for long reasoning runs).
 LATENCY_BUCKETS_MS = (1.25, 2.5, 5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560, 5120, 10240,
                       20480, 40960, 81920, 163840, 327680, 655360)
+
+#: Bucket edges in ms for the per-token series (``aisix_llm_inter_token_latency``,
+#: ``aisix_llm_time_per_output_token``, aggregated by the batcher: :mod:`.histograms`): the GenAI
+#: semantic conventions' advice for ``gen_ai.server.time_per_output_token`` (0.01 s … 2.5 s), in ms,
+#: extended down to 1 ms and up to 10 s.
+TOKEN_BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 2500, 5000, 10000)
 
 _CUMULATIVE = {k: AggregationTemporality.CUMULATIVE for k in
                (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)}
@@ -122,9 +129,12 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
     return url.split("://", 1)[-1].rstrip("/"), insecure
 
 
-def setup(cfg: ObservabilityConfig, service_instance_id: str):
+def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), readers=()):
     """Build ``(meter_provider, tracer_provider, span_delivery, scope)`` for ``cfg``; spans go to
-    ``span_delivery.offer`` (a :class:`SpanDelivery` in front of the BatchSpanProcessor).
+    ``span_delivery.offer`` (a :class:`SpanDelivery` in front of the BatchSpanProcessor). Every
+    metric collection also carries ``histograms`` (:class:`~aisix.telemetry.histograms.BucketHistogram`,
+    aggregated by the batcher) in the ``aisix`` scope. ``readers``: more metric readers (the scrape
+    endpoint's).
 
     Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
@@ -138,13 +148,15 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str):
     metric_exporter = OTLPMetricExporter(endpoint=cfg.metrics.otlp_endpoint,
                                          timeout=cfg.metrics.export_timeout_ms / 1000,
                                          preferred_temporality=_CUMULATIVE)
-    reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
-                                           export_timeout_millis=cfg.metrics.export_timeout_ms)
+    reader = reader_with_histograms(PeriodicExportingMetricReader, histograms, "aisix")(
+        metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
+        export_timeout_millis=cfg.metrics.export_timeout_ms)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
-    # No exemplars: the batcher records outside any span context, so the default trace-based
-    # filter would only cost a context lookup per measurement.
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader], views=views,
-                                   exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
+    # Exemplars: the batcher passes each sampled request's span context with its latencies; the
+    # trace-based filter keeps those (one per bucket, the SDK's aligned reservoir), never a counter's.
+    exemplar_filter = TraceBasedExemplarFilter() if cfg.metrics.exemplars else AlwaysOffExemplarFilter()
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader, *readers], views=views,
+                                   exemplar_filter=exemplar_filter, shutdown_on_exit=False)
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)

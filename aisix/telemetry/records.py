@@ -44,7 +44,8 @@ class RequestRecord:
                  "llm_start_ns", "llm_end_ns", "first_token_ns",
                  "prompt_tokens", "completion_tokens", "total_tokens", "finish_reasons",
                  "trace_id", "span_id", "parent_span_id", "trace_flags", "error", "admin", "upstream_status",
-                 "usage_estimated", "attempts", "fallbacks", "upstream_errors")
+                 "usage_estimated", "attempts", "fallbacks", "upstream_errors", "gaps_ns", "zero_gaps",
+                 "cached_tokens", "cache_write_tokens", "target", "cost_usd")
 
     def __init__(self, method: str, endpoint: str, path: str, start_wall_ns: int, start_ns: int):
         self.method = method
@@ -78,9 +79,19 @@ class RequestRecord:
         self.attempts: list[Attempt] = []  # one per upstream attempt, in order
         self.fallbacks: list[str] = []  # the fallback aliases tried, in order
         self.upstream_errors: list[tuple[str, str]] = []  # each failed upstream call: (model alias, upstream_status label)
+        #: streams: the gaps (ns) between content events that came in different reads, and how many
+        #: came in the same read as the one before (gap 0); see :class:`aisix.relay.StreamRelay`
+        self.gaps_ns = ()
+        self.zero_gaps = 0
+        self.cached_tokens = self.cache_write_tokens = 0  # of prompt_tokens: read from / written to the prompt cache
+        self.target = None  # the deployment (a one-upstream Model) of the last attempt: its price
+        self.cost_usd: float | None = None  # set by the batcher (from the usage and target's price)
 
-    def set_usage(self, prompt: int, completion: int, total: int) -> None:
+    def set_usage(self, prompt: int, completion: int, total: int, cached: int = 0, cache_write: int = 0) -> None:
+        """The upstream's usage (tokens); ``cached``/``cache_write``: of ``prompt``, read from / written
+        to the provider's prompt cache."""
         self.prompt_tokens, self.completion_tokens, self.total_tokens = prompt, completion, total
+        self.cached_tokens, self.cache_write_tokens = cached, cache_write
 
     def estimate_usage(self, prompt: int, completion: int) -> None:
         """The gateway's own estimate (tokens) when the upstream reported no usage: shown on the
