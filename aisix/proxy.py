@@ -566,8 +566,8 @@ async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:
 
 async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) -> web.StreamResponse:
     headers = _passthrough(up, call.response_headers)
-    headers.setdefault("x-request-id", request_id(call.record))
-    headers["x-aisix-request-id"] = request_id(call.record)
+    rid = headers["x-aisix-request-id"] = request_id(call.record)
+    headers.setdefault("x-request-id", rid)
     headers["Content-Type"] = up.headers.get("content-type", "text/event-stream")
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"

@@ -242,6 +242,7 @@ class Model(BaseModel):
     _targets: tuple = PrivateAttr(())
     _deployment: str = PrivateAttr("default")
     _capacity: RateLimit | None = PrivateAttr(None)
+    _weight: int = PrivateAttr(1)
 
     @field_validator("name")
     @classmethod
@@ -277,7 +278,7 @@ class Model(BaseModel):
                                       deployments=None, routing=self.routing, fallbacks=[], rate_limit=None, id=None,
                                       pricing=d.pricing or self.pricing)
             t._deployment = d.id
-            t._capacity = d.rate_limit
+            t._capacity, t._weight = d.rate_limit, d.weight
             t._targets = (t,)
             targets.append(t)
         self._targets = tuple(targets)
@@ -291,6 +292,11 @@ class Model(BaseModel):
     def deployment_id(self) -> str:
         """This target's deployment id (``default`` for the one-upstream shape)."""
         return self._deployment
+
+    @property
+    def weight(self) -> int:
+        """This target's deployment ``weight`` (1 for the one-upstream shape)."""
+        return self._weight
 
     @property
     def capacity(self) -> RateLimit | None:

@@ -139,11 +139,9 @@ class Router:
             return min(healthy, key=lambda t: self.state(t).in_flight)
         if strategy == "lowest_latency":
             return min(healthy, key=lambda t: self.state(t).ewma_ms or 0.0)
-        weights = {d.id: d.weight for d in model.deployments}
-        total = sum(weights[t.deployment_id] for t in healthy)
-        pick = self._rng.random() * total
+        pick = self._rng.random() * sum(t.weight for t in healthy)
         for t in healthy:
-            pick -= weights[t.deployment_id]
+            pick -= t.weight
             if pick < 0:
                 return t
         return healthy[-1]

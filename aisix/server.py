@@ -86,9 +86,9 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
             resp = GatewayError(e.status, _http_error_message(e, request), error_type_for(e.status),
                                 _http_error_code(e.status), headers=_allow_header(e)).response()
         if not resp.prepared:
+            rid = resp.headers["x-aisix-request-id"] = request_id(rec)
             if "x-request-id" not in resp.headers:
-                resp.headers["x-request-id"] = request_id(rec)
-            resp.headers["x-aisix-request-id"] = request_id(rec)
+                resp.headers["x-request-id"] = rid
             await resp.prepare(request)
             await resp.write_eof()
         if rec.status == 0:

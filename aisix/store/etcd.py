@@ -134,16 +134,18 @@ class EtcdStore(ConfigStore):
         self._task = asyncio.create_task(self._watch_loop(), name="aisix-etcd-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # aetcd's watch iterator can swallow one cancellation while it waits on its gRPC stream;
+            # closing the channel below ends that stream, so the wait is bounded, never a hang
+            await asyncio.wait({task}, timeout=1.0)
         if self._publish_handle is not None:
             self._publish_handle.cancel()
         await self._drop_client(rotate=False)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
 
     # -- etcd client ----------------------------------------------------------
     def _get_client(self) -> aetcd.Client:
