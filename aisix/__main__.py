@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from . import __version__
-from .config import ConfigError, embedded_default, load_config, parse_listen
-from .store import StoreError
+from aisix import __version__
+from aisix.config.loader import ConfigError, embedded_default, load_config, parse_listen
+from aisix.config.store import StoreError
 
 
 def _banner(creds):
@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         print("aisix: --workers must be at least 1", file=sys.stderr)
         return 2
     if args.workers > 1 and args.worker_index is None:
-        from .supervisor import supervise
+        from aisix.supervisor import supervise
         return supervise(args.workers, argv if argv is not None else sys.argv[1:])
     import uvloop
 
-    from .server import serve
+    from aisix.server.app import serve
     worker = args.worker_index or 0
     try:
         uvloop.run(serve(config, banner=_banner(creds) if worker == 0 else None, worker=worker,

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .config import Config
-from .hooks import Pipeline
-from .routing import Router
-from .snapshot import SnapshotHolder
-from .store import ConfigStore
-from .telemetry import Telemetry
-from .upstream import UpstreamPool
+from aisix.config.loader import Config
+from aisix.hooks.pipeline import Pipeline
+from aisix.proxy.routing import Router
+from aisix.config.snapshot import SnapshotHolder
+from aisix.config.store import ConfigStore
+from aisix.telemetry import Telemetry
+from aisix.upstream.pool import UpstreamPool
 
 
 @dataclass(eq=False)

@@ -5,11 +5,11 @@ import contextlib
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from aisix.admin import create_admin_app
-from aisix.config import AdminConfig, AdminKey, Config, DeploymentConfig, EtcdConfig, FileProviderConfig
+from aisix.admin.api import create_admin_app
+from aisix.config.loader import AdminConfig, AdminKey, Config, DeploymentConfig, EtcdConfig, FileProviderConfig
 from aisix.gateway import Gateway
-from aisix.snapshot import SnapshotHolder
-from aisix.store import create_store
+from aisix.config.snapshot import SnapshotHolder
+from aisix.config.store import create_store
 
 ADMIN_KEY = "admin-key-for-tests-0001"
 OTHER_ADMIN_KEY = "admin-key-for-tests-0002"

@@ -12,7 +12,7 @@ from openapi_spec_validator import validate as validate_spec
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from aisix.openapi import openapi_document
+from aisix.admin.openapi import openapi_document
 from tests.admin_client import ADMIN_KEY, AUTH, OTHER_ADMIN_KEY, admin_client, make_config
 
 BASE = "/aisix/admin"
@@ -306,9 +306,9 @@ def test_admin_validation_equals_snapshot_validation():
 
     from pydantic import ValidationError
 
-    from aisix.admin import _to_store
+    from aisix.admin.api import _to_store
     from aisix.errors import GatewayError
-    from aisix.resources import SCHEMAS
+    from aisix.config.resources import SCHEMAS
     rng = random.Random(7)
     texts = ["", " ", "a", "/", "//", "http://", "https://", "h", ":", ":80", ":0", ":65536", "@", "[::1]", "?", "#",
              "v1", "\n", "\t", "\x00", "\x7f", "\u00a0", "é", "Bearer ", "bearer", "%20", "."]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from aisix.config import ConfigError, load_config
+from aisix.config.loader import ConfigError, load_config
 from tests import services
 
 

@@ -141,7 +141,7 @@ def test_example_config_loads_and_serves_the_mock(tmp_path):
     import sys
     from pathlib import Path
 
-    from aisix.config import load_config
+    from aisix.config.loader import load_config
     from tests.services import HOST, free_port
     example = Path(__file__).resolve().parents[1] / "aisix.example.yaml"
     cfg = load_config(str(example), env={})

@@ -142,19 +142,19 @@ def test_spans_name_each_route_and_operation(gw, emus, sink):
 
 
 def test_openapi_documents_every_entry_route():
-    """``GET /openapi`` has each route aisix.entry registers, valid, on the proxy listener, with the
+    """``GET /openapi`` has each route aisix.proxy.routes registers, valid, on the proxy listener, with the
     error envelope the route answers in."""
     from aiohttp import web
     from openapi_spec_validator import validate as validate_spec
 
-    from aisix.entry import add_routes
-    from aisix.openapi import openapi_document
+    from aisix.proxy.routes import add_routes
+    from aisix.admin.openapi import openapi_document
     doc = openapi_document()
     validate_spec(doc)
     app = web.Application()
     add_routes(app)
     routes = {r.resource.canonical: r.method.lower() for r in app.router.routes()}
-    assert set(routes) == {"/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions"}
+    assert {"/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions"} <= set(routes)
     for path, method in routes.items():
         item = doc["paths"][path]
         assert "proxy listener" in item["servers"][0]["description"]

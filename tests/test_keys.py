@@ -21,9 +21,9 @@ import openai
 import orjson
 import pytest
 
-from aisix.config import Config
-from aisix.resources import hash_key
-from aisix.server import Server, start_gateway
+from aisix.config.loader import Config
+from aisix.config.resources import hash_key
+from aisix.server.app import Server, start_gateway
 from tests.services import HOST, free_port
 
 ADMIN = "admin-key-for-key-tests"

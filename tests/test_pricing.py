@@ -13,8 +13,8 @@ import pytest
 from genai_prices import Usage, calc_price
 from genai_prices.types import ModelPrice
 
-from aisix.pricing import Prices, from_table
-from aisix.resources import Model
+from aisix.telemetry.pricing import Prices, from_table
+from aisix.config.resources import Model
 from tests.harness import (
     ROLE,
     STOP,
@@ -153,7 +153,7 @@ async def test_known_tokens_give_a_known_cost_in_prometheus_on_the_span_and_in_t
 
 
 def test_only_models_the_table_may_price_are_looked_up():
-    from aisix.pricing import in_table_scope
+    from aisix.telemetry.pricing import in_table_scope
 
     def on(base):
         return Model(name="x", model="openai/gpt-4o-mini", provider_config={"api_base": base} if base else {})

@@ -12,7 +12,7 @@ import pytest
 from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.providers.anthropic import AnthropicStreamDecoder, messages_request
-from aisix.resources import Model
+from aisix.config.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.anthropic import AnthropicEmulator
 from tests.provider_e2e import assert_unreachable_502_and_timeout_504, E2E, PROMPT, TOTAL, COMPLETION, FIRST

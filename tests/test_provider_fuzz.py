@@ -19,9 +19,9 @@ import pytest
 
 from aisix.errors import GatewayError
 from aisix.providers import get_provider
-from aisix.resources import Model
+from aisix.config.resources import Model
 from aisix.sse import SSEParser
-from aisix.upstream import UpstreamRequest
+from aisix.upstream.pool import UpstreamRequest
 
 ANTHROPIC = get_provider("anthropic")
 GEMINI = get_provider("gemini")

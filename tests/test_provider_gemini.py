@@ -15,7 +15,7 @@ from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.providers.gemini import GeminiStreamDecoder, generate_request
 from aisix.providers.gemini_embed import EmbedRequest
-from aisix.resources import Model
+from aisix.config.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.gemini import GeminiEmulator, embedding_values
 from tests.provider_e2e import assert_unreachable_502_and_timeout_504, COMPLETION, E2E, FIRST, PROMPT, TOTAL

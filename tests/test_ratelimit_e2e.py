@@ -17,9 +17,9 @@ import time
 import aiohttp
 import pytest
 
-from aisix.config import Config
-from aisix.ratelimit import RateLimitHook
-from aisix.server import Server, start_gateway
+from aisix.config.loader import Config
+from aisix.hooks.ratelimit import RateLimitHook
+from aisix.server.app import Server, start_gateway
 from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, Script, ScriptedUpstream, ev,
                            gateway_config, post_raw)
 

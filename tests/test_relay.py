@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from aisix import relay as relay_mod
+from aisix.proxy import stream as relay_mod
 from aisix.providers import get_provider
-from aisix.relay import StreamRelay
+from aisix.proxy.stream import StreamRelay
 from aisix.sse import SSEParser
 from tests.harness import ROLE, STOP, TXT, USAGE, ev
 

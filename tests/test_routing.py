@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from aisix.errors import GatewayError, upstream_unreachable
-from aisix.resources import Model
-from aisix.routing import Router, failure_kind, retryable
+from aisix.config.resources import Model
+from aisix.proxy.routing import Router, failure_kind, retryable
 from tests.harness import (ROLE, STOP, TXT, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config,
                            post_raw)
 from tests.services import HOST, free_port
@@ -403,7 +403,7 @@ def test_least_busy_sends_a_new_request_to_the_idle_deployment(gw_split, ups):
 
 def test_failures_say_what_happened():
     from aisix.errors import upstream_malformed, upstream_stream_broken
-    from aisix.proxy import attempt_status
+    from aisix.proxy.handlers import attempt_status
     assert attempt_status(upstream_unreachable("refused")) == "connect_error"
     assert attempt_status(failure(504, None)) == "timeout"
     assert attempt_status(upstream_malformed("not JSON")) == "malformed_response"
@@ -413,7 +413,7 @@ def test_failures_say_what_happened():
 
 
 def test_garbage_retry_hints_are_ignored_and_huge_ones_capped():
-    from aisix.routing import MAX_HINT_COOLDOWN_S, retry_after_s
+    from aisix.proxy.routing import MAX_HINT_COOLDOWN_S, retry_after_s
     assert [retry_after_s(failure(429, 429, {"retry-after-ms": v})) for v in ("inf", "nan", "-5", "x")] == [None] * 4
     assert retry_after_s(failure(429, 429, {"Retry-After": "1e400"})) is None  # float('1e400') is inf
     m, r = group(), Router()

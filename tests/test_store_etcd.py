@@ -11,11 +11,11 @@ import aetcd
 import orjson
 import pytest
 
-from aisix.config import EtcdConfig
-from aisix.resources import hash_key
-from aisix.snapshot import SnapshotHolder
-from aisix.store import ConflictError, StoreError, StoreUnavailable
-from aisix.store.etcd import EtcdStore
+from aisix.config.loader import EtcdConfig
+from aisix.config.resources import hash_key
+from aisix.config.snapshot import SnapshotHolder
+from aisix.config.store import ConflictError, StoreError, StoreUnavailable
+from aisix.config.store.etcd import EtcdStore
 from tests.services import free_port
 from tests.tcp_cut import TcpCut
 

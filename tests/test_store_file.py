@@ -16,10 +16,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from aisix.resources import hash_key
-from aisix.snapshot import SnapshotHolder
-from aisix.store import ConflictError, StoreError
-from aisix.store.file import FileStore, encode_document, read_document
+from aisix.config.resources import hash_key
+from aisix.config.snapshot import SnapshotHolder
+from aisix.config.store import ConflictError, StoreError
+from aisix.config.store.file import FileStore, encode_document, read_document
 
 ROOT = Path(__file__).resolve().parents[1]
 M = {"name": "m", "model": "mock/m1", "provider_config": {"tokens": 3}}
@@ -174,8 +174,8 @@ async def test_stale_temp_files_are_removed_fresh_ones_kept(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import asyncio, hashlib, sys
-    from aisix.snapshot import SnapshotHolder
-    from aisix.store.file import FileStore
+    from aisix.config.snapshot import SnapshotHolder
+    from aisix.config.store.file import FileStore
 
     async def main(path):
         store = FileStore(path, SnapshotHolder())

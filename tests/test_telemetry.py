@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from aisix.config import ObservabilityConfig
+from aisix.config.loader import ObservabilityConfig
 from aisix.telemetry import RequestRecord, Telemetry
 from aisix.telemetry.otel import LATENCY_BUCKETS_MS
 from tests import services

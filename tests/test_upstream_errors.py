@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from aisix import upstream_log
+from aisix.upstream import log as upstream_log
 from tests.harness import ROLE, TXT, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw
 
 CHAT = "/v1/chat/completions"

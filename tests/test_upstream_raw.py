@@ -19,9 +19,9 @@ from multidict import CIMultiDict
 pytest.importorskip("httptools")  # without it UpstreamPool uses aiohttp only
 
 from aisix.errors import GatewayError
-from aisix.resources import ProviderConfig
-from aisix.upstream import UpstreamPool, UpstreamRequest
-from aisix.upstream_raw import HIGH_WATER, RawPool, RawResponse
+from aisix.config.resources import ProviderConfig
+from aisix.upstream.pool import UpstreamPool, UpstreamRequest
+from aisix.upstream.raw import HIGH_WATER, RawPool, RawResponse
 
 HOST = "127.0.0.1"
 LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}

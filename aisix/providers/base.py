@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Mapping
 
 
-from ..errors import GatewayError
-from ..resources import Model
-from ..sse import SSEEvent
-from ..upstream import UpstreamPool, UpstreamRequest, UpstreamResponse
-from .errors import error_envelope
+from aisix.errors import GatewayError
+from aisix.config.resources import Model
+from aisix.sse import SSEEvent
+from aisix.upstream.pool import UpstreamPool, UpstreamRequest, UpstreamResponse
+from aisix.providers.errors import error_envelope
 
 
 #: Token counts at or above this (2**40, ~1.1e12 tokens) are taken as malformed usage.

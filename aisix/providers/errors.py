@@ -11,7 +11,7 @@ from typing import Mapping
 
 import orjson
 
-from ..errors import GatewayError, error_type_for
+from aisix.errors import GatewayError, error_type_for
 
 #: Status an OpenAI error ``type`` stands for, when an error arrives with no status of its own
 #: (the first event of a stream that already answered 200).

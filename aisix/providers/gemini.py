@@ -39,13 +39,13 @@ from typing import Mapping
 
 import orjson
 
-from ..errors import GatewayError, error_type_for, invalid_request
-from ..resources import Model
-from ..upstream import UpstreamRequest
-from .base import ChatResult, Provider, StreamDecoder, Usage
-from .gemini_embed import batch_embed_request, embeddings_to_openai
-from .errors import retry_headers
-from .translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
+from aisix.errors import GatewayError, error_type_for, invalid_request
+from aisix.config.resources import Model
+from aisix.upstream.pool import UpstreamRequest
+from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
+from aisix.providers.gemini_embed import batch_embed_request, embeddings_to_openai
+from aisix.providers.errors import retry_headers
+from aisix.providers.translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
                         function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
                         json_text, load_object, malformed, max_tokens_of, message_of, new_chat_id, opt_dict,
                         opt_list, opt_str, shown, stop_list, str_or, text_of, tool_arguments, tool_calls_of,

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..errors import invalid_request, upstream_malformed
-from ..upstream import UpstreamRequest
-from .base import ChatResult, Usage
-from .translate import as_int
+from aisix.errors import invalid_request, upstream_malformed
+from aisix.upstream.pool import UpstreamRequest
+from aisix.providers.base import ChatResult, Usage
+from aisix.providers.translate import as_int
 
 
 @dataclass(slots=True)

@@ -27,11 +27,11 @@ import uuid
 
 import orjson
 
-from ..errors import GatewayError, invalid_request
-from ..ratelimit import BYTES_PER_TOKEN
-from .base import ChatResult
-from .reencode import ChunkEncoder
-from .translate import (
+from aisix.errors import GatewayError, invalid_request
+from aisix.hooks.ratelimit import BYTES_PER_TOKEN
+from aisix.providers.base import ChatResult
+from aisix.providers.reencode import ChunkEncoder
+from aisix.providers.translate import (
     as_int,
     guard_answer,
     load_object,

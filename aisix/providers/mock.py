@@ -21,9 +21,9 @@ from typing import AsyncIterator
 
 import orjson
 
-from ..resources import Model
-from ..upstream import UpstreamPool, UpstreamRequest
-from .openai import OpenAIProvider
+from aisix.config.resources import Model
+from aisix.upstream.pool import UpstreamPool, UpstreamRequest
+from aisix.providers.openai import OpenAIProvider
 
 _WORDS = ("Hello", " from", " the", " aisix", " mock", " model.", " Every", " token", " is", " paced",
           " like", " a", " real", " upstream", " so", " you", " can", " watch", " it", " stream.")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import orjson
 
-from ..errors import GatewayError, upstream_malformed
-from ..resources import Model
-from ..sse import SSEEvent
-from ..upstream import UpstreamRequest
-from .base import ChatResult, Provider, StreamDecoder, Usage
-from .errors import error_fields, json_text, status_of_error_event
+from aisix.errors import GatewayError, upstream_malformed
+from aisix.config.resources import Model
+from aisix.sse import SSEEvent
+from aisix.upstream.pool import UpstreamRequest
+from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
+from aisix.providers.errors import error_fields, json_text, status_of_error_event
 
 _DELTA_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal", "tool_calls", "function_call")
 

@@ -14,17 +14,17 @@ from collections.abc import Mapping
 
 import orjson
 
-from ..errors import GatewayError
-from ..resources import Model
-from ..sse import SSEEvent
-from ..upstream import UpstreamRequest
-from .anthropic import API_VERSION, AnthropicStreamDecoder, usage_of
-from .anthropic import _finish as finish_reason
-from .base import ChatResult, Provider, StreamDecoder, Usage
-from .messages_chat import anthropic_error_body
-from .openai import OpenAIProvider, error_from_event
-from .responses_chat import responses_error_event
-from .translate import as_int, guard_answer, load_object, str_or
+from aisix.errors import GatewayError
+from aisix.config.resources import Model
+from aisix.sse import SSEEvent
+from aisix.upstream.pool import UpstreamRequest
+from aisix.providers.anthropic import API_VERSION, AnthropicStreamDecoder, usage_of
+from aisix.providers.anthropic import _finish as finish_reason
+from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
+from aisix.providers.messages_chat import anthropic_error_body
+from aisix.providers.openai import OpenAIProvider, error_from_event
+from aisix.providers.responses_chat import responses_error_event
+from aisix.providers.translate import as_int, guard_answer, load_object, str_or
 
 #: Client headers an Anthropic upstream gets as sent (https://docs.anthropic.com/en/api/versioning,
 #: https://docs.anthropic.com/en/api/beta-headers); ``anthropic-version`` defaults to :data:`API_VERSION`.

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import orjson
 
-from ..errors import GatewayError
-from ..sse import SSEEvent, SSEParser
-from .base import StreamDecoder
-from .translate import MALFORMED, malformed
+from aisix.errors import GatewayError
+from aisix.sse import SSEEvent, SSEParser
+from aisix.providers.base import StreamDecoder
+from aisix.providers.translate import MALFORMED, malformed
 
 
 class ChunkEncoder:

@@ -25,10 +25,10 @@ import uuid
 
 import orjson
 
-from ..errors import GatewayError, invalid_request
-from .base import ChatResult
-from .reencode import ChunkEncoder
-from .translate import as_int, guard_answer, load_object, malformed, opt_list, shown
+from aisix.errors import GatewayError, invalid_request
+from aisix.providers.base import ChatResult
+from aisix.providers.reencode import ChunkEncoder
+from aisix.providers.translate import as_int, guard_answer, load_object, malformed, opt_list, shown
 
 #: Request fields that need what only a stateful upstream keeps, and what to call them.
 STATEFUL = (("previous_response_id", "previous_response_id (conversation state kept by the upstream)"),

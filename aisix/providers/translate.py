@@ -25,10 +25,10 @@ import uuid
 
 import orjson
 
-from ..errors import GatewayError, error_type_for, invalid_request, upstream_malformed
-from ..sse import SSEEvent
-from .base import StreamDecoder, Usage
-from .errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
+from aisix.errors import GatewayError, error_type_for, invalid_request, upstream_malformed
+from aisix.sse import SSEEvent
+from aisix.providers.base import StreamDecoder, Usage
+from aisix.providers.errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
 
 DONE = b"data: [DONE]\n\n"
 

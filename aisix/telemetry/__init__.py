@@ -2,8 +2,8 @@
 :meth:`Telemetry.submit`; a background batcher turns records into OpenTelemetry metrics and
 spans; the SDK's exporters (OTLP HTTP for metrics, OTLP gRPC for traces) ship them from
 their own threads."""
-from .batcher import Telemetry
-from .records import RequestRecord, request_id
-from .tracecontext import TraceContext, parse_traceparent
+from aisix.telemetry.batcher import Telemetry
+from aisix.telemetry.records import RequestRecord, request_id
+from aisix.telemetry.tracecontext import TraceContext, parse_traceparent
 
 __all__ = ["Telemetry", "RequestRecord", "request_id", "TraceContext", "parse_traceparent"]

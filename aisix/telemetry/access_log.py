@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from .records import RequestRecord, request_id
+from aisix.telemetry.records import RequestRecord, request_id
 
 log = logging.getLogger("aisix.telemetry")
 

@@ -19,11 +19,11 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, \
     set_span_in_context
 
-from ..config import ConfigError, ObservabilityConfig
-from ..pricing import Prices
-from .access_log import AccessLog, access_line
-from .histograms import BucketHistogram
-from .records import RequestRecord
+from aisix.config.loader import ConfigError, ObservabilityConfig
+from aisix.telemetry.pricing import Prices
+from aisix.telemetry.access_log import AccessLog, access_line
+from aisix.telemetry.histograms import BucketHistogram
+from aisix.telemetry.records import RequestRecord
 
 log = logging.getLogger("aisix.telemetry")
 
@@ -53,7 +53,7 @@ class Telemetry:
     the trace exporter failed to deliver; ``access_log_full``: access log lines the writer could not
     take or write), ``aisix_ratelimit_store_errors_total`` (requests whose
     rate limits the shared store could not count, and its failed releases and renewals; see
-    :mod:`aisix.ratelimit_redis`).
+    :mod:`aisix.hooks.ratelimit_redis`).
     """
 
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05, worker: int = 0):
@@ -75,7 +75,7 @@ class Telemetry:
         self.metrics_server = None  # the scrape endpoint's HTTP server, when configured
         if not self.enabled:
             return
-        from .otel import TOKEN_BUCKETS_MS, setup
+        from aisix.telemetry.otel import TOKEN_BUCKETS_MS, setup
         self.inter_token_latency = BucketHistogram(
             "aisix_llm_inter_token_latency", "ms", "streams: the gap between consecutive content events as the "
             "gateway relayed them, one sample per event after the first", TOKEN_BUCKETS_MS)
@@ -85,7 +85,7 @@ class Telemetry:
         histograms = (self.inter_token_latency, self.time_per_output_token)
         readers, registry = (), None
         if cfg.metrics.prometheus is not None:
-            from .scrape import prometheus_reader
+            from aisix.telemetry.scrape import prometheus_reader
             reader, registry = prometheus_reader(histograms, "aisix")
             readers = (reader,)
         self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
@@ -135,7 +135,7 @@ class Telemetry:
                                   f"{e.strerror}") from None
             self.dropped_count.add(0, {"reason": "access_log_full"})
         if registry is not None:
-            from .scrape import serve_metrics
+            from aisix.telemetry.scrape import serve_metrics
             self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
 
     def count_ratelimit_store_error(self) -> None:

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from ..config import ObservabilityConfig
-from .histograms import reader_with_histograms
+from aisix.config.loader import ObservabilityConfig
+from aisix.telemetry.histograms import reader_with_histograms
 
 #: Histogram bucket edges in ms. Source: the OpenTelemetry GenAI semantic conventions' advice for
 #: ``gen_ai.client.operation.duration`` (0.01 s … 81.92 s, doubling), in ms, extended by halving

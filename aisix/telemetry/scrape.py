@@ -13,8 +13,8 @@ from __future__ import annotations
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..config import ConfigError, parse_listen
-from .histograms import reader_with_histograms
+from aisix.config.loader import ConfigError, parse_listen
+from aisix.telemetry.histograms import reader_with_histograms
 
 
 def prometheus_reader(histograms, scope_name: str):

@@ -1,0 +1,108 @@
+"""``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: the Anthropic Messages API
+(https://docs.anthropic.com/en/api/messages, https://docs.anthropic.com/en/api/messages-count-tokens).
+
+Keys: ``x-api-key: <aisix key>`` (the ``anthropic`` SDK's header) or ``Authorization: Bearer``.
+To a deployment on the ``anthropic`` provider the request passes through: the body as the client
+sent it with only ``model`` rewritten to the upstream model id, the client's ``anthropic-version``
+and ``anthropic-beta`` headers, and the answer relayed as the upstream's bytes (every SSE event as
+sent), so ``cache_control``, ``thinking``, tools, images and betas all survive. To any other
+provider it is translated to a chat completion and back
+(:mod:`aisix.providers.messages_chat`), streamed as the Messages event sequence. Every error
+is in Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}``, with the status
+it stands for. Tokens come from the Messages usage fields (``input_tokens`` +
+``cache_creation_input_tokens`` + ``cache_read_input_tokens`` are the prompt, ``output_tokens``
+the completion); the first token is the first ``content_block_delta`` with output.
+
+``count_tokens`` goes to Anthropic's endpoint for an ``anthropic`` model (not rate limited: it
+generates nothing); for others it is an estimate (:func:`~aisix.providers.messages_chat.estimate_input_tokens`),
+said so by ``x-aisix-token-count: estimated`` and ``"estimated": true`` in the body.
+"""
+from __future__ import annotations
+
+import functools
+
+import orjson
+from aiohttp import web
+
+from aisix.errors import GatewayError
+from aisix.providers import Provider
+from aisix.providers.messages_chat import (
+    AnthropicError,
+    MessagesEncoder,
+    chat_body,
+    estimate_input_tokens,
+    message_result,
+)
+from aisix.providers.passthrough import (
+    AnthropicEventsDecoder,
+    anthropic_request,
+    anthropic_result,
+    rewrite_model,
+)
+from aisix.proxy.handlers import (
+    _call_upstream,
+    _passthrough,
+    _prepare_call,
+    _upstream_headers,
+    route,
+)
+from aisix.config.resources import Model
+from aisix.proxy.entry import chat_max_tokens_field, prepare, respond, run, translated
+
+
+def anthropic_errors(handler):
+    """The handler's errors in Anthropic's envelope (:class:`AnthropicError`), same status and headers."""
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as e:
+            raise AnthropicError.of(e) from None
+    return wrapper
+
+
+@anthropic_errors
+async def create(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/messages``, streamed (``"stream": true``) or not."""
+    call, body, raw, stream = await prepare(request, "chat")
+
+    async def attempt(provider: Provider, target: Model) -> web.StreamResponse:
+        if provider.name == "anthropic":
+            upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id), "/messages",
+                                      request.headers, _upstream_headers(call))
+            up = await _call_upstream(request, call, provider, upreq)
+            return await respond(request, call, up, stream, AnthropicEventsDecoder(), anthropic_result)
+        chat = chat_body(body, chat_max_tokens_field(provider.name))
+        return await translated(request, call, provider, target, chat, stream, MessagesEncoder(), message_result)
+
+    return await run(request, call, attempt)
+
+
+@anthropic_errors
+async def count_tokens(request: web.Request) -> web.Response:
+    """``POST /v1/messages/count_tokens``: ``{"input_tokens": n}``."""
+    call, body = await _prepare_call(request, "count_tokens")
+    raw = await request.read()
+
+    async def attempt(provider: Provider, target: Model) -> web.Response:
+        if provider.name != "anthropic":
+            return _estimate(body, call.response_headers)
+        upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id),
+                                  "/messages/count_tokens", request.headers, _upstream_headers(call))
+        up = await _call_upstream(request, call, provider, upreq)
+        try:
+            data = await up.read()
+        finally:
+            up.close()
+        call.record.llm_start_ns = 0  # not a generation: kept out of aisix_llm_latency
+        return web.Response(body=data, content_type="application/json", headers=_passthrough(up, call.response_headers))
+
+    if not any(t.provider == "anthropic" for t in call.model.targets):
+        return _estimate(body, call.response_headers)
+    return await route(request, call, attempt)
+
+
+def _estimate(body: dict, headers: dict[str, str]) -> web.Response:
+    doc = {"input_tokens": estimate_input_tokens(body), "estimated": True}
+    return web.Response(body=orjson.dumps(doc), content_type="application/json",
+                        headers={**headers, "x-aisix-token-count": "estimated"})
