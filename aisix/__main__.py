@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(args.workers, argv if argv is not None else sys.argv[1:])
     import uvloop
 
-    from aisix.server.app import serve
+    from aisix.server.lifecycle import serve
     worker = args.worker_index or 0
     try:
         uvloop.run(serve(config, banner=_banner(creds) if worker == 0 else None, worker=worker,

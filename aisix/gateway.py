@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from aisix.config.loader import Config
-from aisix.hooks.pipeline import Pipeline
-from aisix.proxy.routing import Router
 from aisix.config.snapshot import SnapshotHolder
 from aisix.config.store import ConfigStore
+from aisix.hooks.pipeline import Pipeline
+from aisix.proxy.routing import Router
 from aisix.telemetry import Telemetry
 from aisix.upstream.pool import UpstreamPool
 

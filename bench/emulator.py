@@ -35,7 +35,8 @@ import time
 import httptools
 import orjson
 
-from bench._util import pin, run as aio_run
+from bench._util import pin
+from bench._util import run as aio_run
 
 CREATED = 1_700_000_000
 PROMPT_TOKENS = 8

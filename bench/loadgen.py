@@ -34,7 +34,8 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from bench._util import pin, run as aio_run
+from bench._util import pin
+from bench._util import run as aio_run
 
 perf = time.perf_counter
 DONE = b"data: [DONE]\n\n"

@@ -20,9 +20,9 @@ import tempfile
 import time
 import urllib.request
 
+from aisix.config.resources import ApiKey, Model
 from aisix.hooks.pipeline import Call, Pipeline
 from aisix.hooks.ratelimit import RateLimitHook
-from aisix.config.resources import ApiKey, Model
 from aisix.telemetry.records import RequestRecord
 
 BIG = 10**9

@@ -5,11 +5,20 @@ import contextlib
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from aisix.admin.api import create_admin_app
-from aisix.config.loader import AdminConfig, AdminKey, Config, DeploymentConfig, EtcdConfig, FileProviderConfig
-from aisix.gateway import Gateway
+from aisix.config.loader import (
+    AdminConfig,
+    AdminKey,
+    Config,
+    DeploymentConfig,
+    EtcdConfig,
+    FileProviderConfig,
+    ObservabilityConfig,
+)
 from aisix.config.snapshot import SnapshotHolder
 from aisix.config.store import create_store
+from aisix.gateway import Gateway
+from aisix.server.app import create_admin_app_measured
+from aisix.telemetry import Telemetry
 
 ADMIN_KEY = "admin-key-for-tests-0001"
 OTHER_ADMIN_KEY = "admin-key-for-tests-0002"
@@ -31,8 +40,9 @@ async def admin_client(config: Config):
     holder = SnapshotHolder()
     store = create_store(config, holder)
     await store.start()
-    gateway = Gateway(config=config, holder=holder, store=store, pipeline=None, telemetry=None, pool=None)
-    client = TestClient(TestServer(create_admin_app(gateway)))
+    telemetry = Telemetry(ObservabilityConfig(enabled=False), "admin-test")  # measured by the real middleware, not exported
+    gateway = Gateway(config=config, holder=holder, store=store, pipeline=None, telemetry=telemetry, pool=None)
+    client = TestClient(TestServer(create_admin_app_measured(gateway)))
     await client.start_server()
     try:
         yield client, gateway

@@ -307,8 +307,8 @@ def test_admin_validation_equals_snapshot_validation():
     from pydantic import ValidationError
 
     from aisix.admin.api import _to_store
-    from aisix.errors import GatewayError
     from aisix.config.resources import SCHEMAS
+    from aisix.errors import GatewayError
     rng = random.Random(7)
     texts = ["", " ", "a", "/", "//", "http://", "https://", "h", ":", ":80", ":0", ":65536", "@", "[::1]", "?", "#",
              "v1", "\n", "\t", "\x00", "\x7f", "\u00a0", "é", "Bearer ", "bearer", "%20", "."]

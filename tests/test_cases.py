@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw)
+from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw
 
 CHAT = "/v1/chat/completions"
 REQ = "aisix_request_count_total"

@@ -11,7 +11,18 @@ import urllib.request
 import openai
 import pytest
 
-from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config, post_raw
+from tests.harness import (
+    ROLE,
+    STOP,
+    TXT,
+    USAGE,
+    GatewayMetrics,
+    GatewayProcess,
+    ScriptedUpstream,
+    ev,
+    gateway_config,
+    post_raw,
+)
 
 CHAT = "/v1/chat/completions"
 

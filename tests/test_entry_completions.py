@@ -147,8 +147,8 @@ def test_openapi_documents_every_entry_route():
     from aiohttp import web
     from openapi_spec_validator import validate as validate_spec
 
-    from aisix.proxy.routes import add_routes
     from aisix.admin.openapi import openapi_document
+    from aisix.proxy.routes import add_routes
     doc = openapi_document()
     validate_spec(doc)
     app = web.Application()

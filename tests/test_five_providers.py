@@ -8,8 +8,7 @@ import openai
 
 from tests.emulators.anthropic import AnthropicEmulator
 from tests.emulators.gemini import GeminiEmulator
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev,
-                           gateway_config)
+from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config
 
 
 def test_openai_client_streams_from_five_provider_kinds_with_exact_tokens(tmp_path, prometheus):

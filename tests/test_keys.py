@@ -23,7 +23,7 @@ import pytest
 
 from aisix.config.loader import Config
 from aisix.config.resources import hash_key
-from aisix.server.app import Server, start_gateway
+from aisix.server.lifecycle import Server, start_gateway
 from tests.services import HOST, free_port
 
 ADMIN = "admin-key-for-key-tests"

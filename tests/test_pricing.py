@@ -13,8 +13,8 @@ import pytest
 from genai_prices import Usage, calc_price
 from genai_prices.types import ModelPrice
 
-from aisix.telemetry.pricing import Prices, from_table
 from aisix.config.resources import Model
+from aisix.telemetry.pricing import Prices, from_table
 from tests.harness import (
     ROLE,
     STOP,

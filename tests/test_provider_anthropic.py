@@ -9,13 +9,13 @@ import json
 import openai
 import pytest
 
+from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.providers.anthropic import AnthropicStreamDecoder, messages_request
-from aisix.config.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.anthropic import AnthropicEmulator
-from tests.provider_e2e import assert_unreachable_502_and_timeout_504, E2E, PROMPT, TOTAL, COMPLETION, FIRST
+from tests.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL, assert_unreachable_502_and_timeout_504
 
 P = get_provider("anthropic")
 USER = {"role": "user", "content": "hi"}

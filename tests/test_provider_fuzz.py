@@ -17,9 +17,9 @@ import random
 import orjson
 import pytest
 
+from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers import get_provider
-from aisix.config.resources import Model
 from aisix.sse import SSEParser
 from aisix.upstream.pool import UpstreamRequest
 

@@ -11,14 +11,14 @@ import struct
 import openai
 import pytest
 
+from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.providers.gemini import GeminiStreamDecoder, generate_request
 from aisix.providers.gemini_embed import EmbedRequest
-from aisix.config.resources import Model
 from aisix.sse import SSEParser
 from tests.emulators.gemini import GeminiEmulator, embedding_values
-from tests.provider_e2e import assert_unreachable_502_and_timeout_504, COMPLETION, E2E, FIRST, PROMPT, TOTAL
+from tests.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL, assert_unreachable_502_and_timeout_504
 
 P = get_provider("gemini")
 USER = {"role": "user", "content": "hi"}

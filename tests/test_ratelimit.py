@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from aisix.config.resources import ApiKey, Model, hash_key
+from aisix.config.snapshot import SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call, Hook, Pipeline
 from aisix.hooks.ratelimit import REQUEST_BYTES, RateLimitHook, charged_tokens, duration
-from aisix.config.resources import ApiKey, Model, RateLimit, hash_key
-from aisix.config.snapshot import SnapshotHolder
 from aisix.telemetry.records import RequestRecord
 
 T0 = 1_799_972_400.0  # a minute boundary (divisible by 60) and 20 minutes after a UTC midnight

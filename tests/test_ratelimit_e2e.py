@@ -19,9 +19,8 @@ import pytest
 
 from aisix.config.loader import Config
 from aisix.hooks.ratelimit import RateLimitHook
-from aisix.server.app import Server, start_gateway
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, Script, ScriptedUpstream, ev,
-                           gateway_config, post_raw)
+from aisix.server.lifecycle import Server, start_gateway
+from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, Script, ScriptedUpstream, ev, gateway_config, post_raw
 
 CHAT = "/v1/chat/completions"
 REQ = "aisix_request_count_total"

@@ -13,12 +13,12 @@ import time
 import pytest
 
 from aisix.config.loader import RateLimitStoreConfig
+from aisix.config.resources import hash_key
+from aisix.config.snapshot import SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
 from aisix.hooks.ratelimit import RateLimitHook
 from aisix.hooks.ratelimit_redis import RedisRateLimitHook, redacted
-from aisix.config.resources import hash_key
-from aisix.config.snapshot import SnapshotHolder
 from aisix.telemetry.records import RequestRecord
 from tests.test_ratelimit import Clock, key, model
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from aisix.proxy import stream as relay_mod
 from aisix.providers import get_provider
+from aisix.proxy import stream as relay_mod
 from aisix.proxy.stream import StreamRelay
 from aisix.sse import SSEParser
 from tests.harness import ROLE, STOP, TXT, USAGE, ev

@@ -10,11 +10,20 @@ import time
 import openai
 import pytest
 
-from aisix.errors import GatewayError, upstream_unreachable
 from aisix.config.resources import Model
+from aisix.errors import GatewayError, upstream_unreachable
 from aisix.proxy.routing import Router, failure_kind, retryable
-from tests.harness import (ROLE, STOP, TXT, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev, gateway_config,
-                           post_raw)
+from tests.harness import (
+    ROLE,
+    STOP,
+    TXT,
+    GatewayMetrics,
+    GatewayProcess,
+    ScriptedUpstream,
+    ev,
+    gateway_config,
+    post_raw,
+)
 from tests.services import HOST, free_port
 
 DONE = b"data: [DONE]\n\n"

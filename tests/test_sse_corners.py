@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from aisix.sse import SSEParser
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ev,
-                           gateway_config, post_raw)
+from tests.harness import ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ev, gateway_config, post_raw
 
 CHAT = "/v1/chat/completions"
 DONE = b"data: [DONE]\n\n"

@@ -14,8 +14,18 @@ from aisix.config.loader import ObservabilityConfig
 from aisix.telemetry import RequestRecord, Telemetry
 from aisix.telemetry.otel import LATENCY_BUCKETS_MS
 from tests import services
-from tests.harness import (ROLE, STOP, TXT, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev,
-                           gateway_config, post_raw)
+from tests.harness import (
+    ROLE,
+    STOP,
+    TXT,
+    USAGE,
+    GatewayMetrics,
+    GatewayProcess,
+    ScriptedUpstream,
+    ev,
+    gateway_config,
+    post_raw,
+)
 
 CHAT = "/v1/chat/completions"
 

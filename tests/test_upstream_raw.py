@@ -18,8 +18,8 @@ from multidict import CIMultiDict
 
 pytest.importorskip("httptools")  # without it UpstreamPool uses aiohttp only
 
-from aisix.errors import GatewayError
 from aisix.config.resources import ProviderConfig
+from aisix.errors import GatewayError
 from aisix.upstream.pool import UpstreamPool, UpstreamRequest
 from aisix.upstream.raw import HIGH_WATER, RawPool, RawResponse
 

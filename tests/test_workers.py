@@ -15,8 +15,17 @@ import aiohttp
 import openai
 import yaml
 
-from tests.harness import (ROLE, STOP, USAGE, GatewayMetrics, GatewayProcess, ScriptedUpstream, ev,
-                           gateway_config, post_raw)
+from tests.harness import (
+    ROLE,
+    STOP,
+    USAGE,
+    GatewayMetrics,
+    GatewayProcess,
+    ScriptedUpstream,
+    ev,
+    gateway_config,
+    post_raw,
+)
 
 
 async def test_two_workers_share_the_port_and_follow_admin_writes(tmp_path, prometheus):

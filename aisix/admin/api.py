@@ -38,13 +38,19 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from aisix.admin.openapi import ADMIN_PREFIX, openapi_document
+from aisix.config.resources import (
+    WRITE_SCHEMAS,
+    describe_validation_error,
+    mask_secret,
+    mask_url_userinfo,
+    new_client_key,
+    url_origin,
+)
+from aisix.config.store import ConflictError, StoreError, StoreUnavailable
 from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.gateway import GATEWAY
-from aisix.admin.openapi import ADMIN_PREFIX, openapi_document
 from aisix.providers import get_provider
-from aisix.config.resources import (WRITE_SCHEMAS, describe_validation_error, mask_secret, mask_url_userinfo, new_client_key,
-                        url_origin)
-from aisix.config.store import ConflictError, StoreError, StoreUnavailable
 
 log = logging.getLogger("aisix.admin")
 
@@ -56,8 +62,10 @@ _MAX_BODY = 1024 * 1024
 
 
 def create_admin_app(gateway) -> web.Application:
-    """The Admin API as an aiohttp app; the server mounts it on ``server.admin.listen``."""
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=_MAX_BODY)
+    """The Admin API as an aiohttp app; the server mounts it on ``server.admin.listen`` behind the
+    measuring middleware (:func:`aisix.server.app.create_admin_app_measured`), which answers every
+    failure in the OpenAI error envelope."""
+    app = web.Application(middlewares=[_auth], client_max_size=_MAX_BODY)
     app[GATEWAY] = gateway
     app[_ADMIN_KEYS] = tuple(k.key.encode() for k in gateway.config.deployment.admin.admin_key)
     app.router.add_get("/openapi", _openapi)
@@ -71,24 +79,6 @@ def create_admin_app(gateway) -> web.Application:
 
 
 # -- middlewares -------------------------------------------------------------------
-@web.middleware
-async def _errors(request: web.Request, handler):
-    """Every failure as an OpenAI error envelope (aiohttp's own 404/405/413 included)."""
-    try:
-        return await handler(request)
-    except GatewayError as e:
-        return e.response()
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status)
-        message = {404: f"no such path: {request.path}",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   413: f"request body larger than {_MAX_BODY} bytes"}.get(e.status, e.reason)
-        return GatewayError(e.status, message, error_type_for(e.status), code, headers).response()
-
-
 @web.middleware
 async def _auth(request: web.Request, handler):
     if request.path != "/openapi":

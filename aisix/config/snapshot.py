@@ -6,12 +6,11 @@ atomic swap of the reference) never changes what a request already started with.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from aisix.config.resources import ApiKey, Model, hash_key
-
 
 
 def _secrets_of(pc) -> tuple[str, ...]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Awaitable
 
-from aisix.errors import GatewayError
 from aisix.config.resources import ApiKey, Model
+from aisix.errors import GatewayError
 from aisix.telemetry.records import Attempt, RequestRecord
 
 

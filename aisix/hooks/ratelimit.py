@@ -35,10 +35,10 @@ import math
 import time
 from typing import Callable
 
-from aisix.errors import GatewayError
-from aisix.hooks.pipeline import Call, Hook
 from aisix.config.resources import ApiKey, Model, RateLimit
 from aisix.config.snapshot import Snapshot, SnapshotHolder
+from aisix.errors import GatewayError
+from aisix.hooks.pipeline import Call, Hook
 
 MINUTE = 60  # s
 MINUTES_PER_DAY = 1440

@@ -54,11 +54,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from aisix.config.loader import RateLimitStoreConfig
+from aisix.config.resources import RateLimit
+from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
 from aisix.hooks.ratelimit import Counters, RateLimitHook, _headers, charged_tokens, key_identity
-from aisix.config.resources import RateLimit
-from aisix.config.snapshot import Snapshot, SnapshotHolder
 
 log = logging.getLogger("aisix.ratelimit")
 

@@ -28,16 +28,41 @@ from typing import Mapping
 
 import orjson
 
-from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.config.resources import Model
-from aisix.upstream.pool import UpstreamRequest
+from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
 from aisix.providers.errors import retry_headers
-from aisix.providers.translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
-                        function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
-                        json_text, load_object, malformed, max_tokens_of, message_of, opt_dict, opt_list,
-                        opt_str, shown, stop_list, str_or, text_of, tool_arguments, tool_calls_of,
-                        tool_choice_name, usage_object)
+from aisix.providers.translate import (
+    ChunkDecoder,
+    as_int,
+    assistant_message,
+    chat_completion,
+    data_url,
+    error_envelope,
+    function_tools,
+    guard_error,
+    guard_request,
+    guard_response,
+    image_url_of,
+    index_of,
+    json_text,
+    load_object,
+    malformed,
+    max_tokens_of,
+    message_of,
+    opt_dict,
+    opt_list,
+    opt_str,
+    shown,
+    stop_list,
+    str_or,
+    text_of,
+    tool_arguments,
+    tool_calls_of,
+    tool_choice_name,
+    usage_object,
+)
+from aisix.upstream.pool import UpstreamRequest
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096

@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-
-from aisix.errors import GatewayError
 from aisix.config.resources import Model
+from aisix.errors import GatewayError
+from aisix.providers.errors import error_envelope
 from aisix.sse import SSEEvent
 from aisix.upstream.pool import UpstreamPool, UpstreamRequest, UpstreamResponse
-from aisix.providers.errors import error_envelope
-
 
 #: Token counts at or above this (2**40, ~1.1e12 tokens) are taken as malformed usage.
 MAX_TOKENS = 1 << 40

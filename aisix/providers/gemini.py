@@ -39,17 +39,43 @@ from typing import Mapping
 
 import orjson
 
-from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.config.resources import Model
-from aisix.upstream.pool import UpstreamRequest
+from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
-from aisix.providers.gemini_embed import batch_embed_request, embeddings_to_openai
 from aisix.providers.errors import retry_headers
-from aisix.providers.translate import (ChunkDecoder, as_int, assistant_message, chat_completion, data_url, error_envelope,
-                        function_tools, guard_error, guard_request, guard_response, image_url_of, index_of,
-                        json_text, load_object, malformed, max_tokens_of, message_of, new_chat_id, opt_dict,
-                        opt_list, opt_str, shown, stop_list, str_or, text_of, tool_arguments, tool_calls_of,
-                        tool_choice_name, usage_object)
+from aisix.providers.gemini_embed import batch_embed_request, embeddings_to_openai
+from aisix.providers.translate import (
+    ChunkDecoder,
+    as_int,
+    assistant_message,
+    chat_completion,
+    data_url,
+    error_envelope,
+    function_tools,
+    guard_error,
+    guard_request,
+    guard_response,
+    image_url_of,
+    index_of,
+    json_text,
+    load_object,
+    malformed,
+    max_tokens_of,
+    message_of,
+    new_chat_id,
+    opt_dict,
+    opt_list,
+    opt_str,
+    shown,
+    stop_list,
+    str_or,
+    text_of,
+    tool_arguments,
+    tool_calls_of,
+    tool_choice_name,
+    usage_object,
+)
+from aisix.upstream.pool import UpstreamRequest
 
 _FILTERED = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
              "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import orjson
 
 from aisix.errors import invalid_request, upstream_malformed
-from aisix.upstream.pool import UpstreamRequest
 from aisix.providers.base import ChatResult, Usage
 from aisix.providers.translate import as_int
+from aisix.upstream.pool import UpstreamRequest
 
 
 @dataclass(slots=True)

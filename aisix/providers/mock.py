@@ -22,8 +22,8 @@ from typing import AsyncIterator
 import orjson
 
 from aisix.config.resources import Model
-from aisix.upstream.pool import UpstreamPool, UpstreamRequest
 from aisix.providers.openai import OpenAIProvider
+from aisix.upstream.pool import UpstreamPool, UpstreamRequest
 
 _WORDS = ("Hello", " from", " the", " aisix", " mock", " model.", " Every", " token", " is", " paced",
           " like", " a", " real", " upstream", " so", " you", " can", " watch", " it", " stream.")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import orjson
 
-from aisix.errors import GatewayError, upstream_malformed
 from aisix.config.resources import Model
-from aisix.sse import SSEEvent
-from aisix.upstream.pool import UpstreamRequest
+from aisix.errors import GatewayError, upstream_malformed
 from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
 from aisix.providers.errors import error_fields, json_text, status_of_error_event
+from aisix.sse import SSEEvent
+from aisix.upstream.pool import UpstreamRequest
 
 _DELTA_OUTPUT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal", "tool_calls", "function_call")
 

@@ -14,10 +14,8 @@ from collections.abc import Mapping
 
 import orjson
 
-from aisix.errors import GatewayError
 from aisix.config.resources import Model
-from aisix.sse import SSEEvent
-from aisix.upstream.pool import UpstreamRequest
+from aisix.errors import GatewayError
 from aisix.providers.anthropic import API_VERSION, AnthropicStreamDecoder, usage_of
 from aisix.providers.anthropic import _finish as finish_reason
 from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
@@ -25,6 +23,8 @@ from aisix.providers.messages_chat import anthropic_error_body
 from aisix.providers.openai import OpenAIProvider, error_from_event
 from aisix.providers.responses_chat import responses_error_event
 from aisix.providers.translate import as_int, guard_answer, load_object, str_or
+from aisix.sse import SSEEvent
+from aisix.upstream.pool import UpstreamRequest
 
 #: Client headers an Anthropic upstream gets as sent (https://docs.anthropic.com/en/api/versioning,
 #: https://docs.anthropic.com/en/api/beta-headers); ``anthropic-version`` defaults to :data:`API_VERSION`.

@@ -12,9 +12,9 @@ from __future__ import annotations
 import orjson
 
 from aisix.errors import GatewayError
-from aisix.sse import SSEEvent, SSEParser
 from aisix.providers.base import StreamDecoder
 from aisix.providers.translate import MALFORMED, malformed
+from aisix.sse import SSEEvent, SSEParser
 
 
 class ChunkEncoder:

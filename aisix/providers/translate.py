@@ -26,9 +26,9 @@ import uuid
 import orjson
 
 from aisix.errors import GatewayError, error_type_for, invalid_request, upstream_malformed
-from aisix.sse import SSEEvent
 from aisix.providers.base import StreamDecoder, Usage
 from aisix.providers.errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
+from aisix.sse import SSEEvent
 
 DONE = b"data: [DONE]\n\n"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aisix.providers import Provider
-from aisix.proxy.handlers import _upstream_headers, call_streamable
 from aisix.config.resources import Model
+from aisix.providers import Provider
 from aisix.proxy.entry import prepare, respond, run
+from aisix.proxy.handlers import _upstream_headers, call_streamable
 
 
 async def create(request: web.Request) -> web.StreamResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from aisix.config.resources import Model
 from aisix.errors import invalid_request
 from aisix.hooks.pipeline import Call
 from aisix.providers import Provider, StreamDecoder
@@ -17,7 +18,6 @@ from aisix.proxy.handlers import (
     relay_stream,
     route,
 )
-from aisix.config.resources import Model
 from aisix.upstream.pool import UpstreamResponse
 
 

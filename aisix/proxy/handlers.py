@@ -19,22 +19,21 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from aisix.config.resources import ApiKey, Model, hash_key
+from aisix.config.snapshot import Snapshot
 from aisix.errors import GatewayError, invalid_request, upstream_malformed
 from aisix.gateway import GATEWAY
 from aisix.hooks.pipeline import Call
-from aisix.providers import Provider, StreamDecoder, get_provider
 from aisix.hooks.ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES, charged_tokens
+from aisix.providers import Provider, StreamDecoder, get_provider
 from aisix.proxy.redact import redact
-from aisix.proxy.stream import StreamRelay
-from aisix.config.resources import ApiKey, Model, hash_key
 from aisix.proxy.routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
-from aisix.config.snapshot import Snapshot
+from aisix.proxy.stream import StreamRelay
 from aisix.telemetry import RequestRecord, request_id
 from aisix.telemetry.records import Attempt
-from aisix.telemetry.tracecontext import new_span_id
-from aisix.telemetry.tracecontext import format_traceparent
-from aisix.upstream.pool import UpstreamResponse
+from aisix.telemetry.tracecontext import format_traceparent, new_span_id
 from aisix.upstream.log import upstream_failure
+from aisix.upstream.pool import UpstreamResponse
 
 RECORD = web.RequestKey("aisix_record", RequestRecord)
 log = logging.getLogger("aisix.proxy")

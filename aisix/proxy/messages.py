@@ -24,6 +24,7 @@ import functools
 import orjson
 from aiohttp import web
 
+from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers import Provider
 from aisix.providers.messages_chat import (
@@ -39,6 +40,7 @@ from aisix.providers.passthrough import (
     anthropic_result,
     rewrite_model,
 )
+from aisix.proxy.entry import chat_max_tokens_field, prepare, respond, run, translated
 from aisix.proxy.handlers import (
     _call_upstream,
     _passthrough,
@@ -46,8 +48,6 @@ from aisix.proxy.handlers import (
     _upstream_headers,
     route,
 )
-from aisix.config.resources import Model
-from aisix.proxy.entry import chat_max_tokens_field, prepare, respond, run, translated
 
 
 def anthropic_errors(handler):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from aisix.config.resources import Model
 from aisix.providers import Provider
 from aisix.providers.passthrough import (
     ResponsesEventsDecoder,
@@ -21,9 +22,8 @@ from aisix.providers.passthrough import (
     rewrite_model,
 )
 from aisix.providers.responses_chat import ResponsesEncoder, chat_body, response_result
-from aisix.proxy.handlers import _call_upstream, _upstream_headers
-from aisix.config.resources import Model
 from aisix.proxy.entry import chat_max_tokens_field, prepare, respond, run, translated
+from aisix.proxy.handlers import _call_upstream, _upstream_headers
 
 
 async def create(request: web.Request) -> web.StreamResponse:

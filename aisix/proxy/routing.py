@@ -17,8 +17,8 @@ import math
 import random
 from collections import deque
 
-from aisix.errors import GatewayError
 from aisix.config.resources import NEVER_RETRIED, Model
+from aisix.errors import GatewayError
 
 #: Weight of the newest sample in the time-to-first-byte moving average.
 EWMA_ALPHA = 0.3

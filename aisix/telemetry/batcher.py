@@ -16,13 +16,20 @@ import time
 from collections import Counter, deque
 
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, \
-    set_span_in_context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from aisix.config.loader import ConfigError, ObservabilityConfig
-from aisix.telemetry.pricing import Prices
 from aisix.telemetry.access_log import AccessLog, access_line
 from aisix.telemetry.histograms import BucketHistogram
+from aisix.telemetry.pricing import Prices
 from aisix.telemetry.records import RequestRecord
 
 log = logging.getLogger("aisix.telemetry")

@@ -48,3 +48,15 @@ def new_span_id() -> int:
 
 def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
+def request_context(traceparent: str | None, sample_bound: int) -> TraceContext:
+    """The trace context a request runs in: the incoming ``traceparent``'s (its sampled flag is
+    honoured, ParentBased), else a new trace, sampled as the OTel SDK's ``TraceIdRatioBased``
+    sampler decides it: the trace id's low 64 bits under ``sample_bound`` (2**64 × ratio).
+    The parent span id is 0 for a new trace."""
+    ctx = parse_traceparent(traceparent)
+    if ctx is not None:
+        return ctx
+    trace_id = new_trace_id()
+    return TraceContext(trace_id, 0, 1 if (trace_id & 0xFFFFFFFFFFFFFFFF) < sample_bound else 0)

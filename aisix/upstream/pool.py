@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from aisix.config.resources import ProviderConfig
 from aisix.errors import (
     GatewayError,
     upstream_body_too_large,
@@ -24,7 +25,6 @@ from aisix.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
-from aisix.config.resources import ProviderConfig
 
 try:
     from aisix.upstream.raw import RawPool
