@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import orjson
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -16,7 +15,7 @@ class GatewayError(Exception):
 
     ``status`` is the HTTP status (int); ``headers`` extra response headers
     (e.g. ``Retry-After``). Raise it anywhere on the request path; the server
-    middleware turns it into the response.
+    middleware turns it into the response (:func:`aisix.server.middleware.error_response`).
     """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
@@ -45,9 +44,6 @@ class GatewayError(Exception):
         """The error as one SSE event (``data: {...}\\n\\n``) for a stream already under way."""
         return b"data: " + self.to_bytes() + b"\n\n"
 
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.to_bytes(),
-                            content_type="application/json", headers=self.headers)
 
 
 def invalid_request(message: str, code: str | None = None, param: str | None = None) -> GatewayError:

@@ -1,4 +1,4 @@
-"""The raw upstream client (aisix/upstream_raw.py) against real servers on loopback: aiohttp.web
+"""The raw upstream client (aisix/upstream/raw.py) against real servers on loopback: aiohttp.web
 for well-behaved upstreams, small asyncio stream servers for the misbehaving ones.
 
 Every test runs on both asyncio's own loop and uvloop (the gateway's).
@@ -19,7 +19,15 @@ from multidict import CIMultiDict
 pytest.importorskip("httptools")  # without it UpstreamPool uses aiohttp only
 
 from aisix.config.resources import ProviderConfig
-from aisix.errors import GatewayError
+from aisix.upstream.errors import (
+    ConnectError,
+    ConnectTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    ResponseTooLarge,
+    StreamBroken,
+    UpstreamError,
+)
 from aisix.upstream.pool import UpstreamPool, UpstreamRequest
 from aisix.upstream.raw import HIGH_WATER, RawPool, RawResponse
 
@@ -357,28 +365,28 @@ async def test_no_retry_after_a_response_byte_or_on_a_new_connection():
     async with raw_upstream(answer) as (url, seen):
         pool = RawPool()
         assert await (await send(pool, url)).read() == b"one"
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, url)
-        assert e.value.status == 502 and e.value.code == "upstream_unreachable"
+        assert isinstance(e.value, ConnectError)
         assert seen == [(1, 1), (1, 2)]
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, url)
-        assert e.value.status == 502
+        assert isinstance(e.value, ConnectError)
         assert seen == [(1, 1), (1, 2), (2, 1)]
         await pool.close()
 
 
 # -- errors ----------------------------------------------------------------------------------
 @both_loops
-async def test_connection_refused_is_502():
+async def test_connection_refused_is_a_connect_error():
     pool = RawPool()
-    with pytest.raises(GatewayError) as e:
+    with pytest.raises(UpstreamError) as e:
         await send(pool, f"http://{HOST}:{free_port()}/v1/chat/completions")
-    assert e.value.status == 502 and e.value.code == "upstream_unreachable"
+    assert isinstance(e.value, ConnectError)
 
 
 @both_loops
-async def test_connect_timeout_is_504():
+async def test_connect_timeout_is_a_connect_timeout():
     lsock = socket.socket()
     lsock.bind((HOST, 0))
     lsock.listen(0)  # never accepted: once its queue is full, further SYNs are dropped
@@ -394,9 +402,9 @@ async def test_connect_timeout_is_504():
         await asyncio.sleep(0.1)
         pool = RawPool()
         t = time.monotonic()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, f"http://{HOST}:{port}/", connect=0.3)
-        assert e.value.status == 504 and e.value.code == "upstream_timeout"
+        assert isinstance(e.value, ConnectTimeout)
         assert 0.25 < time.monotonic() - t < 2
     finally:
         for s in fill:
@@ -405,13 +413,13 @@ async def test_connect_timeout_is_504():
 
 
 @both_loops
-async def test_slow_headers_is_504():
+async def test_slow_headers_is_a_read_timeout():
     async with aiohttp_upstream() as up:
         pool = RawPool()
         t = time.monotonic()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, up.url + "/slowhead", read=0.3)
-        assert e.value.status == 504 and e.value.code == "upstream_timeout"
+        assert isinstance(e.value, ReadTimeout)
         assert 0.25 < time.monotonic() - t < 1.5
         assert not pool.conns  # the connection was dropped
         await pool.close()
@@ -425,9 +433,9 @@ async def test_read_stall_is_504():
         it = r.iter_chunks().__aiter__()
         assert await it.__anext__() == b"first"
         t = time.monotonic()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await it.__anext__()
-        assert e.value.status == 504 and e.value.code == "upstream_timeout"
+        assert isinstance(e.value, ReadTimeout)
         assert 0.25 < time.monotonic() - t < 1.5
         assert not pool.conns
         await pool.close()
@@ -445,22 +453,22 @@ async def test_broken_connection_mid_body_is_502():
         r = await send(pool, url)
         it = r.iter_chunks().__aiter__()
         assert await it.__anext__() == b"part"
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await it.__anext__()
-        assert e.value.status == 502 and e.value.code == "upstream_stream_broken"
+        assert isinstance(e.value, StreamBroken)
         await pool.close()
 
 
 @both_loops
-async def test_malformed_response_is_502():
+async def test_malformed_response_is_a_remote_protocol_error():
     async def answer(c, i, w):
         w.write(b"this is not http\r\n\r\n")
 
     async with raw_upstream(answer) as (url, seen):
         pool = RawPool()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, url)
-        assert e.value.status == 502
+        assert isinstance(e.value, RemoteProtocolError)
         await pool.close()
 
 
@@ -527,7 +535,7 @@ async def _endless(w, head: bytes, block: bytes, limit: int = 64 * 2**20):
 
 
 def _too_large(e: pytest.ExceptionInfo) -> bool:
-    return e.value.status == 502 and e.value.code == "upstream_response_too_large"
+    return isinstance(e.value, ResponseTooLarge)
 
 
 @both_loops
@@ -542,7 +550,7 @@ async def test_endless_response_header_is_502_too_large():
 
     async with raw_upstream(answer) as (url, _):
         pool = RawPool()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, url, read=10.0)
         assert _too_large(e), e.value.body()
         assert not pool.conns
@@ -560,7 +568,7 @@ async def test_a_header_line_over_8190_bytes_or_over_100_fields_is_502(head):
 
     async with raw_upstream(answer) as (url, _):
         pool = RawPool()
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await send(pool, url)
         assert _too_large(e), e.value.body()
         assert not pool.conns
@@ -601,7 +609,7 @@ async def test_a_body_over_max_body_is_502_and_the_connection_closed(framing):
     async with raw_upstream(answer) as (url, _):
         pool = RawPool()
         r = await pool.send("POST", url, {}, b"{}", 2.0, 5.0, max_body=2**20)
-        with pytest.raises(GatewayError) as e:
+        with pytest.raises(UpstreamError) as e:
             await r.read()
         assert _too_large(e), e.value.body()
         assert not pool.conns and not any(pool.idle.values())
@@ -696,7 +704,7 @@ async def test_the_aiohttp_path_caps_bodies_read_whole_too():
             if path == "/length":
                 cfg = ProviderConfig(read_timeout_ms=5000, max_response_bytes=50_000)
             r = await pool.send(UpstreamRequest(up.url + path, {"Content-Type": "application/json"}, b"{}"), cfg)
-            with pytest.raises(GatewayError) as e:
+            with pytest.raises(UpstreamError) as e:
                 await r.read()
             assert _too_large(e), e.value.body()
         assert up.written < 64 * 2**20

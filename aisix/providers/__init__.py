@@ -1,22 +1,14 @@
-"""Providers by name: each turns OpenAI-shaped requests into its upstream's calls and back."""
+"""Providers by name: each turns OpenAI-shaped requests into its upstream's calls and back
+(translation only: the calls go out through :mod:`aisix.upstream`)."""
 from __future__ import annotations
 
+from aisix.providers.anthropic import AnthropicProvider
 from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
-from aisix.providers.mock import MockProvider
-from aisix.providers.openai import DeepSeekProvider, OpenAIProvider
+from aisix.providers.gemini import GeminiProvider
+from aisix.providers.openai import DeepSeekProvider, MockProvider, OpenAIProvider
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (OpenAIProvider(), DeepSeekProvider(), MockProvider())}
-
-try:  # translated providers (added alongside)
-    from aisix.providers.anthropic import AnthropicProvider
-    PROVIDERS["anthropic"] = AnthropicProvider()
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from aisix.providers.gemini import GeminiProvider
-    PROVIDERS["gemini"] = GeminiProvider()
-except ImportError:  # pragma: no cover
-    pass
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (OpenAIProvider(), DeepSeekProvider(), MockProvider(),
+                                                      AnthropicProvider(), GeminiProvider())}
 
 
 def get_provider(name: str) -> Provider:

@@ -1,9 +1,10 @@
 """The provider interface: OpenAI shapes in, an upstream call out, OpenAI shapes back.
 
-Every provider is sans-IO: it builds an :class:`~aisix.upstream.UpstreamRequest`, turns a
+Every provider is sans-IO: it builds an :class:`~aisix.upstream.pool.UpstreamRequest`, turns a
 whole response body into an OpenAI body, and gives a :class:`StreamDecoder` that turns each
 upstream SSE event into the OpenAI ``chat.completion.chunk`` bytes to send (or nothing).
-All I/O lives in the proxy (``aisix/proxy.py``), which reads from :meth:`Provider.send`.
+All I/O lives in the proxy (:mod:`aisix.proxy.handlers`), which sends the request through the
+transports of :mod:`aisix.upstream`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers.errors import error_envelope
 from aisix.sse import SSEEvent
-from aisix.upstream.pool import UpstreamPool, UpstreamRequest, UpstreamResponse
+from aisix.upstream.pool import UpstreamRequest
 
 #: Token counts at or above this (2**40, ~1.1e12 tokens) are taken as malformed usage.
 MAX_TOKENS = 1 << 40
@@ -159,7 +160,3 @@ class Provider:
         """Whether the upstream's error says it refused the *gateway's* provider credentials
         (401/403/407 here; a provider whose API answers a bad key otherwise says so)."""
         return status in (401, 403, 407)
-
-    async def send(self, pool: UpstreamPool, req: UpstreamRequest, model: Model) -> UpstreamResponse:
-        """Make the call. The default goes over HTTP through ``pool``; the mock overrides it."""
-        return await pool.send(req, model.provider_config)

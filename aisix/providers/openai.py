@@ -196,3 +196,11 @@ class DeepSeekProvider(OpenAIProvider):
 
     name = "deepseek"
     default_api_base = "https://api.deepseek.com/v1"
+
+
+class MockProvider(OpenAIProvider):
+    """The built-in ``mock`` provider: OpenAI's API, answered in the process by the ``mock://``
+    transport (:class:`aisix.upstream.mock.MockTransport`), no network and no key."""
+
+    name = "mock"
+    default_api_base = "mock://local"

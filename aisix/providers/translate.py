@@ -10,7 +10,7 @@ object with ``prompt_tokens_details.cached_tokens`` and
 Malformed input never crashes a translator. Each field read is type-checked where it enters: a
 client request of the wrong shape is a 400 naming the field (``param``); an upstream body or
 stream event whose *content* has the wrong type (``content`` not an array, a ``text`` that is not
-a string, a tool call without a name) is a 502 ``upstream_unreachable`` ("upstream X sent a
+a string, a tool call without a name) is a 502 ``upstream_malformed_response`` ("upstream X sent a
 malformed ..."; mid-stream it ends the stream as an error event), while *metadata* of the wrong
 type (ids, indexes, ``stop_reason``, usage) is ignored. A narrow last-resort guard per entry point
 (:data:`MALFORMED`) turns anything that still slips through into the same 400 / 502. Error

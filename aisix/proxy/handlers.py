@@ -29,9 +29,11 @@ from aisix.providers import Provider, StreamDecoder, get_provider
 from aisix.proxy.redact import redact
 from aisix.proxy.routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
 from aisix.proxy.stream import StreamRelay
+from aisix.proxy.upstream_errors import gateway_error
 from aisix.telemetry import RequestRecord, request_id
 from aisix.telemetry.records import Attempt
 from aisix.telemetry.tracecontext import format_traceparent, new_span_id
+from aisix.upstream.errors import UpstreamError
 from aisix.upstream.log import upstream_failure
 from aisix.upstream.pool import UpstreamResponse
 
@@ -151,13 +153,12 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
     start = perf_counter_ns()
     rec.llm_start_ns = rec.llm_start_ns or start
     call.upstream_called = True
-    up = await provider.send(gw.pool, upreq, target)
+    try:
+        up = await gw.pool.send(upreq, target.provider_config)
+    except UpstreamError as e:
+        raise gateway_error(e) from e
     if not 200 <= up.status < 300:
-        try:
-            data = await up.read()
-        finally:
-            rec.llm_end_ns = perf_counter_ns()
-            up.close()
+        data = await read_whole(up, rec)
         if 400 <= up.status < 600:
             err = provider.error_from_response(up.status, up.headers, data)
             if provider.refused_credentials(up.status, err):
@@ -421,15 +422,23 @@ async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamRespons
         pipeline.post_call(call, passed)
 
 
-async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
-    """Read a whole upstream body, translate it (``translate(bytes) -> ChatResult``), record it."""
-    rec = call.record
+async def read_whole(up: UpstreamResponse, rec: RequestRecord) -> bytes:
+    """The upstream's whole body (bytes); the upstream call ends (``llm_end_ns``) and its
+    connection is let go however the read ends. Raises the transport's failure as a
+    :class:`GatewayError` (:func:`~aisix.proxy.upstream_errors.gateway_error`)."""
     try:
-        data = await up.read()
+        return await up.read()
+    except UpstreamError as e:
+        raise gateway_error(e) from e
     finally:
         rec.llm_end_ns = perf_counter_ns()
         up.close()
-    result = translate(data)
+
+
+async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
+    """Read a whole upstream body, translate it (``translate(bytes) -> ChatResult``), record it."""
+    rec = call.record
+    result = translate(await read_whole(up, rec))
     rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
     if result.usage is not None:
         u = result.usage
@@ -478,11 +487,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
     rec = call.record
     model = call.target
     if media_type(up.headers.get("content-type", "")) != "text/event-stream":
-        try:
-            await up.read()
-        finally:
-            rec.llm_end_ns = perf_counter_ns()
-            up.close()
+        await read_whole(up, rec)
         raise upstream_malformed(f"upstream {model.provider} did not answer with an event stream")
     out: web.StreamResponse | None = None
     relay = StreamRelay(decoder, model.provider, perf_counter_ns())
@@ -503,8 +508,8 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
                 last = relay.eof()
             if relay.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
                 relay.clean = await _relay_final_lf(chunks, out)
-        except GatewayError as e:
-            relay.broken(e)
+        except UpstreamError as e:
+            relay.broken(gateway_error(e))
         if idle.fired and (relay.error is None or relay.error.status == 502):
             last += relay.idle_timeout(idle_ms)
         rec.llm_end_ns = perf_counter_ns()
@@ -556,7 +561,7 @@ async def _relay_final_lf(chunks, out: web.StreamResponse | None) -> bool:
     the upstream read ended normally (the connection may be reused)."""
     try:
         nxt = await asyncio.wait_for(chunks.__anext__(), 0.2)
-    except (StopAsyncIteration, asyncio.TimeoutError, GatewayError):
+    except (StopAsyncIteration, asyncio.TimeoutError, UpstreamError):
         return False
     if nxt[:1] == b"\n" and out is not None:
         await out.write(b"\n")

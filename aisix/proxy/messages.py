@@ -46,6 +46,7 @@ from aisix.proxy.handlers import (
     _passthrough,
     _prepare_call,
     _upstream_headers,
+    read_whole,
     route,
 )
 
@@ -90,10 +91,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id),
                                   "/messages/count_tokens", request.headers, _upstream_headers(call))
         up = await _call_upstream(request, call, provider, upreq)
-        try:
-            data = await up.read()
-        finally:
-            up.close()
+        data = await read_whole(up, call.record)
         call.record.llm_start_ns = 0  # not a generation: kept out of aisix_llm_latency
         return web.Response(body=data, content_type="application/json", headers=_passthrough(up, call.response_headers))
 

@@ -93,9 +93,9 @@ async def _respond(request: web.Request, handler, rec: RequestRecord) -> web.Str
         resp = await handler(request)
     except GatewayError as e:
         rec.error = e.message
-        resp = e.response()
+        resp = error_response(e)
     except web.HTTPException as e:
-        resp = http_error(e, request).response()
+        resp = error_response(http_error(e, request))
     if not resp.prepared:
         rid = resp.headers["x-aisix-request-id"] = request_id(rec)
         if "x-request-id" not in resp.headers:
@@ -115,7 +115,13 @@ def _internal_error(request: web.Request, rec: RequestRecord, e: Exception) -> w
         if request.transport is not None:
             request.transport.close()
         return _GONE
-    return GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error").response()
+    return error_response(GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error"))
+
+
+def error_response(err: GatewayError) -> web.Response:
+    """``err`` as the response: its status, its envelope as a JSON body (OpenAI's, or the one a
+    subclass gives, e.g. Anthropic's), its headers."""
+    return web.Response(status=err.status, body=err.to_bytes(), content_type="application/json", headers=err.headers)
 
 
 def http_error(e: web.HTTPException, request: web.Request) -> GatewayError:

@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from aisix.errors import GatewayError, error_type_for
+from aisix.server.middleware import error_response
 
 log = logging.getLogger("aisix")
 
@@ -64,7 +65,7 @@ class EnvelopeRequestHandler(RequestHandler):
             raise ConnectionError("response already sent")
         text = {400: "The request is not valid HTTP/1.1.", 413: "The request is too large.",
                 431: "The request headers are too large."}.get(status, "The request could not be handled.")
-        resp = GatewayError(status, text, error_type_for(status), "bad_http_request").response()
+        resp = error_response(GatewayError(status, text, error_type_for(status), "bad_http_request"))
         resp.force_close()
         return resp
 

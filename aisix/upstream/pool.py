@@ -1,9 +1,11 @@
 """Connections to upstream providers, pooled and kept alive.
 
+``mock://`` URLs are answered in the process by :class:`~aisix.upstream.mock.MockTransport`;
 ``http://`` upstreams go through the raw asyncio + httptools client of
 :mod:`aisix.upstream.raw` (measured lighter than aiohttp's client; see there); ``https://``
 ones (and any URL it does not take) through one aiohttp session per base URL.
 ``AISIX_UPSTREAM_CLIENT=aiohttp`` sends everything through aiohttp.
+Failures raise :mod:`aisix.upstream.errors` (transport terms; the proxy maps them).
 Responses are read as raw bytes (``auto_decompress=False``, ``Accept-Encoding: identity``),
 so streamed SSE bytes reach the client exactly as the upstream sent them.
 """
@@ -18,13 +20,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from aisix.config.resources import ProviderConfig
-from aisix.errors import (
-    GatewayError,
-    upstream_body_too_large,
-    upstream_stream_broken,
-    upstream_timeout,
-    upstream_unreachable,
-)
+from aisix.upstream.errors import ConnectError, ConnectTimeout, ReadTimeout, StreamBroken, body_too_large
+from aisix.upstream.mock import MockTransport
 
 try:
     from aisix.upstream.raw import RawPool
@@ -49,10 +46,12 @@ class UpstreamResponse(Protocol):
     headers: Mapping[str, str]
 
     async def read(self) -> bytes:
-        """The whole body. Raises GatewayError 502/504 on a broken connection or timeout."""
+        """The whole body. Raises :class:`~aisix.upstream.errors.UpstreamError` (a broken
+        connection, a read timeout, a body over ``max_response_bytes``)."""
 
     def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (one item per socket read)."""
+        """Body bytes as they arrive (one item per socket read). Raises
+        :class:`~aisix.upstream.errors.StreamBroken` or ``ReadTimeout``."""
 
     def close(self) -> None:
         """Abort: close the connection now (used on client disconnect or error)."""
@@ -78,19 +77,19 @@ class _AiohttpResponse:
         limit = self._max_body
         if (self._resp.content_length or 0) > limit:
             self.close()
-            raise upstream_body_too_large(limit)
+            raise body_too_large(limit)
         parts, size = [], 0
         try:
             while chunk := await self._resp.content.readany():
                 size += len(chunk)
                 if size > limit:
                     self.close()
-                    raise upstream_body_too_large(limit)
+                    raise body_too_large(limit)
                 parts.append(chunk)
         except asyncio.TimeoutError as e:
-            raise upstream_timeout("the upstream did not answer in time") from e
+            raise ReadTimeout("the upstream did not answer in time") from e
         except aiohttp.ClientError as e:
-            raise upstream_unreachable(f"the upstream connection failed: {type(e).__name__}") from e
+            raise StreamBroken(f"the upstream connection failed: {type(e).__name__}") from e
         self._body = b"".join(parts)
         return self._body
 
@@ -103,9 +102,9 @@ class _AiohttpResponse:
                     return
                 yield chunk
         except asyncio.TimeoutError as e:
-            raise upstream_timeout("the upstream stream stalled (read timeout)") from e
+            raise ReadTimeout("the upstream stream stalled (read timeout)") from e
         except aiohttp.ClientError as e:
-            raise upstream_stream_broken(f"the upstream connection broke mid-stream: {type(e).__name__}") from e
+            raise StreamBroken(f"the upstream connection broke mid-stream: {type(e).__name__}") from e
 
     def close(self) -> None:
         self._resp.close()
@@ -119,6 +118,7 @@ class UpstreamPool:
     """Keep-alive sessions keyed by ``scheme://host:port`` of the base URL."""
 
     sessions: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    mock: MockTransport = field(default_factory=MockTransport)
     raw: "RawPool | None" = None  # the http:// pool, made on first use (it needs the running loop)
     use_raw: bool = field(default_factory=lambda: RawPool is not None
                           and os.environ.get("AISIX_UPSTREAM_CLIENT", "raw") != "aiohttp")
@@ -137,12 +137,15 @@ class UpstreamPool:
     async def send(self, req: UpstreamRequest, cfg: ProviderConfig) -> UpstreamResponse:
         """Send ``req``; returns once the status line and headers are in.
 
-        Raises :class:`GatewayError` 502 when the upstream cannot be reached, 504 when it
-        does not answer within ``cfg.read_timeout_ms`` (connect: ``cfg.connect_timeout_ms``).
-        ``read()`` of the response holds at most ``cfg.max_response_bytes`` (502
-        ``upstream_response_too_large`` past it); response heads are limited as aiohttp's client
-        limits them (8190-byte header lines; the raw client also 100 fields, 64 KiB in all).
+        Raises :class:`~aisix.upstream.errors.ConnectError` when the upstream cannot be reached,
+        ``ConnectTimeout`` past ``cfg.connect_timeout_ms``, ``ReadTimeout`` when it does not
+        answer within ``cfg.read_timeout_ms``, ``RemoteProtocolError`` for a head that is not
+        HTTP. ``read()`` of the response holds at most ``cfg.max_response_bytes``
+        (``ResponseTooLarge`` past it); response heads are limited as aiohttp's client limits them
+        (8190-byte header lines; the raw client also 100 fields, 64 KiB in all).
         """
+        if req.url.startswith("mock://"):
+            return await self.mock.send(req, cfg)
         if self.use_raw and req.method != "HEAD" and RawPool.handles(req.url):
             if self.raw is None:
                 self.raw = RawPool()
@@ -156,10 +159,12 @@ class UpstreamPool:
             resp = await self._session(req.url).request(
                 req.method, req.url, data=req.body, headers=req.headers, timeout=timeout,
                 allow_redirects=False)
+        except aiohttp.ConnectionTimeoutError as e:
+            raise ConnectTimeout(f"connecting to the upstream took over {cfg.connect_timeout_ms} ms") from e
         except asyncio.TimeoutError as e:
-            raise upstream_timeout(f"the upstream did not answer within {cfg.read_timeout_ms} ms") from e
+            raise ReadTimeout(f"the upstream did not answer within {cfg.read_timeout_ms} ms") from e
         except aiohttp.ClientError as e:
-            raise upstream_unreachable(f"the upstream could not be reached: {type(e).__name__}") from e
+            raise ConnectError(f"the upstream could not be reached: {type(e).__name__}") from e
         return _AiohttpResponse(resp, cfg.max_response_bytes)
 
     async def close(self) -> None:
@@ -170,4 +175,4 @@ class UpstreamPool:
         self.sessions.clear()
 
 
-__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamPool", "GatewayError"]
+__all__ = ["UpstreamRequest", "UpstreamResponse", "UpstreamPool"]

@@ -28,13 +28,15 @@ and is closed if that takes over ``DRAIN_TIMEOUT_S`` or ``DRAIN_MAX_BYTES``. A r
 does not allow keep-alive (``Connection: close``, HTTP/1.0, a body delimited by close) is
 never pooled.
 
-Errors, as :class:`~aisix.errors.GatewayError`: 502 ``upstream_unreachable`` when the
-connection cannot be made, breaks before the headers or mid-body, or the response cannot be
-parsed; 504 ``upstream_timeout`` when connecting takes over ``connect_timeout_ms`` or no byte
-arrives for ``read_timeout_ms`` while the caller waits (for the headers, or between reads);
-502 ``upstream_response_too_large`` for a response head over ``MAX_HEAD_BYTES``, a header field
-over ``MAX_FIELD_BYTES`` or more than ``MAX_FIELDS`` of them (aiohttp's client limits), and for
-a body that ``read()`` would hold whole over ``max_body`` bytes. An aborted connection lets go
+Errors, from :mod:`aisix.upstream.errors` (the proxy maps them to the client's error):
+:class:`ConnectError` when the connection cannot be made or closes before any byte of an
+answer; :class:`ConnectTimeout` when connecting takes over ``connect_timeout_ms``;
+:class:`ReadTimeout` when no byte arrives for ``read_timeout_ms`` while the caller waits (for
+the headers, or between reads); :class:`RemoteProtocolError` when the response cannot be
+parsed; :class:`StreamBroken` when the connection breaks mid-body; :class:`ResponseTooLarge`
+for a response head over ``MAX_HEAD_BYTES``, a header field over ``MAX_FIELD_BYTES`` or more
+than ``MAX_FIELDS`` of them (aiohttp's client limits), and for a body that ``read()`` would hold
+whole over ``max_body`` bytes. An aborted connection lets go
 of everything at once: its read-timeout timer is cancelled and its unread bytes dropped.
 
 One response per request: a response ends where its own framing says (``Content-Length``,
@@ -63,14 +65,15 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
-from aisix.errors import (
-    GatewayError,
-    upstream_body_too_large,
-    upstream_malformed,
-    upstream_stream_broken,
-    upstream_timeout,
-    upstream_too_large,
-    upstream_unreachable,
+from aisix.upstream.errors import (
+    ConnectError,
+    ConnectTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    ResponseTooLarge,
+    StreamBroken,
+    UpstreamError,
+    body_too_large,
 )
 
 #: Body bytes buffered for a caller that does not read before the socket is paused (bytes).
@@ -90,8 +93,8 @@ _IDLE, _ACTIVE, _DRAINING, _CLOSED = 0, 1, 2, 3
 _REPLACED = frozenset(("host", "content-length", "transfer-encoding", "connection"))
 
 
-class _Lost(Exception):
-    """The connection broke before the response headers were in."""
+class _Lost(ConnectError):
+    """The connection broke before the response headers were in (retried once on a reused one)."""
 
 
 class _Conn(asyncio.Protocol):
@@ -154,11 +157,11 @@ class _Conn(asyncio.Protocol):
             if self.complete:  # e.g. bytes after a `Connection: close` response
                 self._extra_bytes()
             else:
-                self.lost = self.lost or upstream_malformed(f"the upstream sent a malformed HTTP response: {e}")
+                self.lost = self.lost or RemoteProtocolError(f"the upstream sent a malformed HTTP response: {e}")
                 self.abort()
                 return
         if not self.headers_done and self.head_size > MAX_HEAD_BYTES and self.lost is None:
-            self.lost = upstream_too_large(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
+            self.lost = ResponseTooLarge(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes")
         if self.lost is not None and not self.complete:
             self.abort()
             return
@@ -205,7 +208,7 @@ class _Conn(asyncio.Protocol):
             self.keep = False
         elif not self.complete and self.lost is None:
             if self.headers_done:
-                self.lost = upstream_stream_broken("the upstream connection broke mid-body")
+                self.lost = StreamBroken("the upstream connection broke mid-body")
             else:
                 self.lost = _Lost(f"the upstream closed the connection before answering: {exc or 'eof'}")
         self._wake()
@@ -227,9 +230,9 @@ class _Conn(asyncio.Protocol):
         if self.extra or self.lost is not None:
             return
         if len(name) + len(value) > MAX_FIELD_BYTES:
-            self.lost = upstream_too_large(f"the upstream sent a response header field over {MAX_FIELD_BYTES} bytes")
+            self.lost = ResponseTooLarge(f"the upstream sent a response header field over {MAX_FIELD_BYTES} bytes")
         elif len(self.raw_headers) >= MAX_FIELDS:
-            self.lost = upstream_too_large(f"the upstream sent over {MAX_FIELDS} response header fields")
+            self.lost = ResponseTooLarge(f"the upstream sent over {MAX_FIELDS} response header fields")
         else:
             self.raw_headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
@@ -280,7 +283,7 @@ class _Conn(asyncio.Protocol):
             self.pool.conns.discard(self)
             t.abort()
             if self.lost is None and not self.complete:
-                self.lost = upstream_unreachable("the upstream connection was closed")
+                self.lost = ConnectError("the upstream connection was closed")
             self._wake()
         self._let_go()
 
@@ -321,7 +324,7 @@ class _Conn(asyncio.Protocol):
             self.timer = loop.call_at(deadline, self._on_timer, deadline)
         await w
         if w.result() is not None:
-            raise upstream_timeout(w.result())
+            raise ReadTimeout(w.result())
 
     def _on_timer(self, at: float) -> None:
         if at != self.timer_at:
@@ -412,7 +415,7 @@ class RawResponse:
             if conn.lost is not None:
                 self._conn = None
                 conn.abort()
-                raise conn.lost if isinstance(conn.lost, GatewayError) else upstream_unreachable(str(conn.lost))
+                raise conn.lost if isinstance(conn.lost, UpstreamError) else ConnectError(str(conn.lost))
             try:
                 await conn.wait(self._timeout)
             except BaseException:
@@ -421,14 +424,14 @@ class RawResponse:
                 raise
 
     async def read(self) -> bytes:
-        """The whole body. Raises 502 ``upstream_response_too_large`` past ``max_body`` bytes (the
+        """The whole body. Raises :class:`ResponseTooLarge` past ``max_body`` bytes (the
         connection is closed; a ``Content-Length`` over it fails before any body byte is read)."""
         if self._body is not None:
             return self._body
         limit = self._max_body
         if limit is not None and _declared_length(self.headers) > limit:
             self.close()
-            raise upstream_body_too_large(limit)
+            raise body_too_large(limit)
         parts, size = [], 0
         while True:
             chunk = await self._next()
@@ -437,7 +440,7 @@ class RawResponse:
             size += len(chunk)
             if limit is not None and size > limit:
                 self.close()
-                raise upstream_body_too_large(limit)
+                raise body_too_large(limit)
             parts.append(chunk)
         self._body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self._body
@@ -494,7 +497,7 @@ class RawPool:
             u = URL(url)
             host, port = u.raw_host, u.port or 80
             if not host:
-                raise upstream_unreachable(f"the upstream URL has no host: {url!r}")
+                raise ConnectError(f"the upstream URL has no host: {url!r}")
             line = f"{method} {u.raw_path_qs or '/'} HTTP/1.1\r\n".encode()
             t = ((u.scheme, host, port), host, port, line + f"Host: {u.raw_authority}\r\n".encode(), line)
             if len(self._targets) > 1024:
@@ -523,10 +526,10 @@ class RawPool:
                 _, conn = await self.loop.create_connection(lambda: _Conn(self, key), host, port)
         except TimeoutError as e:
             if cm.expired():
-                raise upstream_timeout(f"connecting to the upstream took over {timeout * 1000:.0f} ms") from e
-            raise upstream_unreachable(f"the upstream could not be reached: {type(e).__name__}") from e
+                raise ConnectTimeout(f"connecting to the upstream took over {timeout * 1000:.0f} ms") from e
+            raise ConnectError(f"the upstream could not be reached: {type(e).__name__}") from e
         except OSError as e:
-            raise upstream_unreachable(f"the upstream could not be reached: {type(e).__name__}") from e
+            raise ConnectError(f"the upstream could not be reached: {type(e).__name__}") from e
         self.conns.add(conn)
         return conn
 
@@ -561,7 +564,7 @@ class RawPool:
     async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes,
                    connect_timeout: float, read_timeout: float, max_body: int | None = None) -> RawResponse:
         """Send one request; returns once the status line and headers are in (timeouts in s;
-        ``max_body``: see :class:`RawResponse`). Raises GatewayError 502/504 (see the module doc,
+        ``max_body``: see :class:`RawResponse`). Raises an :class:`UpstreamError` (see the module doc,
         also for the one retry)."""
         key, host, port, head, line = self._target(method, url)
         data = self._encode(head, line, headers, body)
@@ -586,7 +589,7 @@ class RawPool:
                 if attempt == 0 and conn.reused and not conn.got_bytes:
                     conn = None  # the keep-alive race: the server closed it as the request went out
                     continue
-                raise upstream_unreachable(str(lost))
+                raise ConnectError(str(lost))
             raise lost
         raise AssertionError("unreachable")
 
