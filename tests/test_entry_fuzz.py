@@ -28,6 +28,7 @@ from aisix.providers.reencode import ReencodingDecoder
 from aisix.providers.responses_chat import ResponsesEncoder, response_result
 from aisix.providers.responses_chat import chat_body as responses_chat_body
 from aisix.sse import SSEParser
+from aisix.providers.base import ERROR
 from tests.test_entry_messages import CHAT_CHUNKS, CHAT_RESPONSE
 from tests.test_provider_fuzz import (
     ANTHROPIC_EVENTS,
@@ -99,8 +100,8 @@ def check_events(data: bytes) -> None:
 
 def run_stream(decoder, data: bytes, check=check_events) -> None:
     for ev in SSEParser().feed(data):
-        out = decoder.feed(ev)
-        if decoder.error is not None:
+        out, kind = decoder.feed(ev)
+        if kind & ERROR:
             check_error(decoder.error, decoder.error.status)
             assert decoder.error.status in (400, 401, 403, 404, 429, 500, 502, 503, 504, 529)
             return
@@ -166,8 +167,8 @@ def test_fuzz_passthrough_streams_relay_every_event_as_sent(decoder, events, see
         data = _sse(evs, True)
         d, out = decoder(), []
         for ev in SSEParser().feed(data):
-            b = d.feed(ev)
-            if d.error is not None:
+            b, kind = d.feed(ev)
+            if kind & ERROR:
                 check_error(d.error, d.error.status)
                 break
             out.append(b)

@@ -28,6 +28,7 @@ from aisix.providers.messages_chat import (
 )
 from aisix.providers.passthrough import AnthropicEventsDecoder, rewrite_model
 from aisix.sse import SSEParser
+from aisix.providers.base import ERROR, TOKEN
 from tests.emulators.gemini import GeminiEmulator
 from tests.entry_e2e import emulators, entry_gateway, series
 from tests.provider_e2e import Delta
@@ -267,8 +268,9 @@ def test_passthrough_decoder_relays_bytes_and_measures(step):
     d, parser, out, tokens = AnthropicEventsDecoder(), SSEParser(), [], []
     for i in range(0, len(ANTHROPIC_STREAM), step):
         for ev in parser.feed(ANTHROPIC_STREAM[i:i + step]):
-            out.append(d.feed(ev))
-            tokens.append((ev.event, d.token))
+            b, kind = d.feed(ev)
+            out.append(b)
+            tokens.append((ev.event, bool(kind & TOKEN)))
     assert b"".join(out) == ANTHROPIC_STREAM
     assert [name for name, t in tokens if t] == ["content_block_delta"] * 3  # text, then two tool input fragments
     assert tokens[0] == ("message_start", False) and tokens[5] == ("content_block_start", False)
@@ -279,7 +281,7 @@ def test_passthrough_decoder_relays_bytes_and_measures(step):
 def test_passthrough_decoder_relays_the_upstream_error_event_unless_masked():
     raw = b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}\n\n'
     d = AnthropicEventsDecoder()
-    assert d.feed(SSEParser().feed(raw)[0]) is None and d.error.code == "overloaded_error"
+    assert d.feed(SSEParser().feed(raw)[0]) == (None, ERROR) and d.error.code == "overloaded_error"
     assert d.error_event(d.error) == raw
     d.error.message = "Overloaded ****1234"  # what the redaction does to a message holding a secret
     assert _events(d.error_event(d.error)) == [("error", {"type": "error", "error": {

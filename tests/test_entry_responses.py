@@ -25,6 +25,7 @@ from aisix.providers.base import ChatResult
 from aisix.providers.passthrough import ResponsesEventsDecoder
 from aisix.providers.responses_chat import ResponsesEncoder, chat_body, response_result
 from aisix.sse import SSEParser
+from aisix.providers.base import TOKEN
 from tests.emulators.openai import OpenAIEmulator
 from tests.entry_e2e import emulators, entry_gateway, series
 from tests.provider_e2e import Delta
@@ -173,8 +174,9 @@ def test_passthrough_decoder_relays_and_measures():
         data = urllib.request.urlopen(req, timeout=10).read()
     d, out, tokens = ResponsesEventsDecoder(), [], []
     for ev in SSEParser().feed(data):
-        out.append(d.feed(ev))
-        tokens.append((ev.event, d.token))
+        b, kind = d.feed(ev)
+        out.append(b)
+        tokens.append((ev.event, bool(kind & TOKEN)))
     assert b"".join(out) == data
     assert [name for name, t in tokens if t] == ["response.output_text.delta"] * 2 + [
         "response.function_call_arguments.delta"] * 3

@@ -14,6 +14,7 @@ from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.providers.anthropic import AnthropicStreamDecoder, messages_request
 from aisix.sse import SSEParser
+from aisix.providers.base import TOKEN
 from tests.emulators.anthropic import AnthropicEmulator
 from tests.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL, assert_unreachable_502_and_timeout_504
 
@@ -206,7 +207,8 @@ def run(data: bytes, include_usage: bool, step: int = 1):
     parser, outs = SSEParser(), []
     for i in range(0, len(data), step):
         for ev in parser.feed(data[i:i + step]):
-            outs.append((ev.event, d.feed(ev), d.token))
+            b, kind = d.feed(ev)
+            outs.append((ev.event, b, bool(kind & TOKEN)))
     return d, outs
 
 

@@ -22,6 +22,7 @@ from aisix.errors import GatewayError
 from aisix.providers import get_provider
 from aisix.sse import SSEParser
 from aisix.upstream.pool import UpstreamRequest
+from aisix.providers.base import ERROR
 
 ANTHROPIC = get_provider("anthropic")
 GEMINI = get_provider("gemini")
@@ -165,8 +166,8 @@ def run_response(fn, body: bytes) -> None:
 def run_stream(decoder, data: bytes) -> None:
     parser = SSEParser()
     for ev in parser.feed(data):
-        out = decoder.feed(ev)
-        if decoder.error is not None:
+        out, kind = decoder.feed(ev)
+        if kind & ERROR:
             check_error(decoder.error, 502)
             return
         if out is not None:
@@ -411,10 +412,11 @@ def test_anthropic_malformed_stream_event_is_a_502_error(event):
     data = first + _sse([event], True) + _sse(ANTHROPIC_EVENTS[-1:], True)
     outs = []
     for ev in SSEParser().feed(data):
-        outs.append(d.feed(ev))
+        b, kind = d.feed(ev)
+        outs.append(b)
         if d.error:
             break
-    assert outs[0] is not None and outs[-1] is None and not d.token
+    assert outs[0] is not None and outs[-1] is None and kind == ERROR
     assert d.error.status == 502 and "malformed" in d.error.message
 
 
@@ -424,7 +426,7 @@ def test_anthropic_malformed_stream_event_is_a_502_error(event):
 ])
 def test_anthropic_stream_unhashable_stop_reason_is_stop(event):
     d = ANTHROPIC.stream_decoder(False)
-    out = d.feed(SSEParser().feed(_sse([event], True))[0])
+    out, _ = d.feed(SSEParser().feed(_sse([event], True))[0])
     assert d.error is None and json.loads(out[6:])["choices"][0]["finish_reason"] == "stop"
 
 
@@ -459,8 +461,8 @@ def test_gemini_malformed_metadata_is_ignored():
 ])
 def test_gemini_stream_never_crashes(event):
     d = GEMINI.stream_decoder(True)
-    out = d.feed(SSEParser().feed(_sse([event], False))[0])
-    if d.error is not None:
+    out, kind = d.feed(SSEParser().feed(_sse([event], False))[0])
+    if kind & ERROR:
         assert d.error.status == 502 and out is None
     else:
         check_chunks(out)

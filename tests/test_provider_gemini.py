@@ -17,6 +17,7 @@ from aisix.providers import get_provider
 from aisix.providers.gemini import GeminiStreamDecoder, generate_request
 from aisix.providers.gemini_embed import EmbedRequest
 from aisix.sse import SSEParser
+from aisix.providers.base import TOKEN
 from tests.emulators.gemini import GeminiEmulator, embedding_values
 from tests.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL, assert_unreachable_502_and_timeout_504
 
@@ -223,7 +224,8 @@ def run(data: bytes, include_usage: bool, step: int = 1):
     parser, outs = SSEParser(), []
     for i in range(0, len(data), step):
         for e in parser.feed(data[i:i + step]):
-            outs.append((d.feed(e), d.token))
+            b, kind = d.feed(e)
+            outs.append((b, bool(kind & TOKEN)))
     return d, outs
 
 

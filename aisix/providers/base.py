@@ -70,20 +70,29 @@ class ChatResult:
     finish_reasons: tuple[str, ...] = ()
 
 
-class StreamDecoder:
-    """Per-stream state: feed upstream SSE events, get client bytes back.
+#: What one upstream SSE event was: the bits of the ``kind`` that :meth:`StreamDecoder.feed` returns.
+OTHER = 0   #: nothing the relay acts on: a comment, a role-only opener, a usage chunk, a ping
+TOKEN = 1   #: generated output (content, reasoning, a tool call, a refusal): the first one is the first token
+FINISH = 2  #: a finish reason (the model stopped; the stream may still carry usage, then its end)
+DONE = 4    #: the upstream's end of stream (``[DONE]``, ``message_stop``, ``response.completed``)
+ERROR = 8   #: an error event: the stream ends with :attr:`StreamDecoder.error`; nothing of it is sent
 
-    After each :meth:`feed`, the proxy reads: ``token`` (True if this event carried generated
-    output: content, reasoning, a tool call or a refusal; role-only openers and comments are not
-    tokens), ``usage`` (set once seen), ``error`` (a :class:`GatewayError` when the upstream sent
-    an error event: the proxy ends the stream with it), ``done`` (the upstream said it finished).
+
+class StreamDecoder:
+    """Per-stream state: feed upstream SSE events, get client bytes and a small event back.
+
+    :meth:`feed` returns ``(bytes to send or None, kind)``, ``kind`` a sum of :data:`TOKEN`,
+    :data:`FINISH`, :data:`DONE`, :data:`ERROR` (or :data:`OTHER`). TOKEN is exact up to the first
+    token; after it a decoder may report a chunk it relays unparsed (the hot path) as TOKEN.
+    What the stream got is read once, at its end: ``usage`` (the upstream's, once seen),
+    ``response_model``, ``finish_reasons``; ``error`` is the :class:`GatewayError` of the ERROR
+    event; ``finished``/``done`` say whether a FINISH/DONE came (for :meth:`end`).
     """
 
     include_usage: bool  # the client asked for the usage chunk
 
     def __init__(self, include_usage: bool):
         self.include_usage = include_usage
-        self.token = False
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
         self.done = False
@@ -91,8 +100,8 @@ class StreamDecoder:
         self.response_model: str | None = None
         self.finish_reasons: list[str] = []
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        """Bytes to send to the client for this event (``None``: send nothing)."""
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
+        """``(bytes to send to the client for this event or None, kind)`` (see the class doc)."""
         raise NotImplementedError
 
     def end(self) -> bytes | None:

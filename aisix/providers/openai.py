@@ -10,7 +10,7 @@ import orjson
 
 from aisix.config.resources import Model
 from aisix.errors import GatewayError, upstream_malformed
-from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
+from aisix.providers.base import DONE, ERROR, FINISH, OTHER, TOKEN, ChatResult, Provider, StreamDecoder, Usage
 from aisix.providers.errors import error_fields, json_text, status_of_error_event
 from aisix.sse import SSEEvent
 from aisix.upstream.pool import UpstreamRequest
@@ -67,43 +67,45 @@ class OpenAIStreamDecoder(StreamDecoder):
 
     name = "openai"
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        self.token = False
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
         data = event.data
         if data is None:  # comments / keep-alives: relayed, never tokens
-            return event.raw
+            return event.raw, OTHER
         if data == b"[DONE]":
             self.done = True
-            return event.raw
+            return event.raw, DONE
         if self.token_seen and _null_or_absent(data, b'"usage"') and _null_or_absent(data, b'"finish_reason"') \
                 and b'"error"' not in data:
-            return event.raw  # the hot path after the first token: no parse
+            return event.raw, TOKEN  # the hot path after the first token: no parse
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return event.raw  # not JSON: relay as is, measure nothing
+            return event.raw, OTHER  # not JSON: relay as is, measure nothing
         if not isinstance(obj, dict):
-            return event.raw
+            return event.raw, OTHER
         if "error" in obj and obj["error"] is not None:
             self.error = error_from_event(obj["error"], self.name)
-            return None
+            return None, ERROR
         if self.response_model is None and isinstance(obj.get("model"), str):
             self.response_model = obj["model"]
         choices = obj.get("choices")
+        kind = OTHER
         if delta_has_output(choices):  # every parsed event; after the first token only a finish or usage is
-            self.token = self.token_seen = True
+            self.token_seen = True
+            kind = TOKEN
         if isinstance(choices, list):
             for ch in choices:
                 fr = ch.get("finish_reason") if isinstance(ch, dict) else None
                 if isinstance(fr, str):
                     self.finished = True
                     self.finish_reasons.append(fr)
+                    kind |= FINISH
         usage = Usage.from_openai(obj.get("usage"))
         if usage is not None:
             self.usage = usage
             if not self.include_usage and not choices:
-                return None  # the usage chunk we asked for on the client's behalf
-        return event.raw
+                return None, kind  # the usage chunk we asked for on the client's behalf
+        return event.raw, kind
 
     def __init__(self, include_usage: bool):
         super().__init__(include_usage)

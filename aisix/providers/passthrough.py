@@ -18,7 +18,7 @@ from aisix.config.resources import Model
 from aisix.errors import GatewayError
 from aisix.providers.anthropic import API_VERSION, AnthropicStreamDecoder, usage_of
 from aisix.providers.anthropic import _finish as finish_reason
-from aisix.providers.base import ChatResult, Provider, StreamDecoder, Usage
+from aisix.providers.base import DONE, ERROR, FINISH, OTHER, TOKEN, ChatResult, Provider, StreamDecoder, Usage
 from aisix.providers.messages_chat import anthropic_error_body
 from aisix.providers.openai import OpenAIProvider, error_from_event
 from aisix.providers.responses_chat import responses_error_event
@@ -147,10 +147,12 @@ class AnthropicEventsDecoder(_UpstreamErrorEvent, AnthropicStreamDecoder):
     def __init__(self):
         super().__init__(False)
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        super().feed(event)
-        self._keep_error(event)
-        return event.raw if self.error is None else None
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
+        _, kind = super().feed(event)
+        if kind & ERROR:
+            self._keep_error(event)
+            return None, kind
+        return event.raw, kind
 
     def on_event(self, obj: dict, name: str | None) -> bytes | None:
         out = super().on_event(obj, name)
@@ -207,34 +209,32 @@ class ResponsesEventsDecoder(_UpstreamErrorEvent, StreamDecoder):
     def __init__(self):
         super().__init__(False)
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        self.token = False
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
         kind = event.event
         if event.data is None or kind is not None and kind not in END_EVENTS and kind != "error":
-            if kind in OUTPUT_EVENTS:
-                self.token = True
-            return event.raw
+            return event.raw, TOKEN if kind in OUTPUT_EVENTS else OTHER
         try:
             obj = orjson.loads(event.data)
         except orjson.JSONDecodeError:
-            return event.raw
+            return event.raw, OTHER
         if not isinstance(obj, dict):
-            return event.raw
+            return event.raw, OTHER
         kind = kind or obj.get("type")
         if not isinstance(kind, str):
-            return event.raw
+            return event.raw, OTHER
         if kind in OUTPUT_EVENTS:
-            self.token = True
-        elif kind == "error":
+            return event.raw, TOKEN
+        if kind == "error":
             self.error = error_from_event(obj.get("error") if isinstance(obj.get("error"), dict) else obj, "openai")
             self._keep_error(event)
-            return None
-        elif kind in END_EVENTS:
+            return None, ERROR
+        if kind in END_EVENTS:
             resp = obj.get("response") if isinstance(obj.get("response"), dict) else {}
             self.usage, self.response_model, finish = _response_measures(resp)
             self.finish_reasons.extend(finish)
             self.finished = self.done = True
-        return event.raw
+            return event.raw, FINISH | DONE
+        return event.raw, OTHER
 
     def end(self) -> bytes | None:
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import orjson
 
 from aisix.errors import GatewayError
-from aisix.providers.base import StreamDecoder
+from aisix.providers.base import ERROR, OTHER, TOKEN, StreamDecoder
 from aisix.providers.translate import MALFORMED, malformed
 from aisix.sse import SSEEvent, SSEParser
 
@@ -122,11 +122,12 @@ class ChunkEncoder:
 class ReencodingDecoder(StreamDecoder):
     """``inner`` (a provider's decoder, asked for the usage chunk) re-encoded by ``encoder``.
 
-    Measures come from ``inner`` (usage, finish, done, error, response model); ``token`` is True
-    when the encoder emitted output for the event. Comments (keep-alives) pass as they are."""
+    Measures come from ``inner`` (usage, finish, done, error, response model); an event is TOKEN
+    when the encoder emitted output for it. Comments (keep-alives) pass as they are."""
 
     def __init__(self, inner: StreamDecoder, encoder: ChunkEncoder):
         super().__init__(True)
+        self.token = False  # the encoder emitted output for the event being re-encoded
         self.inner = inner
         self.encoder = encoder
         self.parser = SSEParser()
@@ -166,13 +167,17 @@ class ReencodingDecoder(StreamDecoder):
         self.token = False
         return None
 
-    def feed(self, event: SSEEvent) -> bytes | None:
-        self.token = False
-        data = self.inner.feed(event)
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
+        """The inner decoder's event, re-encoded; TOKEN when the encoder emitted output for it."""
+        data, kind = self.inner.feed(event)
         self._sync()
-        if self.error is not None or not data:
-            return None
-        return self._guarded(lambda: self._encode(data)) or None
+        if kind & ERROR or not data:
+            return None, kind & ~TOKEN
+        self.token = False
+        out = self._guarded(lambda: self._encode(data))
+        if self.error is not None:
+            return None, ERROR
+        return out or None, (kind & ~TOKEN) | (TOKEN if self.token else OTHER)
 
     def end(self) -> bytes | None:
         data = self.inner.end()

@@ -26,11 +26,11 @@ import uuid
 import orjson
 
 from aisix.errors import GatewayError, error_type_for, invalid_request, upstream_malformed
-from aisix.providers.base import StreamDecoder, Usage
+from aisix.providers.base import DONE, ERROR, FINISH, OTHER, TOKEN, StreamDecoder, Usage
 from aisix.providers.errors import error_envelope, json_text, status_of_error_event  # noqa: F401 - error_envelope re-exported
 from aisix.sse import SSEEvent
 
-DONE = b"data: [DONE]\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def sse(obj) -> bytes:
@@ -321,6 +321,7 @@ class ChunkDecoder(StreamDecoder):
 
     def __init__(self, include_usage: bool):
         super().__init__(include_usage)
+        self.token = False  # the event on_event is translating carried output
         self.id = ""
         self.created = int(time.time())
         self.usage_obj: dict | None = None
@@ -342,36 +343,41 @@ class ChunkDecoder(StreamDecoder):
         if self.include_usage and self.usage_obj is not None:
             obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                    "model": self.response_model or "", "choices": [], "usage": self.usage_obj}
-            return sse(obj) + DONE
-        return DONE
+            return sse(obj) + DONE_EVENT
+        return DONE_EVENT
 
     def end(self) -> bytes | None:
         return None if self.done else self.tail()
 
-    def feed(self, event: SSEEvent) -> bytes | None:
+    def feed(self, event: SSEEvent) -> tuple[bytes | None, int]:
         """Parse the event's JSON and hand the object to :meth:`on_event`. A non-JSON or
         non-object ``data`` is skipped; an event of the wrong shape ends the stream with a 502
         (:attr:`error`), as does any translation failure, so nothing else ever escapes."""
-        self.token = False
         if event.data is None:
-            return None
+            return None, OTHER
         try:
             obj = orjson.loads(event.data)
         except orjson.JSONDecodeError:
-            return None
+            return None, OTHER
         if not isinstance(obj, dict):
-            return None
+            return None, OTHER
+        self.token = False
+        finished, done = self.finished, self.done
         try:
-            return self.on_event(obj, event.event)
+            out = self.on_event(obj, event.event)
         except GatewayError as e:
             self.error = e
         except MALFORMED:
             self.error = malformed(self.provider, "stream event")
-        self.token = False
-        return None
+        if self.error is not None:
+            return None, ERROR
+        return out, ((TOKEN if self.token else OTHER) | (FINISH if self.finished and not finished else OTHER)
+                     | (DONE if self.done and not done else OTHER))
 
     def on_event(self, obj: dict, name: str | None) -> bytes | None:
-        """One upstream event (a JSON object; ``name`` is its SSE ``event:`` field) → client bytes."""
+        """One upstream event (a JSON object; ``name`` is its SSE ``event:`` field) → client bytes.
+        Sets ``token`` when the event carried output, ``finished``/``done`` when it finished or
+        ended the stream, and reports an error event with :meth:`stream_error`."""
         raise NotImplementedError
 
     def stream_error(self, message: str, etype: str, code: str | None) -> None:

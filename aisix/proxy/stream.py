@@ -4,8 +4,10 @@
 (:class:`~aisix.sse.SSEParser`), translation (a provider's :class:`~aisix.providers.StreamDecoder`),
 the first-token stamp, the gateway's own count of completion events, what ends the stream
 (``[DONE]``, an error event, a clean close, an idle timeout, a broken connection) and with what
-status. It does no IO and reads no clock: the proxy's loop (:func:`aisix.proxy.relay_stream`)
-feeds it each read with its arrival time and writes what it returns.
+status. It does no IO and reads no clock: the proxy's loop (:func:`aisix.proxy.handlers.relay_stream`)
+feeds it each read with its arrival time and writes what it returns. The decoder answers each
+SSE event with ``(bytes, kind)`` (:data:`~aisix.providers.base.TOKEN`, ``FINISH``, ``DONE``,
+``ERROR``); the relay keeps what the kinds add up to.
 
 Each complete event goes out in the same write as the others of its read, as the upstream's
 bytes (or the provider's translation); nothing after ``[DONE]`` is relayed, whatever the reads.
@@ -16,6 +18,7 @@ from array import array
 
 from aisix.errors import GatewayError, upstream_malformed, upstream_stream_broken
 from aisix.providers import StreamDecoder
+from aisix.providers.base import DONE, ERROR, FINISH, TOKEN
 from aisix.sse import SSEParser
 
 #: An upstream event larger than this (bytes, still without its blank line) ends the stream (502).
@@ -32,7 +35,8 @@ class StreamRelay:
     it with :meth:`eof` (the upstream closed), :meth:`idle_timeout` (no data event for too long)
     or :meth:`broken` (the transport failed); each returns the bytes to write to the client
     (``b""``: nothing). Afterwards: ``error`` (a :class:`GatewayError` the stream ends with, or
-    None), ``ended`` (it ended as a stream should: ``[DONE]`` seen or added), ``clean`` (the
+    None), ``ended`` (it ended as a stream should: ``[DONE]`` seen or added), ``finished`` (a
+    finish reason came), ``clean`` (the
     upstream's framing ended where ``[DONE]`` did: its connection may be reused),
     ``first_token_ns`` (0: none), ``last_data_ns``, and ``completion_events`` (the gateway's own
     count of completion tokens: data events from the first token up to the finish).
@@ -45,7 +49,7 @@ class StreamRelay:
     only counted, in ``zero_gaps``. ``len(gaps_ns) + zero_gaps`` = content events − 1.
     """
 
-    __slots__ = ("decoder", "parser", "provider", "error", "ended", "clean", "first_token_ns",
+    __slots__ = ("decoder", "parser", "provider", "error", "ended", "finished", "clean", "first_token_ns",
                  "last_data_ns", "completion_events", "last_content_ns", "gaps_ns", "zero_gaps")
 
     def __init__(self, decoder: StreamDecoder, provider: str, now_ns: int = 0):
@@ -54,6 +58,7 @@ class StreamRelay:
         self.provider = provider
         self.error: GatewayError | None = None
         self.ended = False
+        self.finished = False
         self.clean = False
         self.first_token_ns = 0
         self.last_data_ns = now_ns
@@ -75,24 +80,26 @@ class StreamRelay:
         events = self.parser.feed(chunk)
         try:
             for ev in events:
-                b = dec.feed(ev)
+                b, kind = dec.feed(ev)
+                if kind & FINISH:
+                    self.finished = True
                 if ev.data is not None:
                     self.last_data_ns = now_ns
-                    if self.first_token_ns and not dec.finished and not dec.done:
+                    if self.first_token_ns and not self.finished and not kind & DONE:
                         self.completion_events += 1
                         if b is not None:
                             content += 1
-                    elif dec.token and self.first_token_ns:
+                    elif kind & TOKEN and self.first_token_ns:
                         content += 1  # the finish event carries the last token (Gemini's always does)
-                if dec.token and not self.first_token_ns:
+                if kind & TOKEN and not self.first_token_ns:
                     self.first_token_ns = now_ns
                     self.completion_events = content = 1
-                if dec.error is not None:
+                if kind & ERROR:
                     self.error = dec.error
                     break
                 if b is not None:
                     parts.append(b)
-                if dec.done:
+                if kind & DONE:
                     self.ended = True
                     self.clean = ev is events[-1] and not self.parser.pending
                     break
@@ -120,14 +127,16 @@ class StreamRelay:
         tail = self.parser.close()
         if tail is not None:
             try:
-                out = self.decoder.feed(tail) or b""
+                b, kind = self.decoder.feed(tail)
             except _CHOKES as e:
                 self.error = upstream_malformed(f"upstream {self.provider} sent a malformed event ({type(e).__name__})")
                 return b""
-            if self.decoder.error is not None:
+            if kind & ERROR:
                 self.error = self.decoder.error
                 return b""
-        if not self.decoder.finished:
+            out = b or b""
+            self.finished = self.finished or bool(kind & FINISH)
+        if not self.finished:
             self.error = upstream_stream_broken("the upstream closed the stream before it finished")
             return out
         return out + self._finish()
@@ -137,7 +146,7 @@ class StreamRelay:
         made the read raise is replaced): a stream that already finished ends cleanly, any other
         ends with 504 ``upstream_timeout``."""
         self.error = None
-        if self.decoder.finished:
+        if self.finished:
             return self._finish()
         self.error = GatewayError(504, f"upstream stream idle for over {idle_ms} ms", "timeout_error",
                                   "upstream_timeout")
