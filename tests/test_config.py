@@ -25,7 +25,7 @@ def write(tmp_path, text: str):
     ("apikeys:\n  - {key: k, allowed_models: notalist}\n", "apikeys.0.allowed_models", "valid list"),
     ("observability:\n  metrics: {export_interval_ms: -5}\n", "observability.metrics.export_interval_ms", "greater than"),
     ("deployment:\n  config_provider: redis\n", "deployment.config_provider", "'file' or 'etcd'"),
-    ("serverr: {}\n", "serverr", "Extra inputs are not permitted"),
+    ("serverr: {}\n", "serverr", "unknown field"),
     ("deployment:\n  rate_limit_store: {kind: memcached}\n", "deployment.rate_limit_store.kind", "'local' or 'redis'"),
     ('deployment:\n  rate_limit_store: {kind: redis, url: "http://x:1"}\n', "deployment.rate_limit_store.url",
      "redis://, rediss:// or unix://"),

@@ -8,7 +8,7 @@ from aisix.config.resources import ApiKey, Model, hash_key
 from aisix.config.snapshot import SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call, Hook, Pipeline
-from aisix.hooks.ratelimit import REQUEST_BYTES, RateLimitHook, charged_tokens, duration
+from aisix.hooks.ratelimit import RateLimitHook, charged_tokens, duration
 from aisix.telemetry.records import RequestRecord
 
 T0 = 1_799_972_400.0  # a minute boundary (divisible by 60) and 20 minutes after a UTC midnight
@@ -254,7 +254,7 @@ def test_charged_tokens_from_usage_estimate_or_nothing():
     env = Env()
     c = env.call()
     assert charged_tokens(c) == 0  # no usage, no output (an upstream error before any byte)
-    c.state[REQUEST_BYTES] = 401
+    c.request_bytes = 401
     assert charged_tokens(c) == 0
     c.estimated_completion_tokens = 7  # a stream that ended without usage
     assert charged_tokens(c) == 7 + 101  # ceil(401 / 4)
@@ -267,7 +267,7 @@ def test_charged_tokens_from_usage_estimate_or_nothing():
 def test_stream_without_usage_is_charged_the_estimate():
     env = Env({"tpm": 1000})
     c = env.start()
-    c.state[REQUEST_BYTES] = 100
+    c.request_bytes = 100
     c.estimated_completion_tokens = 12
     env.finish(c)
     assert env.hook.usage_of_key("key-1").tok_minute == 12 + 25

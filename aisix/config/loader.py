@@ -38,7 +38,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aisix.config.resources import MAX_INT, ApiKeyWrite, Model, new_client_key
+from aisix.config.resources import MAX_INT, ApiKeyWrite, Model, new_client_key, validation_problems
 
 
 class ConfigError(Exception):
@@ -221,10 +221,9 @@ class Config(_Strict):
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
+    """One line per faulty field, under the file's name."""
     lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  field `{where}`: {e['msg']}")
+    lines += [f"  field `{where}`: {msg}" for where, msg in validation_problems(err, "(top level)")]
     return "\n".join(lines)
 
 

@@ -457,18 +457,23 @@ WRITE_SCHEMAS: dict[str, type[BaseModel]] = {"models": Model, "apikeys": ApiKeyW
 UNIQUE_FIELD = {"models": "name", "apikeys": "key_hash"}
 
 
+def validation_problems(err, top: str = "(body)") -> list[tuple[str, str]]:
+    """A pydantic ``ValidationError`` as ``[(field path "a.0.b", reason)]``, one per fault; the
+    one formatter of the Admin API's, the store's and the config file's errors. No reason repeats
+    the input (it may hold a secret); ``top`` names a fault of the whole document."""
+    out = []
+    for e in err.errors(include_url=False, include_input=False):
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append((".".join(str(p) for p in e["loc"]) or top, "unknown field" if e["type"] == "extra_forbidden" else msg))
+    return out
+
+
 def describe_validation_error(err) -> tuple[str, str | None]:
     """A pydantic ``ValidationError`` as ``(message, first field)``; the message names every
     faulty field (``field `a.b`: reason``) and never repeats the input (it may hold a secret)."""
-    parts, first = [], None
-    for e in err.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in e["loc"]) or "(body)"
-        first = first or where
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"field `{where}`: {msg}")
-    return "; ".join(parts) or "invalid body", first
+    problems = validation_problems(err)
+    return "; ".join(f"field `{where}`: {msg}" for where, msg in problems) or "invalid body", \
+        problems[0][0] if problems else None
 
 
 def mask_url_userinfo(url: str) -> str:

@@ -23,7 +23,9 @@ class Call:
     """One proxied call as the hooks see it.
 
     ``record`` holds what is measured (usage in tokens once known, status); hooks add response
-    headers to ``response_headers`` and keep their own per-call state in ``state``.
+    headers to ``response_headers`` and keep their own per-call state in ``state`` (each hook
+    under its own key; nothing else is passed through it). ``request_bytes`` is the size of the
+    request body (bytes; the rate limiter's prompt estimate).
     ``model`` is the alias the client asked for (limits count against it); ``target`` the
     deployment the current attempt goes to. ``estimated_completion_tokens`` is the gateway's own count of completion tokens when an
     upstream stream ended without usage (one per data event from the first token up to the
@@ -34,6 +36,7 @@ class Call:
     model: Model
     record: RequestRecord
     stream: bool = False
+    request_bytes: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     estimated_completion_tokens: int = 0

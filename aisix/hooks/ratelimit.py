@@ -13,7 +13,7 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
   usage the upstream reported (``call.record``). When a call ended without usage but produced
   output (a stream cut short, or one whose upstream sent no usage chunk), the charge is the
   gateway's own count, ``call.estimated_completion_tokens``, plus a prompt estimate of one token
-  per :data:`BYTES_PER_TOKEN` bytes of request body (``call.state[REQUEST_BYTES]``, set by the
+  per :data:`BYTES_PER_TOKEN` bytes of request body (``call.request_bytes``, set by the
   proxy). A call that produced nothing and reported nothing (e.g. an upstream error) costs 0.
 - ``concurrency``: a slot is held from ``pre_call`` to ``post_call``, which the pipeline runs on
   every way out.
@@ -44,8 +44,6 @@ MINUTE = 60  # s
 MINUTES_PER_DAY = 1440
 DAY = MINUTE * MINUTES_PER_DAY  # s
 
-#: ``call.state`` entry where the proxy puts the request body's size in bytes.
-REQUEST_BYTES = "request_bytes"
 #: Prompt estimate when usage is missing: one token per this many bytes of request JSON
 #: (OpenAI's ~4 characters per token for English; the JSON framing makes it err high).
 BYTES_PER_TOKEN = 4
@@ -211,7 +209,7 @@ def charged_tokens(call: Call) -> int:
     if r.prompt_tokens is not None or r.completion_tokens is not None:
         return (r.prompt_tokens or 0) + (r.completion_tokens or 0)
     if call.estimated_completion_tokens > 0:
-        prompt = -(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN)
+        prompt = -(-call.request_bytes // BYTES_PER_TOKEN)
         return call.estimated_completion_tokens + prompt
     return 0
 

@@ -24,7 +24,7 @@ from aisix.config.snapshot import Snapshot
 from aisix.errors import GatewayError, invalid_request, upstream_malformed
 from aisix.gateway import GATEWAY
 from aisix.hooks.pipeline import Call
-from aisix.hooks.ratelimit import BYTES_PER_TOKEN, REQUEST_BYTES, charged_tokens
+from aisix.hooks.ratelimit import BYTES_PER_TOKEN, charged_tokens
 from aisix.providers import Provider, StreamDecoder, get_provider
 from aisix.proxy.redact import redact
 from aisix.proxy.routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
@@ -212,8 +212,7 @@ async def _prepare_call(request: web.Request, operation: str) -> tuple[Call, dic
     body = await read_json_object(request)
     model = resolve_model(body, key, snap, rec)
     rec.operation = operation
-    call = Call(key, model, rec)
-    call.state[REQUEST_BYTES] = len(await request.read())  # cached by aiohttp: no second read
+    call = Call(key, model, rec, request_bytes=len(await request.read()))  # cached by aiohttp: no second read
     return call, body
 
 
@@ -550,7 +549,7 @@ def _record_stream(call: Call, relay: StreamRelay) -> None:
         u = decoder.usage
         rec.set_usage(u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cached_tokens, u.cache_write_tokens)
     elif relay.completion_events:  # no usage from the upstream: the gateway's estimate, for the span and the limits
-        rec.estimate_usage(-(-call.state.get(REQUEST_BYTES, 0) // BYTES_PER_TOKEN), relay.completion_events)
+        rec.estimate_usage(-(-call.request_bytes // BYTES_PER_TOKEN), relay.completion_events)
     call.estimated_completion_tokens = relay.completion_events
     rec.response_model = decoder.response_model
     rec.finish_reasons = tuple(decoder.finish_reasons)

@@ -74,7 +74,6 @@ class Telemetry:
         self._dropped_reported: Counter = Counter()
         self.ratelimit_store_errors = 0
         self._store_errors_reported = 0
-        self.processed = 0
         self.tick = tick
         self._task: asyncio.Task | None = None
         self.meter_provider = self.tracer_provider = None
@@ -219,7 +218,6 @@ class Telemetry:
         if self.ratelimit_store_errors != self._store_errors_reported:
             self.store_error_count.add(self.ratelimit_store_errors - self._store_errors_reported)
             self._store_errors_reported = self.ratelimit_store_errors
-        self.processed += n
         return n
 
     def _report_dropped(self) -> None:
