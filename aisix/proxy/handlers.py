@@ -475,60 +475,27 @@ class _IdleWatch:
 async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: StreamDecoder,
                        call: Call) -> web.StreamResponse:
     """Relay the upstream's SSE events to the client as they arrive: the IO around the sans-IO
-    :class:`~aisix.relay.StreamRelay`, which makes every protocol decision.
+    :class:`~aisix.proxy.stream.StreamRelay`, which makes every protocol decision.
 
     The 200 goes out with the first bytes to write. A failure after it ends the stream with one
-    OpenAI-shaped error event (no ``[DONE]``) and is measured as 502 (upstream error, malformed or
-    broken stream) or 504 (timeout); before it, the client gets a JSON error with the status the
-    error stands for. A stream with no data event for ``stream_idle_timeout_ms`` (comments don't
-    count) ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as a 504.
+    error event in the client's API (no ``[DONE]``) and is measured as 502 (upstream error,
+    malformed or broken stream) or 504 (timeout); before it, the client gets a JSON error with the
+    status the error stands for. A stream with no data event for ``stream_idle_timeout_ms``
+    (comments don't count) ends: cleanly with ``[DONE]`` if a ``finish_reason`` was seen, else as
+    a 504.
     """
-    rec = call.record
     model = call.target
     if media_type(up.headers.get("content-type", "")) != "text/event-stream":
-        await read_whole(up, rec)
+        await read_whole(up, call.record)
         raise upstream_malformed(f"upstream {model.provider} did not answer with an event stream")
-    out: web.StreamResponse | None = None
     relay = StreamRelay(decoder, model.provider, perf_counter_ns())
     idle_ms = model.provider_config.stream_idle_timeout_ms
     idle = _IdleWatch(up, relay, idle_ms)
-    chunks = up.iter_chunks()
     try:
-        last = b""
-        try:
-            async for chunk in chunks:
-                data = relay.feed(chunk, perf_counter_ns())
-                if data:
-                    out = out or await _start_stream(request, up, call)
-                    await out.write(data)
-                if relay.over:
-                    break
-            else:
-                last = relay.eof()
-            if relay.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
-                relay.clean = await _relay_final_lf(chunks, out)
-        except UpstreamError as e:
-            relay.broken(gateway_error(e))
+        out, last = await _relay_reads(request, up, call, relay)
         if idle.fired and (relay.error is None or relay.error.status == 502):
             last += relay.idle_timeout(idle_ms)
-        rec.llm_end_ns = perf_counter_ns()
-        error = relay.error
-        if error is not None and out is None and not last:
-            raise error  # nothing sent yet: a JSON error with the status it stands for
-        out = out or await _start_stream(request, up, call)
-        if last:
-            await out.write(last)
-        if error is not None:
-            error.upstream_status = error.upstream_status or up.status  # it did answer: an error in its stream
-            call.stream_error = error
-            _upstream_failed(request, call, error, up.headers.get("x-request-id"))
-            rec.error = error.message
-            rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
-            await out.write(relay.decoder.error_event(error))
-        await out.write_eof()
-        if rec.status == 0:
-            rec.status = 200
-        return out
+        return await _end_stream(request, up, call, relay, out, last)
     finally:  # every way out, a client disconnect (cancellation) included, records what the stream got
         idle.cancel()
         _record_stream(call, relay)
@@ -536,6 +503,57 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
             up.release()
         else:
             up.close()
+
+
+async def _relay_reads(request: web.Request, up: UpstreamResponse, call: Call,
+                       relay: StreamRelay) -> tuple[web.StreamResponse | None, bytes]:
+    """The read loop: each upstream read fed to the relay, what it returns written at once (the
+    200 goes out with the first bytes). Returns the client response (None: nothing sent yet) and
+    the bytes the upstream's end still gives (a last event, an added ``[DONE]``)."""
+    out: web.StreamResponse | None = None
+    chunks = up.iter_chunks()
+    last = b""
+    try:
+        async for chunk in chunks:
+            data = relay.feed(chunk, perf_counter_ns())
+            if data:
+                out = out or await _start_stream(request, up, call)
+                await out.write(data)
+            if relay.over:
+                break
+        else:
+            last = relay.eof()
+        if relay.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
+            relay.clean = await _relay_final_lf(chunks, out)
+    except UpstreamError as e:
+        relay.broken(gateway_error(e))
+    return out, last
+
+
+async def _end_stream(request: web.Request, up: UpstreamResponse, call: Call, relay: StreamRelay,
+                      out: web.StreamResponse | None, last: bytes) -> web.StreamResponse:
+    """Write the stream's end: ``last``, then the error event if the relay ends in an error
+    (measured 502/504, logged, masked), then EOF. An error before anything was sent is raised
+    instead (the client gets it as a JSON error with its own status)."""
+    rec = call.record
+    rec.llm_end_ns = perf_counter_ns()
+    error = relay.error
+    if error is not None and out is None and not last:
+        raise error
+    out = out or await _start_stream(request, up, call)
+    if last:
+        await out.write(last)
+    if error is not None:
+        error.upstream_status = error.upstream_status or up.status  # it did answer: an error in its stream
+        call.stream_error = error
+        _upstream_failed(request, call, error, up.headers.get("x-request-id"))
+        rec.error = error.message
+        rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
+        await out.write(relay.decoder.error_event(error))
+    await out.write_eof()
+    if rec.status == 0:
+        rec.status = 200
+    return out
 
 
 def _record_stream(call: Call, relay: StreamRelay) -> None:
