@@ -250,16 +250,14 @@ def _tool_call(block: dict, what: str) -> dict:
 class AnthropicProvider(Provider):
     name = "anthropic"
     default_api_base = "https://api.anthropic.com/v1"
+    key_header, key_prefix = "x-api-key", ""
 
     @guard_request
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         cfg = model.provider_config
         default = (cfg.model_extra or {}).get("default_max_tokens")
         default = default if isinstance(default, int) and default > 0 else DEFAULT_MAX_TOKENS
-        h = {"Content-Type": "application/json", "Accept-Encoding": "identity",
-             "anthropic-version": API_VERSION, **headers}
-        if cfg.api_key:
-            h["x-api-key"] = cfg.api_key
+        h = self.headers(model, {"anthropic-version": API_VERSION, **headers})
         doc = messages_request(model.model_id, body, stream, default)
         return UpstreamRequest(f"{self.base_url(model)}/messages", h, orjson.dumps(doc))
 

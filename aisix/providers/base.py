@@ -119,9 +119,20 @@ class Provider:
 
     name = ""
     default_api_base = ""
+    #: The request header that carries ``provider_config.api_key``, and what precedes the key in it.
+    key_header = "Authorization"
+    key_prefix = "Bearer "
 
     def base_url(self, model: Model) -> str:
         return (model.provider_config.api_base or self.default_api_base).rstrip("/")
+
+    def headers(self, model: Model, extra: Mapping[str, str]) -> dict[str, str]:
+        """The upstream request's headers: a JSON body, no compression (the stream is relayed as
+        its bytes), ``extra`` (``traceparent``, the API's version), then the API key, if any."""
+        h = {"Content-Type": "application/json", "Accept-Encoding": "identity", **extra}
+        if model.provider_config.api_key:
+            h[self.key_header] = self.key_prefix + model.provider_config.api_key
+        return h
 
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         """The upstream call for an OpenAI chat completion ``body`` (a dict the caller owns; it may be

@@ -290,17 +290,13 @@ class GeminiProvider(Provider):
     name = "gemini"
     default_api_base = "https://generativelanguage.googleapis.com/v1beta"
 
-    def _headers(self, model: Model, extra: dict[str, str]) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Accept-Encoding": "identity", **extra}
-        if model.provider_config.api_key:
-            h["x-goog-api-key"] = model.provider_config.api_key
-        return h
+    key_header, key_prefix = "x-goog-api-key", ""
 
     @guard_request
     def chat_request(self, model: Model, body: dict, stream: bool, headers: dict[str, str]) -> UpstreamRequest:
         method = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
         url = f"{self.base_url(model)}/{model_path(model.model_id)}{method}"
-        return UpstreamRequest(url, self._headers(model, headers), orjson.dumps(generate_request(body)))
+        return UpstreamRequest(url, self.headers(model, headers), orjson.dumps(generate_request(body)))
 
     @guard_response
     def chat_response(self, body: bytes) -> ChatResult:
@@ -336,7 +332,7 @@ class GeminiProvider(Provider):
     @guard_request
     def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
         return batch_embed_request(self.base_url(model), model_path(model.model_id), body,
-                                   self._headers(model, headers))
+                                   self.headers(model, headers))
 
     @guard_response
     def embeddings_response(self, body: bytes, request: UpstreamRequest | None = None) -> ChatResult:

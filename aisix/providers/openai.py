@@ -118,12 +118,6 @@ class OpenAIProvider(Provider):
     name = "openai"
     default_api_base = "https://api.openai.com/v1"
 
-    def _headers(self, model: Model, extra: dict[str, str]) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Accept-Encoding": "identity", **extra}
-        if model.provider_config.api_key:
-            h["Authorization"] = f"Bearer {model.provider_config.api_key}"
-        return h
-
     def __init__(self):
         self._no_stream_options: set[tuple[str, str]] = set()  # (alias, api_base) whose upstream refused them
 
@@ -147,7 +141,7 @@ class OpenAIProvider(Provider):
                 out["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
             elif mode == "auto":
                 out.pop("stream_options", None)
-        return UpstreamRequest(f"{self.base_url(model)}{path}", self._headers(model, headers), orjson.dumps(out))
+        return UpstreamRequest(f"{self.base_url(model)}{path}", self.headers(model, headers), orjson.dumps(out))
 
     def refused_stream_options(self, model: Model, err: GatewayError) -> bool:
         """``stream_usage: auto`` and a 400 whose message or ``param`` names ``stream_options``
@@ -186,7 +180,7 @@ class OpenAIProvider(Provider):
 
     def embeddings_request(self, model: Model, body: dict, headers: dict[str, str]) -> UpstreamRequest:
         body["model"] = model.model_id
-        return UpstreamRequest(f"{self.base_url(model)}/embeddings", self._headers(model, headers),
+        return UpstreamRequest(f"{self.base_url(model)}/embeddings", self.headers(model, headers),
                                orjson.dumps(body))
 
     def embeddings_response(self, body: bytes, request: UpstreamRequest | None = None) -> ChatResult:

@@ -83,21 +83,18 @@ def anthropic_request(provider: Provider, model: Model, raw: bytes, path: str, c
     """``POST {api_base}{path}`` (``/messages`` or ``/messages/count_tokens``) with the body
     ``raw`` as it is, ``x-api-key`` from ``provider_config``, the client's ``anthropic-version``
     (else :data:`API_VERSION`) and ``anthropic-beta``, and ``extra`` (``traceparent``)."""
-    h = {"Content-Type": "application/json", "Accept-Encoding": "identity", "anthropic-version": API_VERSION}
+    h = {"anthropic-version": API_VERSION}
     for name in ANTHROPIC_CLIENT_HEADERS:
         if (v := client.get(name)) is not None:
             h[name] = v
-    h.update(extra)
-    if model.provider_config.api_key:
-        h["x-api-key"] = model.provider_config.api_key
-    return UpstreamRequest(f"{provider.base_url(model)}{path}", h, raw)
+    return UpstreamRequest(f"{provider.base_url(model)}{path}", provider.headers(model, {**h, **extra}), raw)
 
 
 def openai_request(provider: OpenAIProvider, model: Model, raw: bytes, path: str,
                    extra: dict[str, str]) -> UpstreamRequest:
     """``POST {api_base}{path}`` (``/responses``) with the body ``raw`` as it is and the
     provider's usual headers (``Authorization: Bearer``)."""
-    return UpstreamRequest(f"{provider.base_url(model)}{path}", provider._headers(model, extra), raw)
+    return UpstreamRequest(f"{provider.base_url(model)}{path}", provider.headers(model, extra), raw)
 
 
 # -- Anthropic Messages --------------------------------------------------------------------------

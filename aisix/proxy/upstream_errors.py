@@ -21,22 +21,14 @@ from aisix.errors import (
     upstream_too_large,
     upstream_unreachable,
 )
-from aisix.upstream.errors import (
-    ConnectError,
-    ConnectTimeout,
-    ReadTimeout,
-    RemoteProtocolError,
-    ResponseTooLarge,
-    StreamBroken,
-    UpstreamError,
-)
+from aisix.upstream import errors as transport
 
-_MAP = {ConnectError: upstream_unreachable, ConnectTimeout: upstream_timeout, ReadTimeout: upstream_timeout,
-        RemoteProtocolError: upstream_malformed, ResponseTooLarge: upstream_too_large,
-        StreamBroken: upstream_stream_broken}
+_MAP = {transport.ConnectError: upstream_unreachable, transport.ConnectTimeout: upstream_timeout,
+        transport.ReadTimeout: upstream_timeout, transport.RemoteProtocolError: upstream_malformed,
+        transport.ResponseTooLarge: upstream_too_large, transport.StreamBroken: upstream_stream_broken}
 
 
-def gateway_error(e: UpstreamError) -> GatewayError:
+def gateway_error(e: transport.UpstreamError) -> GatewayError:
     """The OpenAI-shaped error a transport failure ends the request with (the table above); its
     message is the transport's, which names no secret."""
     for cls in type(e).__mro__:
