@@ -14,7 +14,7 @@ kept running.
 - **SIGTERM/SIGINT** are passed on to every worker; the supervisor waits for all to drain and exit
   (no restarts from then on). Exit code: the first non-zero one of the workers' last exits, else 0.
 - **SIGHUP** is passed on to worker 0, which re-reads the config file's ``models``/``apikeys`` and
-  upserts them (:func:`aisix.server.reload_resources`); the others follow the store. No listener
+  upserts them (:func:`aisix.server.lifecycle.reload_resources`); the others follow the store. No listener
   or connection is touched.
 """
 from __future__ import annotations

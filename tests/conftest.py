@@ -1,6 +1,6 @@
 import pytest
 
-from tests import services
+from tests.support import services
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +33,8 @@ def trace_sink():
 
 @pytest.fixture(scope="module")
 def upstream():
-    """A scripted OpenAI-compatible upstream on loopback, one per test module (tests.harness.ScriptedUpstream)."""
-    from tests.harness import ScriptedUpstream
+    """A scripted OpenAI-compatible upstream on loopback, one per test module (tests.support.harness.ScriptedUpstream)."""
+    from tests.support.harness import ScriptedUpstream
     up = ScriptedUpstream().start()
     yield up
     up.stop()

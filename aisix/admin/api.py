@@ -16,12 +16,12 @@ schemas in :mod:`aisix.config.resources`; errors use the OpenAI envelope and nam
 bad JSON or a bad field → 400, name/key taken → 409, unknown id → 404, store down → 503.
 
 Secrets: ``provider_config.api_key`` is never logged and responses show it masked
-(:func:`~aisix.resources.mask_secret`), and so are credentials in ``api_base`` (``****@``). A
+(:func:`~aisix.config.resources.mask_secret`), and so are credentials in ``api_base`` (``****@``). A
 PUT that sends back a masked value keeps the stored one, so a GET → edit → PUT round trip is
 safe; the masked ``api_key`` is kept only while the upstream's origin (scheme, host, port of the
 ``api_base`` in effect) stays the same, else the PUT is a 400 asking for the key again, so a
 stored key never follows a request to another host. Client API keys are stored as their
-SHA-256 (:class:`~aisix.resources.ApiKey`): the secret ``key`` is in the response to the write
+SHA-256 (:class:`~aisix.config.resources.ApiKey`): the secret ``key`` is in the response to the write
 that set it and nowhere else; list and get show ``key_prefix``. A create without ``key``
 generates one (``sk-`` and 32 random URL-safe characters); a replace without ``key`` keeps the
 stored one.
@@ -293,7 +293,7 @@ def _masked(pc: dict) -> dict:
 def _keep_masked_secret(new: dict, old: dict) -> dict:
     """A PUT (``new`` over the stored ``old`` model) that sends back masked values it got from a
     GET keeps the stored ones, for the model's ``provider_config`` and for each deployment's (matched
-    by ``id``): an ``api_base`` equal to the stored one masked (:func:`~aisix.resources.mask_url_userinfo`)
+    by ``id``): an ``api_base`` equal to the stored one masked (:func:`~aisix.config.resources.mask_url_userinfo`)
     keeps the stored URL; an ``api_key`` equal to the stored one masked keeps the stored key only
     while the upstream origin (:func:`_origin`) is unchanged. Raises 400 ``invalid_field`` otherwise."""
     out = dict(new)

@@ -3,7 +3,7 @@ proxy's entry routes (``/v1/messages``, ``/v1/responses``, ``/v1/completions``: 
 
 OpenAPI 3.1 schemas are JSON Schema 2020-12, which is what pydantic emits, so the
 resource schemas go in as they are (``components.schemas``), referenced by the paths. An API
-key's schema is the shape the API reads and writes (:class:`~aisix.resources.ApiKeyWrite`:
+key's schema is the shape the API reads and writes (:class:`~aisix.config.resources.ApiKeyWrite`:
 ``key`` write-only, ``key_prefix`` read-only); its stored hash never appears.
 """
 from __future__ import annotations

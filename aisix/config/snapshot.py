@@ -26,7 +26,7 @@ def _secrets_of(pc) -> tuple[str, ...]:
 class Snapshot:
     """Models by ``name`` and API keys by ``key_hash`` (the SHA-256 of the secret, hex: a presented
     key is hashed once and looked up with one dict access); ``revision`` counts swaps; ``secrets``
-    every provider key in it (for :func:`~aisix.redact.redact`). Client keys are not among them:
+    every provider key in it (for :func:`~aisix.proxy.redact.redact`). Client keys are not among them:
     the gateway holds only their hashes (the proxy adds the request's own bearer itself)."""
 
     models: Mapping[str, Model] = field(default_factory=lambda: MappingProxyType({}))

@@ -2,7 +2,7 @@
 (``deployment.rate_limit_store.kind: redis``).
 
 The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.hooks.ratelimit` (whose
-:class:`~aisix.ratelimit.RateLimitHook` this extends), with the counts in Redis:
+:class:`~aisix.hooks.ratelimit.RateLimitHook` this extends), with the counts in Redis:
 
 - **In**: one round trip (``EVALSHA`` of :data:`SYNC`) per request that has limits: atomically, for the key
   and the model, read the minute/day request and token counts and the live concurrency leases

@@ -5,7 +5,7 @@ A provider's :class:`~aisix.providers.StreamDecoder` turns its upstream's events
 (:class:`~aisix.providers.messages_chat.MessagesEncoder`,
 :class:`~aisix.providers.responses_chat.ResponsesEncoder`) turns those chunks into the events of
 the API the client speaks. :class:`ReencodingDecoder` chains them and is itself a StreamDecoder,
-so the relay (:class:`~aisix.relay.StreamRelay`) measures and frames it as any other.
+so the relay (:class:`~aisix.proxy.stream.StreamRelay`) measures and frames it as any other.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def chat_max_tokens_field(provider: str) -> str:
 
 
 async def prepare(request: web.Request, operation: str) -> tuple[Call, dict, bytes, bool]:
-    """Authenticate, read the body, resolve the model (:func:`aisix.proxy._prepare_call`), read
+    """Authenticate, read the body, resolve the model (:func:`aisix.proxy.handlers._prepare_call`), read
     ``stream``. Returns ``(call, body, raw body bytes, stream)``."""
     call, body = await _prepare_call(request, operation)
     stream = stream_flag(body)

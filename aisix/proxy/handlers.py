@@ -253,7 +253,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def call_streamable(request: web.Request, call: Call, provider: Provider, stream: bool,
                           build) -> UpstreamResponse:
-    """Call the upstream with ``build()`` (an :class:`~aisix.upstream.UpstreamRequest`); a stream
+    """Call the upstream with ``build()`` (an :class:`~aisix.upstream.pool.UpstreamRequest`); a stream
     the upstream refused for the ``stream_options`` the gateway added
     (:meth:`~aisix.providers.Provider.refused_stream_options`) is asked once more, built anew
     (without them). Raises what :func:`_call_upstream` raises."""
@@ -271,7 +271,7 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
     """Make the call, retrying and falling back as the model's ``routing`` and ``fallbacks`` say,
     only before the first byte went to the client: ``await attempt(provider, target)`` per try
     (a stream under way never raises; it ends in the stream). A failure that is not retryable
-    (:func:`~aisix.routing.retryable`: a client error, or not in ``retry_on``) goes back as is;
+    (:func:`~aisix.proxy.routing.retryable`: a client error, or not in ``retry_on``) goes back as is;
     so does the last one when every attempt failed. A deployment that can't express the request
     (a 400 before any upstream call) is skipped for the next one or the fallbacks. A 429's
     ``Retry-After`` is waited for (at most :data:`~aisix.routing.MAX_RETRY_WAIT_S`) only when no

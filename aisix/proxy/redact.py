@@ -16,7 +16,7 @@ MIN_SECRET_CHARS = 6
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with each of ``secrets`` replaced by its mask (``****`` + at most its last four
-    characters, :func:`~aisix.resources.mask_secret`); longest secrets first, so a key that
+    characters, :func:`~aisix.config.resources.mask_secret`); longest secrets first, so a key that
     contains another is masked whole."""
     for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True):
         if secret in text:

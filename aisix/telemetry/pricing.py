@@ -97,7 +97,7 @@ def from_table(model_price) -> Price | None:
 
 
 class Prices:
-    """Prices of deployments (one-upstream :class:`~aisix.resources.Model` targets), looked up once
+    """Prices of deployments (one-upstream :class:`~aisix.config.resources.Model` targets), looked up once
     each and kept. ``use_table``: look up models without ``pricing`` in genai-prices (~0.2 s and
     ~30 MB per process: loaded by :meth:`preload` when a model may be in it, else on first use)."""
 

@@ -80,7 +80,7 @@ class RequestRecord:
         self.fallbacks: list[str] = []  # the fallback aliases tried, in order
         self.upstream_errors: list[tuple[str, str]] = []  # each failed upstream call: (model alias, upstream_status label)
         #: streams: the gaps (ns) between content events that came in different reads, and how many
-        #: came in the same read as the one before (gap 0); see :class:`aisix.relay.StreamRelay`
+        #: came in the same read as the one before (gap 0); see :class:`aisix.proxy.stream.StreamRelay`
         self.gaps_ns = ()
         self.zero_gaps = 0
         self.cached_tokens = self.cache_write_tokens = 0  # of prompt_tokens: read from / written to the prompt cache

@@ -5,7 +5,7 @@
 
 Lines are limited per (model, deployment, status): the first goes out at once, then at most one per
 :data:`INTERVAL_S` seconds, carrying how many were suppressed meanwhile. Never a key or a prompt:
-the message has passed :func:`~aisix.redact.redact`.
+the message has passed :func:`~aisix.proxy.redact.redact`.
 """
 from __future__ import annotations
 

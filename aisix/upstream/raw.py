@@ -1,7 +1,7 @@
 """A raw HTTP/1.1 upstream client for ``http://`` URLs: an asyncio Protocol per connection,
 ``httptools`` (llhttp) to parse responses, and a keep-alive pool per ``(scheme, host, port)``.
 
-It does what :class:`aisix.upstream.UpstreamPool` needs and no more: one request per
+It does what :class:`aisix.upstream.pool.UpstreamPool` needs and no more: one request per
 connection at a time (no pipelining), ``POST``/``GET`` with a body and ``Content-Length``,
 responses framed by ``Content-Length``, ``Transfer-Encoding: chunked`` or connection close.
 It exists because aiohttp's client machinery (``ClientSession._request``,
@@ -12,7 +12,7 @@ one), the caller's headers as they are (nothing added: no ``Accept-Encoding``, n
 ``User-Agent``; a caller's ``Content-Length``/``Transfer-Encoding``/``Connection`` are
 replaced), ``Content-Length`` of the body, then the body, in one write.
 
-What comes back (:class:`RawResponse`, the :class:`~aisix.upstream.UpstreamResponse`
+What comes back (:class:`RawResponse`, the :class:`~aisix.upstream.pool.UpstreamResponse`
 interface): ``status``, ``headers`` (a :class:`multidict.CIMultiDict`), ``await read()``,
 ``async for chunk in iter_chunks()`` (the de-chunked body bytes exactly as sent: one item per
 socket read while the consumer keeps up; what arrived meanwhile, joined, when it falls

@@ -2,9 +2,9 @@
 
 A store keeps every resource as ``{kind: {id: dict}}`` (kinds: ``models``, ``apikeys``),
 persists writes its own way, and after each change publishes a new immutable
-:class:`~aisix.snapshot.Snapshot` through the :class:`~aisix.snapshot.SnapshotHolder`.
+:class:`~aisix.config.snapshot.Snapshot` through the :class:`~aisix.config.snapshot.SnapshotHolder`.
 
-API keys are kept as :class:`~aisix.resources.ApiKey` stores them: ``key_hash`` (SHA-256) and
+API keys are kept as :class:`~aisix.config.resources.ApiKey` stores them: ``key_hash`` (SHA-256) and
 ``key_prefix``, never the secret. One written in plaintext by an older aisix is hashed when it is
 read (:func:`hash_plaintext_keys`), and the back ends write it back hashed at start-up.
 
@@ -61,7 +61,7 @@ def check_unique(kind: str, existing: dict[str, dict], rid: str, obj: dict) -> N
 
 def hash_plaintext_keys(data: dict[str, dict[str, dict]]) -> list[str]:
     """Replace, in place, every API key of ``data`` (``{kind: {id: dict}}``) stored in plaintext
-    by an older aisix with its hashed shape (:func:`~aisix.resources.stored_api_key`). Returns the
+    by an older aisix with its hashed shape (:func:`~aisix.config.resources.stored_api_key`). Returns the
     ids replaced, so the caller can write them back."""
     keys = data.get("apikeys", {})
     done = []
@@ -156,8 +156,8 @@ class ConfigStore(ABC):
         return existed
 
     async def seed(self, models, apikeys) -> None:
-        """Upsert the config file's ``models`` (:class:`~aisix.resources.Model`) by name and
-        ``apikeys`` (:class:`~aisix.resources.ApiKeyWrite`, ``key`` set) by the key's hash."""
+        """Upsert the config file's ``models`` (:class:`~aisix.config.resources.Model`) by name and
+        ``apikeys`` (:class:`~aisix.config.resources.ApiKeyWrite`, ``key`` set) by the key's hash."""
         for model in models:
             await self.upsert_by_unique("models", model.model_dump(mode="json", exclude_unset=True, exclude={"id"}))
         for key in apikeys:
