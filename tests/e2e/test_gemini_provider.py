@@ -7,7 +7,15 @@ import openai
 import pytest
 
 from tests.support.emulators.gemini import GeminiEmulator, embedding_values
-from tests.support.provider_e2e import COMPLETION, E2E, FIRST, PROMPT, TOTAL, assert_unreachable_502_and_timeout_504
+from tests.support.provider_e2e import (
+    COMPLETION,
+    E2E,
+    FIRST,
+    PROMPT,
+    TOTAL,
+    assert_unreachable_502_and_timeout_504,
+    mid_stream_failure,
+)
 from tests.unit.test_gemini_translation import USER
 
 
@@ -141,18 +149,10 @@ def test_e2e_unreachable_is_502_and_timeout_is_504(gw, emu, stream):
 
 @pytest.mark.parametrize("mode", ["error_after", "drop_after"])
 def test_e2e_mid_stream_error(gw, emu, mode):
-    emu.reply(text=["one", "two", "three"], usage={"promptTokenCount": 8, "candidatesTokenCount": 3}, **{mode: 2})
-    d = gw.delta(status="502")
-    got = []
-    with pytest.raises(openai.APIError) as e:
-        for c in gw.client().chat.completions.create(model="m", messages=[USER], stream=True):
-            got.append(c.choices[0].delta.content or "")
-    assert "".join(got) == "onetwo"
+    """Measured with what it got: the running usage of the last event."""
+    err = mid_stream_failure(gw, emu, [USER], mode, {"promptTokenCount": 8, "candidatesTokenCount": 3})
     if mode == "error_after":
-        assert e.value.body["code"] == "UNAVAILABLE"
-    d.expect_status(1)
-    d.expect(PROMPT, 8)  # measured with what it got: the running usage of the last event
-    d.expect(FIRST, 1)
+        assert err.body["code"] == "UNAVAILABLE"
 
 
 @pytest.mark.parametrize("fmt", [None, "float"])

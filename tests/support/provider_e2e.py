@@ -86,3 +86,21 @@ def assert_unreachable_502_and_timeout_504(gw: "E2E", emu, messages: list, strea
     with pytest.raises(openai.APIStatusError) as e:
         gw.client().chat.completions.create(model="m-slow", messages=messages, stream=stream)
     assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
+
+
+def mid_stream_failure(gw: "E2E", emu, messages: list, mode: str, usage: dict) -> openai.APIError:
+    """The upstream streams "one", "two", then fails (``mode``: ``error_after`` sends an error
+    event, ``drop_after`` drops the connection); the client got exactly "onetwo" and then an
+    error, the request is measured once as 502 with the prompt tokens the stream carried so far
+    (8) and one first token. Returns the client's error for the provider-specific checks."""
+    emu.reply(text=["one", "two", "three"], usage=usage, **{mode: 2})
+    d = gw.delta(status="502")
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for c in gw.client().chat.completions.create(model="m", messages=messages, stream=True):
+            got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "onetwo"
+    d.expect_status(1)
+    d.expect(PROMPT, 8)
+    d.expect(FIRST, 1)
+    return e.value
