@@ -39,14 +39,12 @@ from aisix.config.resources import ApiKey, Model, RateLimit
 from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call, Hook
+from aisix.providers.base import BYTES_PER_TOKEN
 
 MINUTE = 60  # s
 MINUTES_PER_DAY = 1440
 DAY = MINUTE * MINUTES_PER_DAY  # s
 
-#: Prompt estimate when usage is missing: one token per this many bytes of request JSON
-#: (OpenAI's ~4 characters per token for English; the JSON framing makes it err high).
-BYTES_PER_TOKEN = 4
 
 _STATE = "ratelimit"  # call.state entry: (key counters | None, model counters | None)
 

@@ -60,6 +60,11 @@ def _cached_of(u: Mapping, prompt: int) -> int:
     return n if type(n) is int and 0 <= n <= prompt else 0
 
 
+#: Token estimate where an upstream gives no count: one token per this many bytes of request JSON
+#: (OpenAI's ~4 characters per token for English; the JSON framing makes it err high).
+BYTES_PER_TOKEN = 4
+
+
 @dataclass(slots=True)
 class ChatResult:
     """A whole (non-streamed) response translated to OpenAI: ``body`` is the JSON bytes to send."""

@@ -28,8 +28,7 @@ import uuid
 import orjson
 
 from aisix.errors import GatewayError, invalid_request
-from aisix.hooks.ratelimit import BYTES_PER_TOKEN
-from aisix.providers.base import ChatResult
+from aisix.providers.base import BYTES_PER_TOKEN, ChatResult
 from aisix.providers.reencode import ChunkEncoder
 from aisix.providers.translate import (
     as_int,
@@ -280,7 +279,7 @@ def chat_body(body: dict, max_tokens_field: str = "max_tokens") -> dict:
 
 def estimate_input_tokens(body: dict) -> int:
     """An estimate (tokens) of a Messages request's input, for ``count_tokens`` to providers that
-    have no such endpoint: one token per :data:`~aisix.ratelimit.BYTES_PER_TOKEN` bytes of the
+    have no such endpoint: one token per :data:`~aisix.providers.base.BYTES_PER_TOKEN` bytes of the
     JSON of ``system``, ``messages`` and ``tools``, images (their base64 left out) counted
     :data:`IMAGE_TOKENS` each."""
     images = 0

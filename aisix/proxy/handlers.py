@@ -24,8 +24,9 @@ from aisix.config.snapshot import Snapshot
 from aisix.errors import GatewayError, invalid_request, upstream_malformed
 from aisix.gateway import GATEWAY
 from aisix.hooks.pipeline import Call
-from aisix.hooks.ratelimit import BYTES_PER_TOKEN, charged_tokens
+from aisix.hooks.ratelimit import charged_tokens
 from aisix.providers import Provider, StreamDecoder, get_provider
+from aisix.providers.base import BYTES_PER_TOKEN
 from aisix.proxy.redact import redact
 from aisix.proxy.routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
 from aisix.proxy.stream import StreamRelay
