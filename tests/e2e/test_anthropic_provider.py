@@ -1,4 +1,6 @@
-"""The ``anthropic`` provider: the sans-IO translators (request, response, stream decoder, errors) — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_anthropic_translation`)."""
+"""The ``anthropic`` provider end to end: the official ``openai`` client through a real gateway
+process to an Anthropic emulator; exact tokens in a real Prometheus, errors, broken streams.
+The sans-IO translators: :mod:`tests.unit.test_anthropic_translation`."""
 from __future__ import annotations
 
 import json

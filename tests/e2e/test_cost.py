@@ -1,4 +1,5 @@
-"""Cost: a deployment's own ``pricing`` or genai-prices' table, checked against the table's own — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_pricing`)."""
+"""Cost end to end: known tokens → a known ``aisix_cost_usd_total`` in a real Prometheus, on
+the span and in the access log. The price lookups: :mod:`tests.unit.test_pricing`."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,6 @@
-"""The ``gemini`` provider: the sans-IO translators (request, response, ``alt=sse`` stream decoder, — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_gemini_translation`)."""
+"""The ``gemini`` provider end to end: the official ``openai`` client through a real gateway
+process to a Gemini emulator; exact tokens in a real Prometheus, embeddings, errors, broken
+streams. The sans-IO translators: :mod:`tests.unit.test_gemini_translation`."""
 from __future__ import annotations
 
 import json

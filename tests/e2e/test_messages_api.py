@@ -1,4 +1,7 @@
-"""``POST /v1/messages`` and ``/v1/messages/count_tokens`` (the Anthropic Messages API). — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_messages_translation`)."""
+"""``POST /v1/messages`` and ``/v1/messages/count_tokens`` (the Anthropic Messages API) end to
+end: the official ``anthropic`` SDK through a real gateway process, passed through to an
+Anthropic-emulated upstream and translated to the others; exact tokens in a real Prometheus.
+The sans-IO translators: :mod:`tests.unit.test_messages_translation`."""
 from __future__ import annotations
 
 import anthropic

@@ -1,4 +1,7 @@
-"""``POST /v1/responses`` (the OpenAI Responses API, stateless subset). — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_responses_translation`)."""
+"""``POST /v1/responses`` (the OpenAI Responses API, stateless subset) end to end: the official
+``openai`` SDK through a real gateway process, passed through to OpenAI and translated to the
+others; exact tokens in a real Prometheus. The sans-IO translators:
+:mod:`tests.unit.test_responses_translation`."""
 from __future__ import annotations
 
 import json

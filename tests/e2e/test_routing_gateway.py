@@ -1,4 +1,6 @@
-"""Routing (issue 11): several deployments behind one alias, strategies, retries before the first — end to end, through real gateway processes (the sans-IO half: :mod:`tests.unit.test_router`)."""
+"""Routing (issue 11) through real gateway processes on loopback with scripted upstreams: load
+balancing, retries before the first byte only, cooldown, fallbacks, the per-attempt series and
+spans. The Router itself, sans IO: :mod:`tests.unit.test_router`."""
 from __future__ import annotations
 
 import asyncio

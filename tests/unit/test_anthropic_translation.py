@@ -1,7 +1,5 @@
-"""The ``anthropic`` provider: the sans-IO translators (request, response, stream decoder, errors)
-byte by byte, then end to end with the official ``openai`` client through the gateway (a real
-``python -m aisix serve`` process) to the Anthropic emulator, with token counts checked in a
-real Prometheus against the emulator's own counts."""
+"""aisix.providers.anthropic, sans IO: the translators (request, response, stream decoder,
+errors) byte by byte. End to end: :mod:`tests.e2e.test_anthropic_provider`."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,5 @@
-"""The ``gemini`` provider: the sans-IO translators (request, response, ``alt=sse`` stream decoder,
-embeddings, errors) byte by byte, then end to end with the official ``openai`` client through the
-gateway (a real ``python -m aisix serve`` process) to the Gemini emulator, with token counts
-checked in a real Prometheus against the emulator's own counts."""
+"""aisix.providers.gemini, sans IO: the translators (request, response, ``alt=sse`` stream
+decoder, embeddings, errors) byte by byte. End to end: :mod:`tests.e2e.test_gemini_provider`."""
 from __future__ import annotations
 
 import base64

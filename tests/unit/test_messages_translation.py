@@ -1,13 +1,8 @@
-"""``POST /v1/messages`` and ``/v1/messages/count_tokens`` (the Anthropic Messages API).
-
-First the sans-IO pieces on recorded event sequences (the shapes of the Messages and chat
-streaming references): the model rewrite that keeps every other byte, the Messages → chat
-request translation, the chat → Messages answer and event sequence, the pass-through decoder.
-Then end to end with the official ``anthropic`` SDK through a real gateway process to the
-Anthropic emulator (pass-through: the bytes the client gets are the upstream's) and to the
-OpenAI emulator (translated), streamed and not, with text, thinking and tool calls; tokens and
-first-token samples read from the session's real Prometheus.
-"""
+"""The Anthropic Messages API's sans-IO pieces (aisix.providers.messages_chat, passthrough) on
+recorded event sequences (the shapes of the Messages and chat streaming references): the model
+rewrite that keeps every other byte, the Messages → chat request translation, the chat →
+Messages answer and event sequence, the pass-through decoder. End to end:
+:mod:`tests.e2e.test_messages_api`."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""Cost: a deployment's own ``pricing`` or genai-prices' table, checked against the table's own
-calculator; unknown → none; and end to end, known tokens → a known ``aisix_cost_usd_total`` in a
-real Prometheus, on the span and in the access log."""
+"""aisix.telemetry.pricing: a deployment's own ``pricing`` or genai-prices' table, checked
+against the table's own calculator; unknown → none, never a guess. End to end:
+:mod:`tests.e2e.test_cost`."""
 from __future__ import annotations
 
 from datetime import UTC, datetime

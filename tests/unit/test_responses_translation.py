@@ -1,14 +1,8 @@
-"""``POST /v1/responses`` (the OpenAI Responses API, stateless subset).
-
-First the sans-IO pieces: the Responses → chat request translation and its refusals, the chat →
-``response`` object and event sequence (checked by the official SDK's own stream state, which
-refuses inconsistent sequences), the pass-through decoder on a recorded stream. Then end to end
-with the official ``openai`` SDK (``client.responses``) through a real gateway process: passed
-through to the ``openai`` provider (the OpenAI emulator; the bytes the client gets are the
-upstream's), translated for ``deepseek`` (the same emulator's chat API), ``anthropic`` and
-``mock``, streamed and not, with a function call round trip; tokens and first-token samples in
-the real Prometheus; errors in the OpenAI envelope.
-"""
+"""The OpenAI Responses API's sans-IO pieces (aisix.providers.responses_chat, passthrough): the
+Responses → chat request translation and its refusals, the chat → ``response`` object and event
+sequence (checked by the official SDK's own stream state, which refuses inconsistent
+sequences), the pass-through decoder on a recorded stream. End to end:
+:mod:`tests.e2e.test_responses_api`."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
-"""Routing (issue 11): several deployments behind one alias, strategies, retries before the first
-byte only, cooldown, fallbacks, and the per-attempt series. Router unit tests, then real gateway
-processes on loopback with scripted upstreams, the official openai client and a real Prometheus."""
+"""aisix.proxy.routing.Router, sans IO: strategies and weights, tried deployments skipped,
+cooldown and its fallback to the least recently failed, capacity, failure kinds and retry hints.
+Through real gateways: :mod:`tests.e2e.test_routing_gateway`."""
 from __future__ import annotations
 
 import random
