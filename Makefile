@@ -8,7 +8,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-
 # apt-get install $(1), refreshing the package lists only if the first try fails
 apt_install = $(APT) install --no-install-recommends $(1) || { $(APT) update && $(APT) install --no-install-recommends $(1); }
 
-.PHONY: install serve test services prometheus bench clean distclean
+.PHONY: install serve test test-unit services prometheus bench clean distclean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ serve: install
 
 test: install services
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests alone (tests/unit: no processes, no services; about 25 s)
+test-unit: install
+	$(VENV)/bin/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Real services the tests start on loopback: etcd, redis-server, nginx (bench only), and a
 # Prometheus with its OTLP receiver (built once, ~3 min, when none is found).
