@@ -62,7 +62,7 @@ log = logging.getLogger("aisix.ratelimit")
 #: Seconds between probes of an unreachable Redis.
 PROBE_INTERVAL = 0.5
 #: Longest wait of a release for an admission to travel with (s).
-RELEASE_DELAY = 0.001
+RELEASE_DELAY = 0.005
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
 
