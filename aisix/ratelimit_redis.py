@@ -54,7 +54,8 @@ from .errors import GatewayError
 from .hooks import Call
 from .ratelimit import Counters, RateLimitHook, _headers, charged_tokens, key_identity
 from .redis_pipe import PING, RedisPipe, Script, bulk
-from .resources import RateLimit
+from .resources import Model, RateLimit
+from .routing import NoRoom
 from .snapshot import Snapshot, SnapshotHolder
 
 log = logging.getLogger("aisix.ratelimit")
@@ -288,6 +289,33 @@ class RedisRateLimitHook(RateLimitHook):
             self.leases[member] = bases
             self._ensure_renewer()
         return reply, member
+
+    # -- deployments (routing's SharedRoom) --------------------------------------------------
+    async def take_room(self, model: Model, target: Model) -> tuple | None:
+        """Check and take room for one request on deployment ``target`` of ``model`` under its own
+        ``rate_limit`` (rpm, tpm, concurrency), atomically, in the next :data:`SYNC` (one round trip,
+        batched with the others). Returns what :meth:`give_room` gives back; None when Redis is
+        unreachable under ``allow`` (the router's own counts count); raises
+        :class:`~aisix.routing.NoRoom` when refused (with the end of the minute when its requests or
+        tokens ran out) or when Redis is unreachable under ``deny``."""
+        rl = target.capacity
+        if self.shared:
+            base = self._base("deployment", f"{model.name}\0{target.deployment_id}", model.id)
+            reply, member = await self.admit((base,), self._limits_arg(None, rl), bool(rl.concurrency))
+            if reply is not None:
+                admitted, now, (rm, _, tm, _, _) = reply
+                if admitted:
+                    return (base,), member
+                spent = (rl.rpm is not None and rm >= rl.rpm) or (rl.tpm is not None and tm >= rl.tpm)
+                raise NoRoom((now // 60 + 1) * 60 if spent else 0.0)
+        self.count_error()
+        if self.cfg.on_store_error == "deny":
+            raise NoRoom(0.0, store_unavailable())
+        return None
+
+    def give_room(self, taken: tuple, tokens: int) -> None:
+        """The request on a deployment is over: its lease back, its ``tokens`` charged (in the next SYNC)."""
+        self.release(*taken, tokens)
 
     # -- out ------------------------------------------------------------------------------
     def post_call(self, call: Call) -> None:
