@@ -11,6 +11,8 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.ratelimit`
 - **Out**: giving the lease back and charging the tokens (into the window current then) is never
   awaited by the request; it travels in the next ``SYNC`` this process sends (an admission's), or
   in its own after :data:`RELEASE_DELAY` when no request comes first.
+- **One connection** per process (:class:`aisix.redis_pipe.RedisPipe`), pipelined: a SYNC is
+  written as soon as the loop pass that queued it ends, without waiting for the ones before it.
 - **Batched**: every release and admission queued in the same event-loop pass goes in one
   ``SYNC`` (in order: each admission sees what the ones before it took), so under load one
   round trip serves many requests.
@@ -19,11 +21,15 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.ratelimit`
   third of the TTL while the request runs. Expired members are dropped before each count, so the
   slots of a node that died without giving them back are free ``lease_ttl_ms`` after its last
   renewal at the latest. Leases are taken only where a ``concurrency`` limit is set.
+- **Deployments** of a model with their own ``rate_limit`` (rpm, tpm, concurrency) are counted the
+  same way, as one more entity (:meth:`RedisRateLimitHook.take_room`, called by
+  :meth:`aisix.routing.Router.claim` for the deployment chosen: checked and taken atomically in one
+  SYNC, given back with its tokens when the attempt ends).
 - Windows and lease expiry use the Redis server's clock (``TIME``), so every node agrees on
   them; tests may pass a ``clock`` instead.
 
 Redis keys (``P`` = ``key_prefix``; ``E`` = ``rl:key:<h>`` or ``rl:model:<h>``, ``<h>`` a
-SHA-256 of the entity's identity and id, so no client key is ever written to Redis and a
+SHA-256 of the entity's identity and id (or ``rl:deployment:<h>``, of the alias, the deployment id and the model's id), so no client key is ever written to Redis and a
 re-created entity starts from zero): ``P E:rm:<minute>``, ``P E:rd:<day>`` (requests),
 ``P E:tm:<minute>``, ``P E:td:<day>`` (tokens), each expiring after its window, and ``P E:c``
 (leases). One Redis server (or a primary): the scripts build key names, so Redis Cluster is not
