@@ -111,12 +111,12 @@ class RedisPipe:
             if self.closed:
                 raise ConnectionError("the rate-limit store connection is closed")
             loop = asyncio.get_running_loop()
-            make = lambda: _Conn(self)  # noqa: E731
+            make = lambda: _Conn(self)
             opening = loop.create_unix_connection(make, self._path) if self._path else \
                 loop.create_connection(make, self._host, self._port, ssl=self._ssl)
             try:
                 _, conn = await asyncio.wait_for(opening, self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TimeoutError(f"connecting to Redis took longer than {self.timeout}s") from None
             hello = [conn.send(cmd) for cmd in self._hello]
             try:

@@ -67,8 +67,17 @@ class DeploymentState:
     """One deployment's health: ``in_flight`` requests, recent failure times (s), the end of
     its cooldown (s, 0: none), the EWMA of its time to first byte (ms, None: no sample yet)."""
 
-    __slots__ = ("in_flight", "fails", "cooldown_until", "ewma_ms", "last_fail", "minute", "requests", "tokens",
-                 "full_until")
+    __slots__ = (
+        "cooldown_until",
+        "ewma_ms",
+        "fails",
+        "full_until",
+        "in_flight",
+        "last_fail",
+        "minute",
+        "requests",
+        "tokens",
+    )
 
     def __init__(self):
         self.in_flight = 0
