@@ -127,7 +127,7 @@ async def _list(request: web.Request) -> web.Response:
 async def _health_models(request: web.Request) -> web.Response:
     """``GET /aisix/admin/health/models``: each deployment of each model as this process's router
     sees it: ``state`` (healthy / cooling_down), ``cooldown_remaining_ms``, ``in_flight``,
-    ``ewma_first_byte_ms``, ``recent_failures`` (:meth:`~aisix.routing.Router.health`). With
+    ``ewma_first_byte_ms``, ``recent_failures`` (:meth:`~aisix.proxy.routing.Router.health`). With
     ``--workers N`` it is worker 0's view (the Admin API's process)."""
     gw = request.app[GATEWAY]
     models = sorted(gw.holder.current.models.values(), key=lambda m: m.name)

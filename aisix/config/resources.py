@@ -182,7 +182,7 @@ class Deployment(BaseModel):
     pricing: Pricing | None = Field(None, description="this deployment's prices (default: the model's `pricing`, "
                                     "else the price table)")
     rate_limit: RateLimit | None = Field(None, description="this deployment's own capacity (rpm, tpm, concurrency; "
-                                         "counted per process): a deployment without room is skipped")
+                                         "counted per process, or in Redis with rate_limit_store redis): a deployment without room is skipped")
 
     @field_validator("rate_limit")
     @classmethod

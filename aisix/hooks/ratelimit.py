@@ -49,6 +49,18 @@ DAY = MINUTE * MINUTES_PER_DAY  # s
 _STATE = "ratelimit"  # call.state entry: (key counters | None, model counters | None)
 
 
+class NoRoom(Exception):
+    """Raised by :meth:`aisix.proxy.routing.SharedRoom.take_room`: the deployment has no room in the shared store.
+    ``until``: Unix time (s) until which it is known to have none (the end of the minute whose
+    requests or tokens ran out), 0 when unknown (its concurrency is full, or the store is down);
+    ``error``: the error to answer with when no deployment is left (the store being unreachable
+    under ``on_store_error: deny``), else None."""
+
+    def __init__(self, until: float = 0.0, error: GatewayError | None = None):
+        super().__init__(until, error)
+        self.until, self.error = until, error
+
+
 class Counters:
     """What one key or model has used: in the current minute and day windows, and in flight."""
 

@@ -11,6 +11,8 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.hooks.rate
 - **Out**: giving the lease back and charging the tokens (into the window current then) is never
   awaited by the request; it travels in the next ``SYNC`` this process sends (an admission's), or
   in its own after :data:`RELEASE_DELAY` when no request comes first.
+- **One connection** per process (:class:`aisix.hooks.redis_pipe.RedisPipe`), pipelined: a SYNC is
+  written as soon as the loop pass that queued it ends, without waiting for the ones before it.
 - **Batched**: every release and admission queued in the same event-loop pass goes in one
   ``SYNC`` (in order: each admission sees what the ones before it took), so under load one
   round trip serves many requests.
@@ -19,11 +21,15 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.hooks.rate
   third of the TTL while the request runs. Expired members are dropped before each count, so the
   slots of a node that died without giving them back are free ``lease_ttl_ms`` after its last
   renewal at the latest. Leases are taken only where a ``concurrency`` limit is set.
+- **Deployments** of a model with their own ``rate_limit`` (rpm, tpm, concurrency) are counted the
+  same way, as one more entity (:meth:`RedisRateLimitHook.take_room`, called by
+  :meth:`aisix.proxy.routing.Router.claim` for the deployment chosen: checked and taken atomically in one
+  SYNC, given back with its tokens when the attempt ends).
 - Windows and lease expiry use the Redis server's clock (``TIME``), so every node agrees on
   them; tests may pass a ``clock`` instead.
 
 Redis keys (``P`` = ``key_prefix``; ``E`` = ``rl:key:<h>`` or ``rl:model:<h>``, ``<h>`` a
-SHA-256 of the entity's identity and id, so no client key is ever written to Redis and a
+SHA-256 of the entity's identity and id (or ``rl:deployment:<h>``, of the alias, the deployment id and the model's id), so no client key is ever written to Redis and a
 re-created entity starts from zero): ``P E:rm:<minute>``, ``P E:rd:<day>`` (requests),
 ``P E:tm:<minute>``, ``P E:td:<day>`` (tokens), each expiring after its window, and ``P E:c``
 (leases). One Redis server (or a primary): the scripts build key names, so Redis Cluster is not
@@ -47,25 +53,22 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from aisix.config.loader import RateLimitStoreConfig
-from aisix.config.resources import RateLimit
+from aisix.config.resources import Model, RateLimit
 from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
-from aisix.hooks.ratelimit import Counters, RateLimitHook, _headers, charged_tokens, key_identity
+from aisix.hooks.ratelimit import Counters, NoRoom, RateLimitHook, _headers, charged_tokens, key_identity
+from aisix.hooks.redis_pipe import PING, RedisPipe, Script, bulk
 
 log = logging.getLogger("aisix.ratelimit")
 
 #: Seconds between probes of an unreachable Redis.
 PROBE_INTERVAL = 0.5
 #: Longest wait of a release for an admission to travel with (s).
-RELEASE_DELAY = 0.001
+RELEASE_DELAY = 0.005
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
 
@@ -171,6 +174,13 @@ return 0
 """
 
 
+SYNC_SCRIPT = Script(SYNC)
+RENEW_SCRIPT = Script(RENEW)
+_N = [bulk(i) for i in range(8)]  # small counts, packed
+_EMPTY = bulk("")  # "no lease"
+_MINUS1 = bulk(-1)  # "use Redis's TIME"
+
+
 def redacted(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, for logs."""
     parts = urlsplit(url)
@@ -180,8 +190,10 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def _limits(rl: RateLimit) -> str:
-    return f"{rl.rpm or 0} {rl.rpd or 0} {rl.tpm or 0} {rl.tpd or 0} {rl.concurrency or 0}"
+def _limits(rl: RateLimit | None) -> str:
+    """One entity's limits as :data:`SYNC` reads them: "rpm rpd tpm tpd concurrency", 0 for none."""
+    return "0 0 0 0 0" if rl is None else \
+        f"{rl.rpm or 0} {rl.rpd or 0} {rl.tpm or 0} {rl.tpd or 0} {rl.concurrency or 0}"
 
 
 def _counts(counts: list, i: int) -> Counters:
@@ -205,26 +217,22 @@ class RedisRateLimitHook(RateLimitHook):
         super().__init__(holder, clock or time.time)
         self.cfg = cfg
         self.redis_clock = clock
-        timeout = cfg.timeout_ms / 1000
-        # one immediate retry on a new connection after a connection error: a pooled connection
-        # from before a Redis restart fails once; a timeout is never retried (one wait at most)
-        self.redis = Redis.from_url(cfg.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                    retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-        self._script = self.redis.register_script(SYNC)
-        self._renew = self.redis.register_script(RENEW)
+        self.pipe = RedisPipe(cfg.url, cfg.timeout_ms / 1000, (SYNC_SCRIPT, RENEW_SCRIPT))
         self.count_error = count_error
         self.shared = True  # False while Redis is unreachable (then the local counters count)
-        #: leases this process holds, renewed while their requests run: member -> entity bases
-        self.leases: dict[str, tuple[str, ...]] = {}
-        self._admissions: list = []  # for the next SYNC: (bases, member, limits, future)
-        self._releases: list[tuple[tuple[str, ...], str, int]] = []  # for the next SYNC
-        self._sender: asyncio.Task | None = None  # the SYNC that will take what is queued
+        #: leases this process holds, renewed while their requests run: member -> entity bases (packed)
+        self.leases: dict[bytes, tuple[bytes, ...]] = {}
+        self._admissions: list = []  # for the next SYNC: (bases, member, limits, future), all packed
+        self._releases: list[tuple[tuple[bytes, ...], bytes, int]] = []  # for the next SYNC
+        self._sender: asyncio.Handle | None = None  # the SYNC that will take what is queued (call_soon)
         self._release_timer: asyncio.TimerHandle | None = None
         self.syncing = 0  # SYNC calls on their way
+        self._last_sync: asyncio.Future | None = None  # replies come in order: this one is the last
         self._renewer: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._bases: dict[tuple[str, str, str | None], str] = {}
+        self._ttl = bulk(cfg.lease_ttl_ms)
+        self._bases: dict[tuple[str, str, str | None], bytes] = {}  # entity -> its packed Redis key base
+        self._limit_args: dict[tuple[int, int], tuple] = {}  # (id(key rl), id(model rl)) -> (krl, mrl, packed)
         self._lease_prefix = secrets.token_hex(6) + ":"  # this process's lease members
         self._seq = 0
 
@@ -241,35 +249,19 @@ class RedisRateLimitHook(RateLimitHook):
         """Redis is unreachable: count on this process (``allow``) or refuse (``deny``)."""
         self.count_error()
         if self.cfg.on_store_error == "deny":
-            raise GatewayError(
-                429, "Rate limits cannot be checked right now: the gateway's rate-limit store (Redis) is "
-                     "unreachable, and the gateway is set to refuse requests then. Please try again in 1s.",
-                "rate_limit_error", "rate_limit_store_unavailable", {"Retry-After": "1"})
+            raise store_unavailable()
         super().pre_call(call)
 
     async def _admit_shared(self, call: Call, krl: RateLimit | None, mrl: RateLimit | None) -> None:
-        """Queue this request for the next :data:`SYNC` (every request queued in the same loop pass
-        goes in one call) and make its headers, or its 429, from the counts that come back."""
-        bases, limits, member = [], [], ""
+        """Count this request in Redis (:meth:`admit`) and make its headers, or its 429, from the
+        cluster-wide counts that come back."""
         if krl is not None:
-            bases.append(self._base("key", key_identity(call.key), call.key.id))
-            limits.append(_limits(krl))
-        if mrl is not None:
-            bases.append(self._base("model", call.model.name, call.model.id))
-            limits.append(_limits(mrl))
-        if (krl is not None and krl.concurrency) or (mrl is not None and mrl.concurrency):
-            self._seq += 1
-            member = f"{self._lease_prefix}{self._seq}"
-        fut = asyncio.get_running_loop().create_future()
-        self._admissions.append((bases, member, " ".join(limits), fut))
-        if self._sender is None:
-            self._sender = self._spawn(self._sync())
-        try:
-            reply = await fut
-        except asyncio.CancelledError:
-            if member and fut.done() and not fut.cancelled() and fut.result() and fut.result()[0]:
-                self._queue_release(tuple(bases), member, 0)  # admitted as the client went away
-            raise
+            kb = self._base("key", key_identity(call.key), call.key.id)
+            bases = (kb,) if mrl is None else (kb, self._base("model", call.model.name, call.model.id))
+        else:
+            bases = (self._base("model", call.model.name, call.model.id),)
+        lease = bool((krl is not None and krl.concurrency) or (mrl is not None and mrl.concurrency))
+        reply, member = await self.admit(bases, self._limits_arg(krl, mrl), lease)
         if reply is None:  # Redis failed
             return self._unshared(call)
         admitted, now, counts = reply
@@ -278,12 +270,57 @@ class RedisRateLimitHook(RateLimitHook):
         pairs = ((kc, krl), (mc, mrl))
         if not admitted:
             self._reject(call, pairs, now)
-        bases = tuple(bases)
-        if member:
-            self.leases[member] = bases
-            self._ensure_renewer()
         call.state[_SHARED] = (bases, member)
         call.response_headers.update(_headers(pairs, now))
+
+    async def admit(self, bases: tuple[bytes, ...], limits: bytes, lease: bool) -> tuple[tuple | None, bytes]:
+        """Queue one admission for the next :data:`SYNC` (every one queued in the same loop pass
+        goes in one call) and wait for it: ``bases`` are the entities' packed key bases
+        (:meth:`_base`), ``limits`` their packed limits, ``lease`` whether to take a concurrency
+        lease. Returns ``((admitted, now_s, counts), lease member)``, or ``(None, member)`` when Redis
+        failed. A lease taken is renewed until :meth:`release` gives it back."""
+        member = self._new_member() if lease else _EMPTY
+        fut = asyncio.get_running_loop().create_future()
+        self._admissions.append((bases, member, limits, fut))
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().call_soon(self._sync)
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            if lease and fut.done() and not fut.cancelled() and fut.result() and fut.result()[0]:
+                self._queue_release(bases, member, 0)  # admitted as the client went away
+            raise
+        if lease and reply is not None and reply[0]:
+            self.leases[member] = bases
+            self._ensure_renewer()
+        return reply, member
+
+    # -- deployments (routing's SharedRoom) --------------------------------------------------
+    async def take_room(self, model: Model, target: Model) -> tuple | None:
+        """Check and take room for one request on deployment ``target`` of ``model`` under its own
+        ``rate_limit`` (rpm, tpm, concurrency), atomically, in the next :data:`SYNC` (one round trip,
+        batched with the others). Returns what :meth:`give_room` gives back; None when Redis is
+        unreachable under ``allow`` (the router's own counts count); raises
+        :class:`~aisix.hooks.ratelimit.NoRoom` when refused (with the end of the minute when its requests or
+        tokens ran out) or when Redis is unreachable under ``deny``."""
+        rl = target.capacity
+        if self.shared:
+            base = self._base("deployment", f"{model.name}\0{target.deployment_id}", model.id)
+            reply, member = await self.admit((base,), self._limits_arg(None, rl), bool(rl.concurrency))
+            if reply is not None:
+                admitted, now, (rm, _, tm, _, _) = reply
+                if admitted:
+                    return (base,), member
+                spent = (rl.rpm is not None and rm >= rl.rpm) or (rl.tpm is not None and tm >= rl.tpm)
+                raise NoRoom((now // 60 + 1) * 60 if spent else 0.0)
+        self.count_error()
+        if self.cfg.on_store_error == "deny":
+            raise NoRoom(0.0, store_unavailable())
+        return None
+
+    def give_room(self, taken: tuple, tokens: int) -> None:
+        """The request on a deployment is over: its lease back, its ``tokens`` charged (in the next SYNC)."""
+        self.release(*taken, tokens)
 
     # -- out ------------------------------------------------------------------------------
     def post_call(self, call: Call) -> None:
@@ -291,14 +328,16 @@ class RedisRateLimitHook(RateLimitHook):
         if taken is None:
             super().post_call(call)  # counted locally (or not at all)
             return
-        bases, member = taken
-        if member:
+        self.release(*taken, charged_tokens(call))
+
+    def release(self, bases: tuple[bytes, ...], member: bytes, tokens: int) -> None:
+        """Give back what :meth:`admit` took: the lease (if any) and ``tokens`` to charge."""
+        if member is not _EMPTY:
             self.leases.pop(member, None)
-        tokens = charged_tokens(call)
-        if member or tokens:
+        if member is not _EMPTY or tokens:
             self._queue_release(bases, member, tokens)
 
-    def _queue_release(self, bases: tuple[str, ...], member: str, tokens: int) -> None:
+    def _queue_release(self, bases: tuple[bytes, ...], member: bytes, tokens: int) -> None:
         """A release goes with the next :data:`SYNC`: an admission's, or its own after
         :data:`RELEASE_DELAY` s when no request comes first."""
         self._releases.append((bases, member, tokens))
@@ -308,11 +347,11 @@ class RedisRateLimitHook(RateLimitHook):
     def _release_due(self) -> None:
         self._release_timer = None
         if self._releases and self._sender is None:
-            self._sender = self._spawn(self._sync())
+            self._sync()
 
-    async def _sync(self) -> None:
-        """One :data:`SYNC` with every release and admission queued until this task first runs; each
-        admission's future gets ``(admitted, now_s, counts)``, or None when Redis failed."""
+    def _sync(self) -> None:
+        """Send one :data:`SYNC` with every release and admission queued so far (pipelined: it does
+        not wait for the SYNCs before it); :meth:`_synced` hands out the reply."""
         admissions, releases = self._admissions, self._releases
         self._admissions, self._releases, self._sender = [], [], None
         if self._release_timer is not None:
@@ -320,45 +359,48 @@ class RedisRateLimitHook(RateLimitHook):
             self._release_timer = None
         if not self.shared:
             releases = []  # their leases expire by themselves; their tokens go uncounted
-        keys, args = [], [self._now_arg(), self.cfg.lease_ttl_ms, len(releases)]
-        for bases, member, extra in releases:
+        if not admissions and not releases:
+            return
+        keys, args = [], [self._now_arg(), self._ttl, bulk(len(releases))]
+        for bases, member, tokens in releases:
             keys += bases
-            args += (len(bases), member, extra)
+            args += (_N[len(bases)], member, bulk(tokens))
         for bases, member, limits, _ in admissions:
             keys += bases
-            args += (len(bases), member, limits)
-        reply = None
-        if admissions or releases:
-            self.syncing += 1
-            try:
-                reply = await self._script(keys, args)
-            except _STORE_ERRORS as e:
-                if releases:
+            args += (_N[len(bases)], member, limits)
+        self.syncing += 1
+        self._last_sync = fut = self.pipe.send(SYNC_SCRIPT.call(keys, args))
+        fut.add_done_callback(lambda f: self._synced(f, admissions, bool(releases)))
+
+    def _synced(self, f: asyncio.Future, admissions: list, had_releases: bool) -> None:
+        """Each admission's future gets ``(admitted, now_s, counts)``, or None when Redis failed."""
+        self.syncing -= 1
+        err = f.exception() if not f.cancelled() else asyncio.CancelledError()
+        if err is not None:
+            if isinstance(err, _STORE_ERRORS):
+                if had_releases:
                     self.count_error()
-                self._lost(e)
-            finally:
-                self.syncing -= 1
-                if reply is None:  # failed, or cancelled at shutdown: nobody waits in vain
-                    for *_, fut in admissions:
-                        if not fut.done():
-                            fut.set_result(None)
-        if reply is None:
+                self._lost(err)
+            for *_, fut in admissions:  # nobody waits in vain
+                if not fut.done():
+                    fut.set_result(None)
             return
-        now, at = int(reply[0]) / 1000, 1
+        reply = f.result()
+        now, at = reply[0] / 1000, 1
         for bases, member, _, fut in admissions:
             n = len(bases)
             result = (reply[at], now, reply[at + 1:at + 1 + 5 * n])
             at += 1 + 5 * n
             if fut.cancelled():  # the client went away while waiting: give back what it got
-                if result[0] and member:
-                    self._queue_release(tuple(bases), member, 0)
+                if result[0] and member is not _EMPTY:
+                    self._queue_release(bases, member, 0)
                 continue
             fut.set_result(result)
 
     # -- leases -----------------------------------------------------------------------------
     def _ensure_renewer(self) -> None:
         if self._renewer is None:
-            self._renewer = self._spawn(self._renew_forever())
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
         """Every third of the lease TTL, extend every lease this process holds (one call)."""
@@ -367,12 +409,12 @@ class RedisRateLimitHook(RateLimitHook):
             await asyncio.sleep(ttl / 3000)
             if not self.leases or not self.shared:
                 continue
-            keys, args = [], [self._now_arg(), ttl]
+            keys, args = [], [self._now_arg(), self._ttl]
             for member, bases in self.leases.items():
                 keys += bases
-                args += (len(bases), member)
+                args += (_N[len(bases)], member)
             try:
-                await self._renew(keys, args)
+                await self.pipe.send(RENEW_SCRIPT.call(keys, args))
             except _STORE_ERRORS as e:
                 self.count_error()
                 self._lost(e)
@@ -387,15 +429,15 @@ class RedisRateLimitHook(RateLimitHook):
             else "refusing requests that have limits (429)"
         log.warning("rate-limit store %s unreachable (%s: %s): %s until it answers again",
                     redacted(self.cfg.url), type(e).__name__, e, then)
-        if self._probe is None:
-            self._probe = self._spawn(self._probe_until_back())
+        if self._probe is None and not self.pipe.closed:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
 
     async def _probe_until_back(self) -> None:
         try:
             while True:
                 await asyncio.sleep(PROBE_INTERVAL)
                 try:
-                    await self.redis.ping()
+                    await self.pipe.send(PING)
                 except _STORE_ERRORS:
                     continue
                 self.shared = True
@@ -405,34 +447,55 @@ class RedisRateLimitHook(RateLimitHook):
             self._probe = None
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _now_arg(self) -> int:
-        return -1 if self.redis_clock is None else math.floor(self.redis_clock() * 1000)
+    def _now_arg(self) -> bytes:
+        return _MINUS1 if self.redis_clock is None else bulk(math.floor(self.redis_clock() * 1000))
 
-    def _base(self, kind: str, identity: str, entity_id: str | None) -> str:
-        """The Redis key base of one key or model: a hash, so no secret is ever written to Redis."""
+    def _new_member(self) -> bytes:
+        self._seq += 1
+        return bulk(f"{self._lease_prefix}{self._seq}")
+
+    def _base(self, kind: str, identity: str, entity_id: str | None) -> bytes:
+        """The packed Redis key base of one key, model or deployment: a hash, so no secret is ever
+        written to Redis (made once per entity and configuration)."""
         k = (kind, identity, entity_id)
         base = self._bases.get(k)
         if base is None:
             h = hashlib.sha256(f"{identity}\0{entity_id or ''}".encode()).hexdigest()[:32]
-            base = self._bases[k] = f"{self.cfg.key_prefix}rl:{kind}:{h}"
+            base = self._bases[k] = bulk(f"{self.cfg.key_prefix}rl:{kind}:{h}")
         return base
 
-    def _spawn(self, coro) -> asyncio.Task:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+    def _limits_arg(self, krl: RateLimit | None, mrl: RateLimit | None) -> bytes:
+        """The packed limits of a request's entities (made once per pair of RateLimit objects)."""
+        k = (id(krl), id(mrl))
+        hit = self._limit_args.get(k)
+        if hit is None or hit[0] is not krl or hit[1] is not mrl:  # (ids of collected objects get reused)
+            parts = [_limits(rl) for rl in (krl, mrl) if rl is not None]
+            hit = self._limit_args[k] = (krl, mrl, bulk(" ".join(parts)))
+        return hit[2]
 
     def on_swap(self, old: Snapshot, new: Snapshot) -> None:
         super().on_swap(old, new)
         self._bases.clear()  # names of gone entities are not kept (live ones are re-made on use)
+        self._limit_args.clear()
 
     async def aclose(self) -> None:
-        """Send the last releases, stop renewing and probing, close the connections."""
+        """Send the last releases, stop renewing and probing, close the connection."""
         for t in (self._renewer, self._probe):
             if t is not None:
                 t.cancel()
         if self._releases and self._sender is None:
             self._release_due()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.redis.aclose()
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sync()
+        tasks = [t for t in (self._renewer, self._probe, self._last_sync) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.pipe.aclose()
+
+
+def store_unavailable() -> GatewayError:
+    """The 429 of ``on_store_error: deny`` while Redis is unreachable."""
+    return GatewayError(
+        429, "Rate limits cannot be checked right now: the gateway's rate-limit store (Redis) is "
+             "unreachable, and the gateway is set to refuse requests then. Please try again in 1s.",
+        "rate_limit_error", "rate_limit_store_unavailable", {"Retry-After": "1"})

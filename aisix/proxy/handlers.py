@@ -275,7 +275,7 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
     (:func:`~aisix.proxy.routing.retryable`: a client error, or not in ``retry_on``) goes back as is;
     so does the last one when every attempt failed. A deployment that can't express the request
     (a 400 before any upstream call) is skipped for the next one or the fallbacks. A 429's
-    ``Retry-After`` is waited for (at most :data:`~aisix.routing.MAX_RETRY_WAIT_S`) only when no
+    ``Retry-After`` is waited for (at most :data:`~aisix.proxy.routing.MAX_RETRY_WAIT_S`) only when no
     other deployment is ready. ``x-aisix-deployment`` (``alias/id``) and ``x-aisix-attempts`` say
     where it went. Fallbacks are followed one level (a fallback's own fallbacks are not)."""
     gw = request.app[GATEWAY]
@@ -289,6 +289,8 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
         refused: set[str] = set()
         for _ in range(1 + model.retries):
             target = router.choose(model, tried, time.monotonic(), time.time())
+            if target is not None and target.capacity is not None and router.shared is not None:
+                target = await router.claim(model, target, tried, refused, call.state, time.monotonic(), time.time())
             if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
                 error = error or deployments_full(model)
                 break
@@ -350,7 +352,7 @@ async def _attempt(request: web.Request, call: Call, model: Model, target: Model
     finally:
         gw.router.finished(target)
         if target.capacity is not None:
-            gw.router.charge(target, charged_tokens(call), time.time())
+            gw.router.charge(target, charged_tokens(call), time.time(), call.state)
     call.attempts += 1
     broken = call.stream_error  # the stream broke after its 200: a failure of the deployment, not retried
     if broken is not None:

@@ -10,15 +10,25 @@ Semantics follow LiteLLM's Router where the issue is silent: a deployment that f
 ``allowed_fails`` times within ``cooldown_ms``, or answers 429 with a ``Retry-After``, is
 skipped until its cooldown ends; when every candidate is cooling down, the one whose cooldown
 ends first is tried (no self-inflicted outage).
+
+A deployment's own ``rate_limit`` is counted here, per process; with
+``deployment.rate_limit_store.kind: redis`` it is counted once for the cluster as well
+(:attr:`Router.shared`, :meth:`Router.claim`): the local counts stay a cheap first filter (this
+process alone having used the room means the cluster has), and the deployment chosen is then
+checked and taken in Redis atomically, in one round trip; refused, it is skipped and the next one
+chosen. A deployment Redis found out of requests or tokens for the minute is skipped here, without
+asking again, until that minute ends.
 """
 from __future__ import annotations
 
 import math
 import random
 from collections import deque
+from typing import Protocol
 
 from aisix.config.resources import NEVER_RETRIED, Model
 from aisix.errors import GatewayError
+from aisix.hooks.ratelimit import NoRoom
 
 #: Weight of the newest sample in the time-to-first-byte moving average.
 EWMA_ALPHA = 0.3
@@ -26,13 +36,37 @@ EWMA_ALPHA = 0.3
 MAX_RETRY_WAIT_S = 2.0
 #: The longest cooldown a retry hint can set (s): an upstream can't park a deployment for days.
 MAX_HINT_COOLDOWN_S = 600.0
+#: ``call.state`` entry of the room a request holds on its deployment in the shared store.
+ROOM = "deployment_room"
+
+
+class SharedRoom(Protocol):
+    """Deployment capacity counted for the whole cluster (:class:`aisix.hooks.ratelimit_redis.RedisRateLimitHook`)."""
+
+    async def take_room(self, model: Model, target: Model) -> object | None:
+        """Check and take room for one request on ``target`` (a deployment of ``model``), atomically.
+        Returns what :meth:`give_room` gives back (None: counted by this process alone, the store
+        being down under ``on_store_error: allow``); raises :class:`~aisix.hooks.ratelimit.NoRoom`."""
+
+    def give_room(self, taken: object, tokens: int) -> None:
+        """The request is over: give back its concurrency slot and charge its ``tokens``."""
 
 
 class DeploymentState:
     """One deployment's health: ``in_flight`` requests, recent failure times (s), the end of
     its cooldown (s, 0: none), the EWMA of its time to first byte (ms, None: no sample yet)."""
 
-    __slots__ = ("in_flight", "fails", "cooldown_until", "ewma_ms", "last_fail", "minute", "requests", "tokens")
+    __slots__ = (
+        "cooldown_until",
+        "ewma_ms",
+        "fails",
+        "full_until",
+        "in_flight",
+        "last_fail",
+        "minute",
+        "requests",
+        "tokens",
+    )
 
     def __init__(self):
         self.in_flight = 0
@@ -43,6 +77,7 @@ class DeploymentState:
         self.cooldown_until = 0.0
         self.ewma_ms: float | None = None
         self.last_fail = 0.0
+        self.full_until = 0.0  # Unix time (s): the shared store found no room until then
 
     def _roll(self, wall: float) -> None:
         minute = int(wall // 60)
@@ -53,6 +88,8 @@ class DeploymentState:
         """Whether the deployment's ``rate_limit`` (rpm, tpm, concurrency) lets one more request in."""
         if limit is None:
             return True
+        if self.full_until > wall:
+            return False
         self._roll(wall)
         return ((limit.rpm is None or self.requests < limit.rpm) and (limit.tpm is None or self.tokens < limit.tpm)
                 and (limit.concurrency is None or self.in_flight < limit.concurrency))
@@ -106,6 +143,8 @@ class Router:
         self._state: dict[tuple[str, str], DeploymentState] = {}
         self._turn: dict[str, int] = {}
         self._rng = rng or random.Random()
+        #: where deployments' capacity is counted for the cluster (None: in this process only)
+        self.shared: SharedRoom | None = None
 
     def state(self, target: Model) -> DeploymentState:
         key = (target.name, target.deployment_id)
@@ -114,16 +153,20 @@ class Router:
             st = self._state[key] = DeploymentState()
         return st
 
-    def choose(self, model: Model, tried: set[str], now: float, wall: float = 0.0) -> Model | None:
+    def choose(self, model: Model, tried: set[str], now: float, wall: float = 0.0,
+               full: frozenset[str] | set[str] = frozenset()) -> Model | None:
         """The target for the next attempt at ``model``: among deployments not ``tried`` yet (all
         again once each was tried) that have room under their own ``rate_limit`` (``wall``: Unix
-        time, s), those not cooling down, by the strategy; when all of those are cooling down, the
-        one whose cooldown ends first. None when no deployment has room."""
+        time, s; ``full``: ids of deployments with a limit found without room for this attempt),
+        those not cooling down, by the strategy; when all of those are cooling down, the one whose
+        cooldown ends first. None when no deployment has room."""
         targets = model.targets
         if len(targets) == 1:
             t = targets[0]
-            return t if t.capacity is None or self.state(t).has_room(t.capacity, wall) else None
-        roomy = [t for t in targets if t.capacity is None or self.state(t).has_room(t.capacity, wall)]
+            return t if t.capacity is None or (
+                t.deployment_id not in full and self.state(t).has_room(t.capacity, wall)) else None
+        roomy = [t for t in targets if t.capacity is None or (
+            t.deployment_id not in full and self.state(t).has_room(t.capacity, wall))]
         if not roomy:
             return None
         cands = [t for t in roomy if t.deployment_id not in tried] or roomy
@@ -146,6 +189,33 @@ class Router:
                 return t
         return healthy[-1]
 
+    async def claim(self, model: Model, target: Model, tried: set[str], keep: set[str], state: dict,
+                    now: float, wall: float) -> Model | None:
+        """Take ``target``'s room (it came from :meth:`choose`) in the :attr:`shared` store; refused,
+        choose again without it, until one is taken or none is left (at most one round trip per
+        deployment). What was taken goes in ``state[ROOM]`` for :meth:`charge` to give back. A target
+        without a limit of its own, or in ``keep`` (the caller won't use it), is returned as is.
+        Returns None when no deployment has room; raises the :class:`~aisix.hooks.ratelimit.NoRoom` error (a 429
+        :class:`GatewayError`) when none is left and the store could not be asked under ``deny``."""
+        full: set[str] = set()
+        error = None
+        while target is not None and target.capacity is not None and target.deployment_id not in keep:
+            try:
+                taken = await self.shared.take_room(model, target)
+            except NoRoom as e:
+                st = self.state(target)
+                st.full_until = max(st.full_until, e.until)
+                error = error or e.error
+                full.add(target.deployment_id)
+                target = self.choose(model, tried, now, wall, full)
+                continue
+            if taken is not None:
+                state[ROOM] = taken
+            return target
+        if target is None and error is not None:
+            raise error
+        return target
+
     def started(self, target: Model, wall: float = 0.0) -> None:
         st = self.state(target)
         st.in_flight += 1
@@ -153,8 +223,12 @@ class Router:
             st._roll(wall)
             st.requests += 1
 
-    def charge(self, target: Model, tokens: int, wall: float) -> None:
-        """Tokens the attempt cost, against its deployment's ``tpm``."""
+    def charge(self, target: Model, tokens: int, wall: float, state: dict | None = None) -> None:
+        """Tokens the attempt cost, against its deployment's ``tpm``; the room it held in the shared
+        store (``state[ROOM]``, from :meth:`claim`) is given back with them."""
+        taken = state.pop(ROOM, None) if state is not None else None
+        if taken is not None:
+            self.shared.give_room(taken, tokens)
         if target.capacity is not None and tokens:
             st = self.state(target)
             st._roll(wall)

@@ -66,6 +66,8 @@ async def start_gateway(config: Config, worker: int = 0) -> Gateway:
         await store.close()
         raise
     gateway = Gateway(config, holder, store, build_pipeline(config, holder, telemetry), telemetry, UpstreamPool())
+    if config.deployment.rate_limit_store.kind == "redis":  # deployments' own limits are counted there too
+        gateway.router.shared = gateway.pipeline.hooks[0]
     holder.on_swap(lambda old, new: gateway.router.prune(new.models.values()))
     return gateway
 
