@@ -130,6 +130,19 @@ def test_stream_usage_never_and_always(gw, upstream):
     assert len(upstream.seen) - n1 == 1
 
 
+def test_stream_usage_never_sends_not_even_the_clients_stream_options(gw, upstream, sink):
+    upstream.script("never-own", refuse_field="stream_options",
+                    writes=[(0, ev(ROLE)), (0, ev(TXT("a"))), (0, ev(TXT("b"))), (0, ev(STOP)), (0, DONE)])
+    got = asyncio.run(post_raw(gw.url + CHAT, chat("never-own", model="m-never",
+                                                   stream_options={"include_usage": True})))
+    assert got.status == 200 and texts(got.body) == "ab"  # a stream, from the one call the upstream saw
+    sent = [s.body for s in upstream.seen if s.body["messages"][-1]["content"] == "never-own"]
+    assert len(sent) == 1 and "stream_options" not in sent[0] and sent[0]["stream"] is True
+    span = span_of(sink, got.headers["x-request-id"])
+    assert span["attributes"]["aisix.usage.estimated"] is True  # no usage from the upstream: the estimate
+    assert span["attributes"]["gen_ai.usage.output_tokens"] == 2
+
+
 async def _preflight(url: str, origin: str, headers: str = "authorization, content-type"):
     async with aiohttp.ClientSession() as s:
         async with s.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
