@@ -169,6 +169,25 @@ def test_cors_preflight_and_headers_on_answers_streams_and_errors(gw, upstream):
     assert got.status == 200 and "Access-Control-Allow-Origin" not in got.headers
 
 
+async def _get(url: str, headers: dict) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers=headers) as r:
+            return r.status, r.headers.copy(), await r.json(content_type=None)
+
+
+def test_cors_headers_on_errors_of_no_route_and_of_auth(gw):
+    for path, key, want, code in (("/v1/no-such-route", "sk-test", 404, "not_found"),
+                                  (CHAT, "sk-test", 405, "method_not_allowed"),  # GET on a POST route
+                                  ("/v1/models", "sk-wrong", 401, "invalid_api_key")):
+        status, h, body = asyncio.run(_get(gw.url + path, {"Origin": ORIGIN, "Authorization": f"Bearer {key}"}))
+        assert (status, body["error"]["code"]) == (want, code)
+        assert h["Access-Control-Allow-Origin"] == ORIGIN, path  # a browser script may read the error
+        assert "x-request-id" in h["Access-Control-Expose-Headers"].lower().split(",")
+        status, h, _ = asyncio.run(_get(gw.url + path, {"Origin": "https://evil.example",
+                                                        "Authorization": f"Bearer {key}"}))
+        assert status == want and "Access-Control-Allow-Origin" not in h
+
+
 def test_cors_is_off_by_default(tmp_path, upstream):
     with GatewayProcess(tmp_path, gateway_config(upstream.base_url)) as g:
         status, h = asyncio.run(_preflight(g.url + CHAT, ORIGIN))
