@@ -280,7 +280,7 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
     where it went. Fallbacks are followed one level (a fallback's own fallbacks are not)."""
     gw = request.app[GATEWAY]
     router, rec = gw.router, call.record
-    chain = [call.model, *(m for f in call.model.fallbacks if (m := gw.holder.current.models.get(f)) is not None)]
+    chain = router.chain(call.model, gw.holder.current.models)
     error = refusal = None
     for n, model in enumerate(chain):
         if n:

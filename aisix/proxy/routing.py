@@ -10,9 +10,14 @@ Semantics follow LiteLLM's Router where the issue is silent: a deployment that f
 ``allowed_fails`` times within ``cooldown_ms``, or answers 429 with a ``Retry-After``, is
 skipped until its cooldown ends; when every candidate is cooling down, the one whose cooldown
 ends first is tried (no self-inflicted outage).
+
+:meth:`Router.chain` is the one place a model's ``fallbacks`` are resolved: a name that no longer
+names a model (deleted after it was written, or written around the Admin API's checks) is skipped,
+and logged once (again after each configuration change).
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
@@ -26,6 +31,7 @@ EWMA_ALPHA = 0.3
 MAX_RETRY_WAIT_S = 2.0
 #: The longest cooldown a retry hint can set (s): an upstream can't park a deployment for days.
 MAX_HINT_COOLDOWN_S = 600.0
+log = logging.getLogger("aisix.routing")
 
 
 class DeploymentState:
@@ -106,6 +112,7 @@ class Router:
         self._state: dict[tuple[str, str], DeploymentState] = {}
         self._turn: dict[str, int] = {}
         self._rng = rng or random.Random()
+        self._warned: set[tuple[str, str]] = set()  # (model, fallback) logged as skipped since the last change
 
     def state(self, target: Model) -> DeploymentState:
         key = (target.name, target.deployment_id)
@@ -190,9 +197,26 @@ class Router:
             st.cooldown_until = max(st.cooldown_until, now + window)
             st.fails.clear()
 
+    def chain(self, model: Model, models) -> list[Model]:
+        """``model``, then its ``fallbacks`` in order as found in ``models`` (the snapshot's, by
+        name), one level (a fallback's own fallbacks are not followed), each once and never
+        ``model`` again. A name not in ``models`` is skipped, with one WARNING per (model, name)
+        until the next configuration change (:meth:`prune`)."""
+        out = [model]
+        for name in model.fallbacks:
+            m = models.get(name)
+            if m is None:
+                if (model.name, name) not in self._warned:
+                    self._warned.add((model.name, name))
+                    log.warning("model %s: fallback %s is not configured (deleted since?); skipped", model.name, name)
+            elif not any(x is m for x in out):
+                out.append(m)
+        return out
+
     def prune(self, models) -> None:
         """Forget the state of deployments no longer configured (``models``: the live ones), so a
-        model deleted and created again starts healthy."""
+        model deleted and created again starts healthy; the skipped fallbacks are logged anew."""
+        self._warned.clear()
         live = {(m.name, t.deployment_id) for m in models for t in m.targets}
         for key in [k for k in self._state if k not in live]:
             del self._state[key]

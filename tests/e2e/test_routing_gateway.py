@@ -353,3 +353,32 @@ def test_an_attempt_cut_by_the_client_is_measured(gw, ups, prometheus):
                 pass
     asyncio.run(cut())
     m.wait_value("aisix_upstream_request_count_total", before + 1, model="pair2", status_code="client_closed")
+
+
+def admin_call(gw, method: str, path: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.request
+    req = urllib.request.Request(gw.admin_url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer admin-test-key", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_a_fallback_deleted_later_is_skipped_and_logged_once(gw, ups):
+    c = ups[2]
+    c.script("orphan", writes=[(0, ev(ROLE)), (0, ev(TXT("from b"))), (0, ev(STOP)), (0, DONE)])
+    dead = f"http://{HOST}:{free_port()}/v1"
+    b = admin_call(gw, "POST", "/models", {"name": "orphan-b", "model": "openai/up-2",
+                                           "provider_config": {"api_key": "sk-up", "api_base": c.base_url}})
+    admin_call(gw, "POST", "/models", {"name": "orphan", "model": "openai/up-1", "fallbacks": ["orphan-b"],
+                                       "provider_config": {"api_key": "sk-up", "api_base": dead}})
+    key = admin_call(gw, "POST", "/apikeys", {"allowed_models": ["orphan"]})["key"]
+    req = {"model": "orphan", "stream": True, "messages": [{"role": "user", "content": "orphan"}]}
+    got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", req, key))
+    assert got.status == 200 and got.headers["x-aisix-deployment"] == "orphan-b/default"
+    admin_call(gw, "DELETE", f"/models/{b['id']}")
+    for _ in range(2):  # the one upstream left is down: its own error, no crash
+        got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", req, key))
+        assert got.status == 502 and b'"upstream_unreachable"' in got.body
+        assert got.headers["x-aisix-deployment"] == "orphan/default"
+    assert gw.output().count("model orphan: fallback orphan-b is not configured") == 1
