@@ -56,9 +56,13 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}, "fallbacks": ["backup"]},
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
+        {"name": "tok", "deployments": [dep("x", a.base_url), dep("y", b.base_url)],
+         "routing": {"strategy": "round_robin", "allowed_fails": 1000}, "fallbacks": ["tok-fb"]},
+        {"name": "tok-fb", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix"]}])
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix",
+                                                                   "tok"]}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -382,3 +386,37 @@ def test_a_fallback_deleted_later_is_skipped_and_logged_once(gw, ups):
         assert got.status == 502 and b'"upstream_unreachable"' in got.body
         assert got.headers["x-aisix-deployment"] == "orphan/default"
     assert gw.output().count("model orphan: fallback orphan-b is not configured") == 1
+
+
+def usage_body(prompt: int, completion: int) -> bytes:
+    return (b'{"id":"c","object":"chat.completion","model":"up-1","choices":[{"index":0,"message":{"role":"assistant",'
+            b'"content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,'
+            b'"total_tokens":%d}}' % (prompt, completion, prompt + completion))
+
+
+def test_tokens_are_exported_per_deployment_under_the_alias_that_answered(gw, ups, prometheus):
+    a, b, c = ups
+    a.script("tok", status=200, headers=JSON, body=usage_body(3, 2))
+    b.script("tok", status=200, headers=JSON, body=usage_body(4, 1))
+    boom = b'{"error":{"message":"boom","type":"server_error"}}'
+    for up in (a, b):
+        up.script("tok-fb", status=500, headers=JSON, body=boom)
+    c.script("tok-fb", status=200, headers=JSON, body=usage_body(7, 4))
+    went = []
+    for key in ("tok", "tok", "tok-fb"):  # round robin: one on x, one on y; then every deployment fails
+        r = client(gw).chat.completions.with_raw_response.create(model="tok", messages=[{"role": "user", "content": key}])
+        went.append(r.headers["x-aisix-deployment"])
+    assert sorted(went[:2]) == ["tok/x", "tok/y"] and went[2] == "tok-fb/default"
+    m = GatewayMetrics(prometheus, gw.instance)
+    name = "aisix_deployment_token_count_total"
+    for deployment, (p, co) in (("x", (3, 2)), ("y", (4, 1))):
+        for kind, n in (("prompt", p), ("completion", co), ("total", p + co)):
+            m.wait_value(name, n, model="tok", deployment=deployment, type=kind)
+    for kind, n in (("prompt", 7), ("completion", 4), ("total", 11)):
+        m.wait_value(name, n, model="tok-fb", deployment="default", type=kind)
+    # the seed series: every token under the alias the client asked for, none under the fallback
+    for kind, n in (("prompt", 3 + 4 + 7), ("completion", 2 + 1 + 4), ("total", 5 + 5 + 11)):
+        m.wait_value("aisix_token_count_total", n, model="tok", type=kind)
+    assert m.value("aisix_token_count_total", model="tok-fb") == 0
+    # the failed attempts of the third request produced nothing: no tokens on x or y beyond the first two
+    assert m.value(name, model="tok", type="total") == 10
