@@ -54,11 +54,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from aisix.config.loader import RateLimitStoreConfig
-from aisix.config.resources import RateLimit
+from aisix.config.resources import Model, RateLimit
 from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
-from aisix.hooks.ratelimit import Counters, RateLimitHook, _headers, charged_tokens, key_identity
+from aisix.hooks.ratelimit import Counters, RateLimitHook, _headers, charged_tokens, key_identity, served_by
 
 log = logging.getLogger("aisix.ratelimit")
 
@@ -68,6 +68,7 @@ PROBE_INTERVAL = 0.5
 RELEASE_DELAY = 0.001
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
+_SHARED_FALLBACKS = "ratelimit_shared_fallbacks"  # {fallback model name: (bases, lease member)} counted in Redis
 
 #: ``now`` in ms from ARGV[1], or the server's clock when it is negative; the window indexes.
 _NOW = """
@@ -258,18 +259,8 @@ class RedisRateLimitHook(RateLimitHook):
             bases.append(self._base("model", call.model.name, call.model.id))
             limits.append(_limits(mrl))
         if (krl is not None and krl.concurrency) or (mrl is not None and mrl.concurrency):
-            self._seq += 1
-            member = f"{self._lease_prefix}{self._seq}"
-        fut = asyncio.get_running_loop().create_future()
-        self._admissions.append((bases, member, " ".join(limits), fut))
-        if self._sender is None:
-            self._sender = self._spawn(self._sync())
-        try:
-            reply = await fut
-        except asyncio.CancelledError:
-            if member and fut.done() and not fut.cancelled() and fut.result() and fut.result()[0]:
-                self._queue_release(tuple(bases), member, 0)  # admitted as the client went away
-            raise
+            member = self._new_member()
+        reply = await self._take(bases, member, " ".join(limits))
         if reply is None:  # Redis failed
             return self._unshared(call)
         admitted, now, counts = reply
@@ -285,6 +276,55 @@ class RedisRateLimitHook(RateLimitHook):
         call.state[_SHARED] = (bases, member)
         call.response_headers.update(_headers(pairs, now))
 
+    async def _take(self, bases: list[str], member: str, limits: str):
+        """Queue one admission for the next :data:`SYNC` and wait for its reply: ``(admitted,
+        now_s, counts)``, or None when Redis failed. A client gone while admitted gives it back."""
+        fut = asyncio.get_running_loop().create_future()
+        self._admissions.append((bases, member, limits, fut))
+        if self._sender is None:
+            self._sender = self._spawn(self._sync())
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if member and fut.done() and not fut.cancelled() and fut.result() and fut.result()[0]:
+                self._queue_release(tuple(bases), member, 0)  # admitted as the client went away
+            raise
+
+    def _new_member(self) -> str:
+        self._seq += 1
+        return f"{self._lease_prefix}{self._seq}"
+
+    def enter_fallback(self, call: Call, model: Model):
+        if model.rate_limit is None:
+            return None
+        if not self.shared:
+            return self._unshared_fallback(call, model)
+        return self._enter_fallback_shared(call, model)
+
+    def _unshared_fallback(self, call: Call, model: Model) -> None:
+        self.count_error()
+        if self.cfg.on_store_error == "deny":
+            raise GatewayError(429, f"The rate limit of model `{model.name}` cannot be checked right now: the "
+                               "rate-limit store (Redis) is unreachable. Please try again in 1s.",
+                               "rate_limit_error", "rate_limit_store_unavailable", {"Retry-After": "1"})
+        super().enter_fallback(call, model)
+
+    async def _enter_fallback_shared(self, call: Call, model: Model) -> None:
+        """Fallback ``model``'s own limits in Redis, in one :data:`SYNC` (the key was counted already)."""
+        rl = model.rate_limit
+        bases = [self._base("model", model.name, model.id)]
+        member = self._new_member() if rl.concurrency else ""
+        reply = await self._take(bases, member, _limits(rl))
+        if reply is None:
+            return self._unshared_fallback(call, model)
+        admitted, now, counts = reply
+        if not admitted:
+            self._reject(call, ((None, None), (_counts(counts, 0), rl)), now, model)
+        if member:
+            self.leases[member] = tuple(bases)
+            self._ensure_renewer()
+        call.state.setdefault(_SHARED_FALLBACKS, {})[model.name] = (tuple(bases), member)
+
     # -- out ------------------------------------------------------------------------------
     def post_call(self, call: Call) -> None:
         taken = call.state.pop(_SHARED, None)
@@ -295,6 +335,24 @@ class RedisRateLimitHook(RateLimitHook):
         if member:
             self.leases.pop(member, None)
         tokens = charged_tokens(call)
+        if tokens and call.model.rate_limit is not None and not served_by(call, call.model):
+            # a fallback produced them: the key's (bases before the model's, the last) and not the model's
+            if member:
+                self._queue_release(bases, member, 0)
+            if len(bases) > 1:
+                self._queue_release(bases[:-1], "", tokens)
+        elif member or tokens:
+            self._queue_release(bases, member, tokens)
+
+    def leave_fallback(self, call: Call, model: Model) -> None:
+        taken = call.state.get(_SHARED_FALLBACKS, {}).pop(model.name, None)
+        if taken is None:
+            super().leave_fallback(call, model)  # counted locally (or not at all)
+            return
+        bases, member = taken
+        if member:
+            self.leases.pop(member, None)
+        tokens = charged_tokens(call) if served_by(call, model) else 0
         if member or tokens:
             self._queue_release(bases, member, tokens)
 

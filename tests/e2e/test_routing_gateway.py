@@ -59,10 +59,18 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "tok", "deployments": [dep("x", a.base_url), dep("y", b.base_url)],
          "routing": {"strategy": "round_robin", "allowed_fails": 1000}, "fallbacks": ["tok-fb"]},
         {"name": "tok-fb", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
+        {"name": "lim", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": dead},
+         "fallbacks": ["lim-b", "lim-c"]},
+        {"name": "lim2", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": dead},
+         "fallbacks": ["lim-b"]},
+        {"name": "lim-b", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url},
+         "rate_limit": {"rpm": 1}},
+        {"name": "lim-c", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": b.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
                          apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix",
-                                                                   "tok"]}])
+                                                                   "tok"]},
+                                 {"key": "sk-lim", "allowed_models": ["lim", "lim2"], "rate_limit": {"rpm": 100}}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -420,3 +428,29 @@ def test_tokens_are_exported_per_deployment_under_the_alias_that_answered(gw, up
     assert m.value("aisix_token_count_total", model="tok-fb") == 0
     # the failed attempts of the third request produced nothing: no tokens on x or y beyond the first two
     assert m.value(name, model="tok", type="total") == 10
+
+
+def test_a_fallback_over_its_own_rate_limit_is_skipped_and_the_key_counted_once(gw, ups, prometheus):
+    _, b, c = ups
+    for up in (b, c):
+        up.script("lim", writes=[(0, ev(ROLE)), (0, ev(TXT("x"))), (0, ev(STOP)), (0, DONE)])
+    if time.time() % 60 > 50:  # the windows are clock-aligned minutes: start in a fresh one
+        time.sleep(61 - time.time() % 60)
+    m = GatewayMetrics(prometheus, gw.instance)
+    got = [asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+        "model": model, "stream": True, "messages": [{"role": "user", "content": "lim"}]}, "sk-lim"))
+        for model in ("lim", "lim", "lim2")]
+    assert [g.status for g in got] == [200, 200, 429]
+    # the first takes lim-b's one request of the minute; the second finds it full and goes on to lim-c
+    assert [g.headers["x-aisix-deployment"] for g in got[:2]] == ["lim-b/default", "lim-c/default"]
+    assert [seen(c, "lim"), seen(b, "lim")] == [1, 1]
+    import json
+    err = json.loads(got[2].body)["error"]  # lim2 has no other fallback: lim-b's 429 is the answer
+    assert err["code"] == "rate_limit_exceeded" and "model `lim-b`" in err["message"] and "(rpm)" in err["message"]
+    assert 0 < int(got[2].headers["Retry-After"]) <= 60
+    # the key's limit counted each request once (for the alias asked), not once per model entered
+    assert [g.headers["x-ratelimit-remaining-requests"] for g in got[:2]] == ["99", "98"]
+    m.wait_value("aisix_fallback_count_total", 1, model="lim", fallback="lim-b")
+    m.wait_value("aisix_fallback_count_total", 1, model="lim", fallback="lim-c")
+    m.wait_value("aisix_upstream_request_count_total", 1, model="lim2", deployment="default", status_code="connect_error")
+    assert m.value("aisix_fallback_count_total", model="lim2") == 0  # (same record) lim-b was skipped, never tried
