@@ -100,7 +100,25 @@ class Telemetry:
         self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
             cfg, service_instance_id, histograms, readers)
         self._resource = self.tracer_provider.resource
-        meter = self.meter_provider.get_meter("aisix")
+        self.prices = Prices(cfg.price_table)
+        self._instruments(self.meter_provider.get_meter("aisix"))
+        if cfg.access_log is not None:
+            try:
+                self.access_log = AccessLog(cfg.access_log.path)
+            except OSError as e:
+                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
+                                  f"{e.strerror}") from None
+            self.dropped_count.add(0, {"reason": "access_log_full"})
+        if registry is not None:
+            from aisix.telemetry.scrape import serve_metrics
+            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
+
+    def count_ratelimit_store_error(self) -> None:
+        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
+        self.ratelimit_store_errors += 1
+
+    def _instruments(self, meter) -> None:
+        """The counters and histograms OpenTelemetry aggregates (names and units: the class doc)."""
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
         self.token_count = meter.create_counter("aisix_token_count", description="tokens used, by type")
         self.deployment_token_count = meter.create_counter(
@@ -126,7 +144,6 @@ class Telemetry:
         self.cost_count = meter.create_counter(
             "aisix_cost_usd", description="USD the upstreams charge for the tokens they report, by model alias "
             "(models with a known price only: their `pricing`, else genai-prices' table)")
-        self.prices = Prices(cfg.price_table)
         self.fallback_count = meter.create_counter(
             "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
             "for and the fallback")
@@ -139,20 +156,6 @@ class Telemetry:
             "aisix_ratelimit_store_errors",
             description="requests whose rate limits the shared store could not count; failed releases and renewals")
         self.store_error_count.add(0)
-        if cfg.access_log is not None:
-            try:
-                self.access_log = AccessLog(cfg.access_log.path)
-            except OSError as e:
-                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
-                                  f"{e.strerror}") from None
-            self.dropped_count.add(0, {"reason": "access_log_full"})
-        if registry is not None:
-            from aisix.telemetry.scrape import serve_metrics
-            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
-
-    def count_ratelimit_store_error(self) -> None:
-        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
-        self.ratelimit_store_errors += 1
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
