@@ -42,6 +42,7 @@ from aisix.admin.openapi import ADMIN_PREFIX, openapi_document
 from aisix.config.resources import (
     WRITE_SCHEMAS,
     describe_validation_error,
+    fallback_problems,
     mask_secret,
     mask_url_userinfo,
     new_client_key,
@@ -149,7 +150,7 @@ async def _create(request: web.Request) -> web.Response:
     if doc.get("id") is not None:
         raise invalid_request("field `id`: assigned by the server on create; "
                               f"use PUT {ADMIN_PREFIX}/{kind}/{{id}} to choose one", "invalid_field", "id")
-    obj, secret = _to_store(kind, doc, None)
+    obj, secret = _to_store(kind, doc, None, _other_models(request, None))
     rid = str(uuid.uuid4())
     stored, _ = await _write(request, kind, rid, obj)
     log.info("admin: created %s %s", _NOUN[kind], rid)
@@ -163,7 +164,7 @@ async def _put(request: web.Request) -> web.Response:
         raise invalid_request(f"field `id`: {doc['id']!r} differs from the id in the path ({rid!r})",
                               "invalid_field", "id")
     old = _store(request).get(kind, rid)
-    obj, secret = _to_store(kind, doc, old)
+    obj, secret = _to_store(kind, doc, old, _other_models(request, rid))
     stored, created = await _write(request, kind, rid, obj)
     log.info("admin: %s %s %s", "created" if created else "replaced", _NOUN[kind], rid)
     return _json(_public(kind, stored, secret), status=201 if created else 200)
@@ -225,14 +226,25 @@ def _validate(kind: str, doc: dict):
         raise invalid_request(message, "invalid_field", field) from None
 
 
-def _to_store(kind: str, doc: dict, old: dict | None) -> tuple[dict, str | None]:
-    """The object to store for a write of ``doc`` over ``old`` (None: a create), and the client
-    key to show once (set by this write, else None).
+def _other_models(request: web.Request, rid: str | None) -> dict:
+    """The configured models by name but the one stored as ``rid`` (None: a create)."""
+    return {name: m for name, m in request.app[GATEWAY].holder.current.models.items() if rid is None or m.id != rid}
 
-    Models: what the client set, normalised, without ``id`` (:func:`_keep_masked_secret`).
+
+def _to_store(kind: str, doc: dict, old: dict | None, others: dict) -> tuple[dict, str | None]:
+    """The object to store for a write of ``doc`` over ``old`` (None: a create), and the client
+    key to show once (set by this write, else None). ``others``: the other models by name.
+
+    Models: what the client set, normalised, without ``id`` (:func:`_keep_masked_secret`); its
+    ``fallbacks`` must name other configured models and close no cycle (400 ``invalid_field``,
+    ``param`` ``fallbacks.N``: :func:`~aisix.config.resources.fallback_problems`).
     API keys: ``key`` hashed; left out, it is generated on create and kept on replace."""
     item = _validate(kind, doc)
     if kind == "models":
+        problems = fallback_problems(item, others)
+        if problems:
+            raise invalid_request("; ".join(f"field `{where}`: {reason}" for where, reason in problems),
+                                  "invalid_field", problems[0][0])
         obj = item.model_dump(mode="json", exclude_unset=True, exclude={"id"})
         obj = obj if old is None else _keep_masked_secret(obj, old)
         _no_masked_placeholder(obj)

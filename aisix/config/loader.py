@@ -38,7 +38,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aisix.config.resources import MAX_INT, ApiKeyWrite, Model, new_client_key, validation_problems
+from aisix.config.resources import MAX_INT, ApiKeyWrite, Model, fallback_problems, new_client_key, validation_problems
 
 
 class ConfigError(Exception):
@@ -277,6 +277,11 @@ def load_config(path: str, env=os.environ) -> Config:
                 raise ConfigError(f"{path}: invalid configuration\n  field `{kind}.{i}.{unique}`: "
                                   f"duplicate {unique} {'(hidden)' if kind == 'apikeys' else repr(value)}")
             seen.add(value)
+    by_name = {m.name: m for m in config.models}
+    problems = [f"  field `models.{i}.{where}`: {reason}" for i, m in enumerate(config.models)
+                for where, reason in fallback_problems(m, by_name)]
+    if problems:
+        raise ConfigError("\n".join([f"{path}: invalid configuration", *problems]))
     return apply_env(config, env)
 
 

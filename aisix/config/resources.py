@@ -13,7 +13,7 @@ import secrets
 from datetime import datetime
 from functools import cached_property
 from hashlib import sha256
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Mapping
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -272,9 +272,7 @@ class Model(BaseModel):
             ids = [d.id for d in self.deployments]
             if len(set(ids)) != len(ids):
                 raise ValueError("deployment ids must be unique within the model")
-        if self.name in self.fallbacks or len(set(self.fallbacks)) != len(self.fallbacks):
-            raise ValueError("`fallbacks` must name other models, each once")
-        return self
+        return self  # `fallbacks` name other models: checked among them, by fallback_problems
 
     def model_post_init(self, context) -> None:
         if self.deployments is None:
@@ -327,6 +325,41 @@ class Model(BaseModel):
     @property
     def model_id(self) -> str:
         return (self.model or self._targets[0].model).partition("/")[2]
+
+
+def fallback_problems(model: Model, models: Mapping[str, Model]) -> list[tuple[str, str]]:
+    """What is wrong with ``model.fallbacks`` among ``models`` (the models by name that ``model``
+    is written next to; its own entry, if there, is not read): ``[("fallbacks.N", reason)]`` for
+    each name that is the model's own, named twice, no model of ``models``, or leads back to the
+    model over the other models' fallbacks (a cycle, A → B → A); ``[]`` when every name is good.
+    The one check of the config file (:func:`aisix.config.loader.load_config`) and the Admin API."""
+    out = []
+    for i, name in enumerate(model.fallbacks):
+        where = f"fallbacks.{i}"
+        if name == model.name:
+            out.append((where, f"`{name}` is this model itself"))
+        elif name in model.fallbacks[:i]:
+            out.append((where, f"`{name}` is named twice"))
+        elif name not in models:
+            out.append((where, f"unknown model `{name}` (a fallback must name a configured model; create it first)"))
+        elif (path := _fallback_path(name, model.name, models)) is not None:
+            out.append((where, f"`{name}` falls back to this model: a cycle ({' → '.join([model.name, *path])})"))
+    return out
+
+
+def _fallback_path(start: str, goal: str, models: Mapping[str, Model]) -> list[str] | None:
+    """The names from ``start`` to ``goal`` following ``fallbacks`` (depth first, each model once), or None."""
+    stack, seen = [[start]], {start}
+    while stack:
+        path = stack.pop()
+        m = models.get(path[-1])
+        for name in m.fallbacks if m is not None else ():
+            if name == goal:
+                return [*path, name]
+            if name not in seen:
+                seen.add(name)
+                stack.append([*path, name])
+    return None
 
 
 class _ApiKeyFields(BaseModel):

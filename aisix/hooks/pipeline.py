@@ -3,7 +3,10 @@
 Order (see the README): authentication → ``pre_call`` of each hook in order (validate, rate
 limit; a hook rejects by raising :class:`~aisix.errors.GatewayError`) → the provider call →
 ``post_call`` of every hook whose ``pre_call`` passed, on every way out (success, upstream
-error, timeout, client disconnect, cancellation), with what the call got.
+error, timeout, client disconnect, cancellation), with what the call got. When routing moves on
+to a fallback model, ``enter_fallback`` of every hook runs before its first attempt (a hook
+refuses the fallback by raising, e.g. a 429 for the fallback's own ``rate_limit``: the proxy then
+skips it) and ``leave_fallback`` after its last, on every way out.
 Hooks are synchronous: O(1) work, no lock ever held across an await. A ``pre_call`` that needs
 I/O (the Redis rate limiter's one round trip) returns an awaitable, which the pipeline awaits
 before the next hook; ``post_call`` never awaits: I/O it needs is handed to a background task.
@@ -58,6 +61,13 @@ class Hook:
     def post_call(self, call: Call) -> None:
         """After the call, exactly once per passed ``pre_call``, however the call ended."""
 
+    def enter_fallback(self, call: Call, model: Model) -> Awaitable[None] | None:
+        """Before the first attempt at fallback ``model`` (``call.model`` is still the alias asked
+        for). Raise GatewayError (here or from the awaitable) to have the proxy skip ``model``."""
+
+    def leave_fallback(self, call: Call, model: Model) -> None:
+        """After the last attempt at fallback ``model``, once per ``enter_fallback`` that passed."""
+
     async def aclose(self) -> None:
         """At shutdown, after the last request: give back what the hook holds (connections, tasks)."""
 
@@ -86,6 +96,25 @@ class Pipeline:
     def post_call(self, call: Call, passed: int) -> None:
         for hook in reversed(self.hooks[:passed]):
             hook.post_call(call)
+
+    async def enter_fallback(self, call: Call, model: Model) -> None:
+        """Run every ``enter_fallback`` (awaiting what it returns). If one raises, the
+        ``leave_fallback`` of those before it run, then the error propagates."""
+        entered = 0
+        try:
+            for hook in self.hooks:
+                pending = hook.enter_fallback(call, model)
+                if pending is not None:
+                    await pending
+                entered += 1
+        except BaseException:
+            for hook in reversed(self.hooks[:entered]):
+                hook.leave_fallback(call, model)
+            raise
+
+    def leave_fallback(self, call: Call, model: Model) -> None:
+        for hook in reversed(self.hooks):
+            hook.leave_fallback(call, model)
 
     async def aclose(self) -> None:
         for hook in self.hooks:

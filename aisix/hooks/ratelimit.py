@@ -20,6 +20,11 @@ seconds). A client may therefore spend a whole minute's allowance at ``:59`` and
 - A key's and a model's limits are counted independently; either can reject. The response
   headers show, per kind, the stricter of all the limits that apply (fewest remaining; on a tie
   the one that resets later).
+- **Fallbacks**: the key and the alias asked for are counted once, in ``pre_call``. A fallback
+  model the request moves on to is counted against its own ``rate_limit`` in
+  :meth:`RateLimitHook.enter_fallback` (a request, and a slot until ``leave_fallback``); over
+  it, the 429 it raises makes the proxy skip that fallback. Tokens go to the key and to the one
+  model whose attempt produced them (the last attempt's alias: :func:`served_by`).
 
 Counters of this hook live in this process (each worker and node counts on its own; with
 ``deployment.rate_limit_store.kind: redis`` :mod:`aisix.hooks.ratelimit_redis` counts once for all of
@@ -47,6 +52,7 @@ DAY = MINUTE * MINUTES_PER_DAY  # s
 
 
 _STATE = "ratelimit"  # call.state entry: (key counters | None, model counters | None)
+_FALLBACKS = "ratelimit_fallbacks"  # call.state entry: {fallback model name: its counters}
 
 
 class NoRoom(Exception):
@@ -224,6 +230,18 @@ def charged_tokens(call: Call) -> int:
     return 0
 
 
+def served_by(call: Call, model: Model) -> bool:
+    """Whether the call's tokens are ``model``'s: its last attempt went to that alias (no attempt:
+    the alias asked for, whose tokens are then 0 anyway)."""
+    return (call.attempt.model if call.attempt is not None else call.model.name) == model.name
+
+
+def _charge(c: Counters, tokens: int, now: float) -> None:
+    c.roll(now)
+    c.tok_minute += tokens
+    c.tok_day += tokens
+
+
 class RateLimitHook(Hook):
     """The rate-limit stage of the pipeline. ``clock`` gives wall-clock seconds (``time.time``)."""
 
@@ -255,10 +273,11 @@ class RateLimitHook(Hook):
         call.response_headers.update(_headers(pairs, now))
 
     @staticmethod
-    def _reject(call: Call, pairs: tuple, now: float) -> None:
-        """Raise the 429: the limit that keeps the client out longest names itself and sets Retry-After."""
+    def _reject(call: Call, pairs: tuple, now: float, model: Model | None = None) -> None:
+        """Raise the 429: the limit that keeps the client out longest names itself and sets
+        Retry-After. ``pairs``: the key's and the model's (``model``, default the alias asked for)."""
         denied = [(wait, code, entity, tail)
-                  for (c, rl), entity in zip(pairs, (call.key, call.model)) if c is not None
+                  for (c, rl), entity in zip(pairs, (call.key, model or call.model)) if c is not None
                   for wait, code, tail in _denials(c, rl, now)]
         wait, code, entity, tail = max(denied, key=lambda d: d[0])
         retry = max(1, math.ceil(wait))
@@ -272,16 +291,42 @@ class RateLimitHook(Hook):
         taken = call.state.pop(_STATE, None)
         if taken is None:
             return
+        kc, mc = taken
         tokens = charged_tokens(call)
         now = self.clock() if tokens else 0.0
-        for c in taken:
-            if c is None:
-                continue
-            c.in_flight -= 1
+        if kc is not None:
+            kc.in_flight -= 1
             if tokens:
-                c.roll(now)
-                c.tok_minute += tokens
-                c.tok_day += tokens
+                _charge(kc, tokens, now)
+        if mc is not None:
+            mc.in_flight -= 1
+            if tokens and served_by(call, call.model):
+                _charge(mc, tokens, now)
+
+    def enter_fallback(self, call: Call, model: Model) -> None:
+        """Count the request against fallback ``model``'s own ``rate_limit`` (the key was counted
+        in ``pre_call``); 429 when one more breaks it (the proxy then skips ``model``)."""
+        rl = model.rate_limit
+        if rl is None:
+            return
+        now = self.clock()
+        mc = self._counters(self.models, model.name, model.id, now)
+        if _over(mc, rl):
+            self._reject(call, ((None, None), (mc, rl)), now, model)
+        mc.req_minute += 1
+        mc.req_day += 1
+        mc.in_flight += 1
+        call.state.setdefault(_FALLBACKS, {})[model.name] = mc
+
+    def leave_fallback(self, call: Call, model: Model) -> None:
+        """Give fallback ``model``'s slot back; charge it the tokens if its attempt produced them."""
+        mc = call.state.get(_FALLBACKS, {}).pop(model.name, None)
+        if mc is None:
+            return
+        mc.in_flight -= 1
+        tokens = charged_tokens(call) if served_by(call, model) else 0
+        if tokens:
+            _charge(mc, tokens, self.clock())
 
     # -- configuration changes ----------------------------------------------------
     def on_swap(self, old: Snapshot, new: Snapshot) -> None:

@@ -60,7 +60,7 @@ from aisix.config.resources import Model, RateLimit
 from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
-from aisix.hooks.ratelimit import Counters, NoRoom, RateLimitHook, _headers, charged_tokens, key_identity
+from aisix.hooks.ratelimit import Counters, NoRoom, RateLimitHook, _headers, charged_tokens, key_identity, served_by
 from aisix.hooks.redis_pipe import PING, RedisPipe, Script, bulk
 
 log = logging.getLogger("aisix.ratelimit")
@@ -71,6 +71,7 @@ PROBE_INTERVAL = 0.5
 RELEASE_DELAY = 0.005
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
+_SHARED_FALLBACKS = "ratelimit_shared_fallbacks"  # {fallback model name: (bases, lease member)} counted in Redis
 
 #: ``now`` in ms from ARGV[1], or the server's clock when it is negative; the window indexes.
 _NOW = """
@@ -323,12 +324,56 @@ class RedisRateLimitHook(RateLimitHook):
         self.release(*taken, tokens)
 
     # -- out ------------------------------------------------------------------------------
+    # -- fallbacks (their own limits; the key was counted already) ---------------------------------
+    def enter_fallback(self, call: Call, model: Model):
+        if model.rate_limit is None:
+            return None
+        if not self.shared:
+            return self._unshared_fallback(call, model)
+        return self._enter_fallback_shared(call, model)
+
+    def _unshared_fallback(self, call: Call, model: Model) -> None:
+        self.count_error()
+        if self.cfg.on_store_error == "deny":
+            raise GatewayError(429, f"The rate limit of model `{model.name}` cannot be checked right now: the "
+                               "rate-limit store (Redis) is unreachable. Please try again in 1s.",
+                               "rate_limit_error", "rate_limit_store_unavailable", {"Retry-After": "1"})
+        super().enter_fallback(call, model)
+
+    async def _enter_fallback_shared(self, call: Call, model: Model) -> None:
+        """Fallback ``model``'s own limits in Redis, in one :data:`SYNC`."""
+        rl = model.rate_limit
+        bases = (self._base("model", model.name, model.id),)
+        reply, member = await self.admit(bases, self._limits_arg(None, rl), bool(rl.concurrency))
+        if reply is None:
+            return self._unshared_fallback(call, model)
+        admitted, now, counts = reply
+        if not admitted:
+            self._reject(call, ((None, None), (_counts(counts, 0), rl)), now, model)
+        call.state.setdefault(_SHARED_FALLBACKS, {})[model.name] = (bases, member)
+
+    def leave_fallback(self, call: Call, model: Model) -> None:
+        taken = call.state.get(_SHARED_FALLBACKS, {}).pop(model.name, None)
+        if taken is None:
+            super().leave_fallback(call, model)  # counted locally (or not at all)
+            return
+        self.release(*taken, charged_tokens(call) if served_by(call, model) else 0)
+
+    # -- out ------------------------------------------------------------------------------
     def post_call(self, call: Call) -> None:
         taken = call.state.pop(_SHARED, None)
         if taken is None:
             super().post_call(call)  # counted locally (or not at all)
             return
-        self.release(*taken, charged_tokens(call))
+        bases, member = taken
+        tokens = charged_tokens(call)
+        if tokens and call.model.rate_limit is not None and not served_by(call, call.model):
+            # a fallback produced them: charged to the key (the bases before the model's, the last), not the model
+            self.release(bases, member, 0)
+            if len(bases) > 1:
+                self.release(bases[:-1], _EMPTY, tokens)
+        else:
+            self.release(bases, member, tokens)
 
     def release(self, bases: tuple[bytes, ...], member: bytes, tokens: int) -> None:
         """Give back what :meth:`admit` took: the lease (if any) and ``tokens`` to charge."""

@@ -139,7 +139,7 @@ class OpenAIProvider(Provider):
             if mode == "always" or mode == "auto" and (model.name, self.base_url(model)) not in self._no_stream_options:
                 opts = body.get("stream_options")
                 out["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
-            elif mode == "auto":
+            else:  # never, or an upstream that refused them: none go, the client's own neither
                 out.pop("stream_options", None)
         return UpstreamRequest(f"{self.base_url(model)}{path}", self.headers(model, headers), orjson.dumps(out))
 

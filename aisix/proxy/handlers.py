@@ -277,39 +277,62 @@ async def route(request: web.Request, call: Call, attempt) -> web.StreamResponse
     (a 400 before any upstream call) is skipped for the next one or the fallbacks. A 429's
     ``Retry-After`` is waited for (at most :data:`~aisix.proxy.routing.MAX_RETRY_WAIT_S`) only when no
     other deployment is ready. ``x-aisix-deployment`` (``alias/id``) and ``x-aisix-attempts`` say
-    where it went. Fallbacks are followed one level (a fallback's own fallbacks are not)."""
+    where it went. Fallbacks are followed one level (a fallback's own fallbacks are not); each one
+    is entered through the hooks (:meth:`~aisix.hooks.pipeline.Pipeline.enter_fallback`: its own
+    ``rate_limit``), and one they refuse (429) is skipped like a model whose deployments are all
+    full. When nothing answered, the client gets the last failure."""
     gw = request.app[GATEWAY]
-    router, rec = gw.router, call.record
-    chain = [call.model, *(m for f in call.model.fallbacks if (m := gw.holder.current.models.get(f)) is not None)]
+    pipeline, rec = gw.pipeline, call.record
     error = refusal = None
-    for n, model in enumerate(chain):
+    for n, model in enumerate(gw.router.chain(call.model, gw.holder.current.models)):
         if n:
-            rec.fallbacks.append(model.name)
-        tried: set[str] = set()
-        refused: set[str] = set()
-        for _ in range(1 + model.retries):
-            target = router.choose(model, tried, time.monotonic(), time.time())
-            if target is not None and target.capacity is not None and router.shared is not None:
-                target = await router.claim(model, target, tried, refused, call.state, time.monotonic(), time.time())
-            if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
-                error = error or deployments_full(model)
-                break
-            if target.deployment_id in refused:
-                break  # only deployments that can't express this request are left
-            tried.add(target.deployment_id)
             try:
-                return await _attempt(request, call, model, target, attempt)
-            except _Refused as r:
-                refused.add(target.deployment_id)
-                refusal = refusal or r.error
-                continue
-            except GatewayError as e:
-                if not retryable(e, model):
-                    raise
+                await pipeline.enter_fallback(call, model)
+            except GatewayError as e:  # over the fallback's own limits: the next one
                 error = e
-                if not await _wait_before_retry(router, model, target, e):
-                    break  # this model can't be retried in time: on to the fallbacks
+                continue
+            rec.fallbacks.append(model.name)
+        try:
+            done, failure, refused = await _try_model(request, call, model, attempt)
+        finally:
+            if n:
+                pipeline.leave_fallback(call, model)
+        if done is not None:
+            return done
+        error, refusal = failure or error, refusal or refused
     raise error or refusal
+
+
+async def _try_model(request: web.Request, call: Call, model: Model, attempt):
+    """The attempts at one model of the chain (its deployments, with retries). Returns ``(response,
+    None, None)`` when one answered, else ``(None, the last retryable failure or the 429 of no room,
+    the first refusal)``; raises a failure that is not retryable."""
+    router = request.app[GATEWAY].router
+    error = refusal = None
+    tried: set[str] = set()
+    refused: set[str] = set()
+    for _ in range(1 + model.retries):
+        target = router.choose(model, tried, time.monotonic(), time.time())
+        if target is not None and target.capacity is not None and router.shared is not None:
+            target = await router.claim(model, target, tried, refused, call.state, time.monotonic(), time.time())
+        if target is None:  # every deployment is at its own rate limit: the fallbacks, else a 429
+            return None, error or deployments_full(model), refusal
+        if target.deployment_id in refused:
+            break  # only deployments that can't express this request are left
+        tried.add(target.deployment_id)
+        try:
+            return await _attempt(request, call, model, target, attempt), None, None
+        except _Refused as r:
+            refused.add(target.deployment_id)
+            refusal = refusal or r.error
+            continue
+        except GatewayError as e:
+            if not retryable(e, model):
+                raise
+            error = e
+            if not await _wait_before_retry(router, model, target, e):
+                break  # this model can't be retried in time: on to the fallbacks
+    return None, error, refusal
 
 
 class _Refused(Exception):

@@ -18,9 +18,13 @@ process alone having used the room means the cluster has), and the deployment ch
 checked and taken in Redis atomically, in one round trip; refused, it is skipped and the next one
 chosen. A deployment Redis found out of requests or tokens for the minute is skipped here, without
 asking again, until that minute ends.
+:meth:`Router.chain` is the one place a model's ``fallbacks`` are resolved: a name that no longer
+names a model (deleted after it was written, or written around the Admin API's checks) is skipped,
+and logged once (again after each configuration change).
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import deque
@@ -50,6 +54,7 @@ class SharedRoom(Protocol):
 
     def give_room(self, taken: object, tokens: int) -> None:
         """The request is over: give back its concurrency slot and charge its ``tokens``."""
+log = logging.getLogger("aisix.routing")
 
 
 class DeploymentState:
@@ -145,6 +150,7 @@ class Router:
         self._rng = rng or random.Random()
         #: where deployments' capacity is counted for the cluster (None: in this process only)
         self.shared: SharedRoom | None = None
+        self._warned: set[tuple[str, str]] = set()  # (model, fallback) logged as skipped since the last change
 
     def state(self, target: Model) -> DeploymentState:
         key = (target.name, target.deployment_id)
@@ -264,9 +270,26 @@ class Router:
             st.cooldown_until = max(st.cooldown_until, now + window)
             st.fails.clear()
 
+    def chain(self, model: Model, models) -> list[Model]:
+        """``model``, then its ``fallbacks`` in order as found in ``models`` (the snapshot's, by
+        name), one level (a fallback's own fallbacks are not followed), each once and never
+        ``model`` again. A name not in ``models`` is skipped, with one WARNING per (model, name)
+        until the next configuration change (:meth:`prune`)."""
+        out = [model]
+        for name in model.fallbacks:
+            m = models.get(name)
+            if m is None:
+                if (model.name, name) not in self._warned:
+                    self._warned.add((model.name, name))
+                    log.warning("model %s: fallback %s is not configured (deleted since?); skipped", model.name, name)
+            elif not any(x is m for x in out):
+                out.append(m)
+        return out
+
     def prune(self, models) -> None:
         """Forget the state of deployments no longer configured (``models``: the live ones), so a
-        model deleted and created again starts healthy."""
+        model deleted and created again starts healthy; the skipped fallbacks are logged anew."""
+        self._warned.clear()
         live = {(m.name, t.deployment_id) for m in models for t in m.targets}
         for key in [k for k in self._state if k not in live]:
             del self._state[key]

@@ -53,7 +53,10 @@ class Telemetry:
     between consecutive content events as relayed, one sample per event after the first),
     ``aisix_llm_time_per_output_token_milliseconds{model}`` (successful streams of at least two
     completion tokens: (upstream end − first token) / (completion tokens − 1), one sample per
-    stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total),
+    stream), ``aisix_token_count_total{model,type}`` (type = prompt|completion|total; model = the
+    alias the client asked for), ``aisix_deployment_token_count_total{model,deployment,type}`` (the
+    same tokens by the attempt that produced them: model = the alias that attempt went to, a fallback's
+    when one answered, deployment = its id),
     ``aisix_cost_usd_total{model}`` (USD, from the reported usage and the deployment's price; only
     models whose price is known), ``aisix_telemetry_dropped_total{reason}`` (``queue_full``: records, the queue was full;
     ``span_queue_full``: spans, the span processor's queue was full; ``span_export_failed``: spans
@@ -97,9 +100,30 @@ class Telemetry:
         self.meter_provider, self.tracer_provider, self._spans, self._scope = setup(
             cfg, service_instance_id, histograms, readers)
         self._resource = self.tracer_provider.resource
-        meter = self.meter_provider.get_meter("aisix")
+        self.prices = Prices(cfg.price_table)
+        self._instruments(self.meter_provider.get_meter("aisix"))
+        if cfg.access_log is not None:
+            try:
+                self.access_log = AccessLog(cfg.access_log.path)
+            except OSError as e:
+                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
+                                  f"{e.strerror}") from None
+            self.dropped_count.add(0, {"reason": "access_log_full"})
+        if registry is not None:
+            from aisix.telemetry.scrape import serve_metrics
+            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
+
+    def count_ratelimit_store_error(self) -> None:
+        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
+        self.ratelimit_store_errors += 1
+
+    def _instruments(self, meter) -> None:
+        """The counters and histograms OpenTelemetry aggregates (names and units: the class doc)."""
         self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
         self.token_count = meter.create_counter("aisix_token_count", description="tokens used, by type")
+        self.deployment_token_count = meter.create_counter(
+            "aisix_deployment_token_count", description="tokens used, by the alias and deployment of the attempt "
+            "that produced them, and type")
         self.request_latency = meter.create_histogram(
             "aisix_request_latency", unit="ms", description="request received to response body fully sent")
         self.llm_latency = meter.create_histogram(
@@ -120,7 +144,6 @@ class Telemetry:
         self.cost_count = meter.create_counter(
             "aisix_cost_usd", description="USD the upstreams charge for the tokens they report, by model alias "
             "(models with a known price only: their `pricing`, else genai-prices' table)")
-        self.prices = Prices(cfg.price_table)
         self.fallback_count = meter.create_counter(
             "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
             "for and the fallback")
@@ -133,20 +156,6 @@ class Telemetry:
             "aisix_ratelimit_store_errors",
             description="requests whose rate limits the shared store could not count; failed releases and renewals")
         self.store_error_count.add(0)
-        if cfg.access_log is not None:
-            try:
-                self.access_log = AccessLog(cfg.access_log.path)
-            except OSError as e:
-                raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
-                                  f"{e.strerror}") from None
-            self.dropped_count.add(0, {"reason": "access_log_full"})
-        if registry is not None:
-            from aisix.telemetry.scrape import serve_metrics
-            self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
-
-    def count_ratelimit_store_error(self) -> None:
-        """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
-        self.ratelimit_store_errors += 1
 
     # -- the request path ------------------------------------------------------
     def submit(self, rec: RequestRecord) -> None:
@@ -183,7 +192,7 @@ class Telemetry:
         n = 0
         q = self.queue
         requests: Counter = Counter()
-        tokens: Counter = Counter()
+        tokens: Counter = Counter()  # (model asked, type) and (model, deployment, type) of the attempt
         upstream_errors: Counter = Counter()
         attempts: Counter = Counter()
         fallbacks: Counter = Counter()
@@ -204,8 +213,11 @@ class Telemetry:
         for (admin, method, endpoint, status), count in requests.items():
             counter = self.admin_request_count if admin else self.request_count
             counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
-        for (model, kind), count in tokens.items():
-            self.token_count.add(count, {"model": model, "type": kind})
+        for labels, count in tokens.items():
+            if len(labels) == 2:
+                self.token_count.add(count, {"model": labels[0], "type": labels[1]})
+            else:
+                self.deployment_token_count.add(count, {"model": labels[0], "deployment": labels[1], "type": labels[2]})
         for (model, upstream_status), count in upstream_errors.items():
             self.upstream_error_count.add(count, {"model": model, "upstream_status": upstream_status})
         for (model, deployment, status), count in attempts.items():
@@ -259,11 +271,24 @@ class Telemetry:
             for fb in r.fallbacks:
                 fallbacks[(model, fb)] += 1
             if r.total_tokens is not None:
-                tokens[(model, "prompt")] += r.prompt_tokens
-                tokens[(model, "completion")] += r.completion_tokens
-                tokens[(model, "total")] += r.total_tokens
+                self._tokens(r, tokens)
         if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
             self._span(r)
+
+    @staticmethod
+    def _tokens(r: RequestRecord, tokens: Counter) -> None:
+        """The reported usage under the alias asked for, and under the attempt that produced it: the
+        last (the earlier ones failed before their first byte, and a stream under way is never
+        retried, so only the last one can have an answer)."""
+        model = r.model
+        tokens[(model, "prompt")] += r.prompt_tokens
+        tokens[(model, "completion")] += r.completion_tokens
+        tokens[(model, "total")] += r.total_tokens
+        if r.attempts:
+            a = r.attempts[-1]
+            tokens[(a.model, a.deployment, "prompt")] += r.prompt_tokens
+            tokens[(a.model, a.deployment, "completion")] += r.completion_tokens
+            tokens[(a.model, a.deployment, "total")] += r.total_tokens
 
     def _exemplar(self, r: RequestRecord):
         """The context that makes a latency sample of a sampled request an exemplar (its trace and

@@ -326,7 +326,7 @@ def test_admin_validation_equals_snapshot_validation():
             kind = "apikeys"
             doc = {"key": text(4), "allowed_models": [text(2)]}
         try:
-            obj, _ = _to_store(kind, doc, None)
+            obj, _ = _to_store(kind, doc, None, {})
         except GatewayError as e:
             assert e.status == 400 and e.param
             continue
@@ -544,6 +544,8 @@ async def test_deployment_keys_are_masked_and_kept_per_deployment(admin):
         {"id": "east", "model": "openai/gpt-4o", "provider_config": {"api_key": SECRET, "api_base": UPSTREAM}},
         {"id": "west", "model": "openai/gpt-4o", "provider_config": {"api_key": other}, "weight": 2}],
         "routing": {"strategy": "least_busy"}, "fallbacks": ["gpt"]}
+    r = await client.post(f"{BASE}/models", json={"name": "gpt", "model": "openai/gpt-4o-mini"}, headers=AUTH)
+    assert r.status == 201, await r.text()
     r = await client.post(f"{BASE}/models", json=model, headers=AUTH)
     assert r.status == 201, await r.text()
     got = await r.json()
@@ -582,3 +584,30 @@ async def test_a_masked_key_that_no_stored_one_backs_is_refused(admin):
     err = await _error(await client.post(f"{BASE}/models", json={**MODEL, "name": "n2", "provider_config": {
         "api_key": "****cdef"}}, headers=AUTH), 400)
     assert [t.provider_config.api_key for t in gw.holder.current.models["grp"].targets] == [SECRET, SECRET[::-1]]
+
+
+async def test_fallbacks_must_name_configured_models_and_close_no_cycle(admin):
+    """Self, unknown and cyclic ``fallbacks`` are refused (400, ``param`` ``fallbacks.N``); a
+    target deleted later is allowed (the proxy skips it), but a write that still names it is not."""
+    client, gw = admin
+
+    async def post(name: str, *fallbacks: str, rid: str | None = None):
+        body = {"name": name, "model": "openai/x", "fallbacks": list(fallbacks)}
+        if rid is None:
+            return await client.post(f"{BASE}/models", json=body, headers=AUTH)
+        return await client.put(f"{BASE}/models/{rid}", json=body, headers=AUTH)
+    err = await _error(await post("a", "a"), 400)
+    assert (err["code"], err["param"]) == ("invalid_field", "fallbacks.0") and "this model itself" in err["message"]
+    err = await _error(await post("a", "b"), 400)  # b does not exist yet: create it first
+    assert err["param"] == "fallbacks.0" and "unknown model `b`" in err["message"]
+    b = await (await post("b")).json()
+    a = await post("a", "b")
+    assert a.status == 201, await a.text()
+    a = await a.json()
+    err = await _error(await post("b", "a", rid=b["id"]), 400)  # b → a → b
+    assert err["param"] == "fallbacks.0" and "a cycle (b → a → b)" in err["message"]
+    assert gw.holder.current.models["b"].fallbacks == []
+    r = await client.delete(f"{BASE}/models/{b['id']}", headers=AUTH)
+    assert r.status == 200 and gw.holder.current.models["a"].fallbacks == ["b"]  # kept: skipped at request time
+    err = await _error(await post("a", "b", rid=a["id"]), 400)
+    assert "unknown model `b`" in err["message"]

@@ -40,6 +40,11 @@ def write(tmp_path, text: str):
     (f'models:\n  - {{name: a, model: "openai/x", provider_config: {{read_timeout_ms: {10**30}}}}}\n',
      "models.0.provider_config.read_timeout_ms", "less than or equal to"),
     (f"server:\n  shutdown_grace_ms: {10**30}\n", "server.shutdown_grace_ms", "less than or equal to"),
+    # fallbacks: each names another model of the file, and none leads back (issue 11)
+    ('models:\n  - {name: a, model: "openai/x", fallbacks: [a]}\n', "models.0.fallbacks.0", "this model itself"),
+    ('models:\n  - {name: a, model: "openai/x", fallbacks: [b]}\n', "models.0.fallbacks.0", "unknown model `b`"),
+    ('models:\n  - {name: a, model: "openai/x", fallbacks: [b]}\n  - {name: b, model: "openai/y", fallbacks: [a]}\n',
+     "models.1.fallbacks.0", "a cycle (b → a → b)"),
     # model names that differ only by surrounding whitespace made look-alike series
     ('models:\n  - {name: "m1 ", model: "openai/x"}\n', "models.0.name", "must not start or end with whitespace"),
     ('apikeys:\n  - {key: k, allowed_models: [" m1"]}\n', "apikeys.0.allowed_models.0", "must not start or end with whitespace"),

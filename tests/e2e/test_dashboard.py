@@ -22,7 +22,8 @@ ROWS = {
                 "First Token Latency by Model", "LLM Latency by Model"],
     "Token Usage": ["Prompt vs Completion Token Rate", "Token Usage by Model",
                     "Cumulative Tokens", "Token Distribution by Model"],
-    "Deployments": ["Upstream Attempts by Deployment and Status", "Upstream Latency P90 by Deployment", "Fallbacks"],
+    "Deployments": ["Upstream Attempts by Deployment and Status", "Upstream Latency P90 by Deployment", "Fallbacks",
+                    "Tokens by Deployment"],
     "Streaming and Cost": ["Inter-Token Latency by Model", "Time per Output Token by Model",
                            "Spend by Model (USD per hour)", "Spend by Model"],
 }
@@ -30,6 +31,7 @@ HISTOGRAMS = ["aisix_request_latency_milliseconds", "aisix_llm_latency_milliseco
               "aisix_llm_first_token_latency_milliseconds", "aisix_upstream_latency_milliseconds",
               "aisix_llm_inter_token_latency_milliseconds", "aisix_llm_time_per_output_token_milliseconds"]
 METRICS = {"aisix_request_count_total", "aisix_token_count_total", "aisix_upstream_request_count_total",
+           "aisix_deployment_token_count_total",
            "aisix_fallback_count_total", "aisix_cost_usd_total"} | {
     f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 LABELS = {"method", "endpoint", "status_code", "model", "type", "le", "deployment", "fallback"}
@@ -117,6 +119,7 @@ def _push_sample_traffic(otlp_url):
     attempts = meter.create_counter("aisix_upstream_request_count")
     upstream_ms = meter.create_histogram("aisix_upstream_latency", unit="ms")
     fallbacks = meter.create_counter("aisix_fallback_count")
+    deployment_tokens = meter.create_counter("aisix_deployment_token_count")
     itl_ms = meter.create_histogram("aisix_llm_inter_token_latency", unit="ms")
     tpot_ms = meter.create_histogram("aisix_llm_time_per_output_token", unit="ms")
     cost = meter.create_counter("aisix_cost_usd")
@@ -134,6 +137,8 @@ def _push_sample_traffic(otlp_url):
             for deployment, status in (("east", "200"), ("west", "connect_error")):
                 attempts.add(2, {"model": model, "deployment": deployment, "status_code": status})
                 upstream_ms.record(80, {"model": model, "deployment": deployment})
+                for kind, n in (("prompt", 5), ("completion", 2), ("total", 7)):
+                    deployment_tokens.add(n, {"model": model, "deployment": deployment, "type": kind})
             fallbacks.add(1, {"model": model, "fallback": "backup"})
             itl_ms.record(20, {"model": model})
             tpot_ms.record(25, {"model": model})

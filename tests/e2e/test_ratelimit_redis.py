@@ -296,3 +296,18 @@ async def test_deny_answers_429_while_redis_is_down(cluster, redis):
     redis.start()
     await _wait_shared(a.hook)
     assert (await a.one()).response_headers["x-ratelimit-remaining-requests"] == "99"
+
+
+async def test_a_fallbacks_own_limits_give_the_same_answers_in_redis(redis):
+    """The fallback script of the local hook's tests (m1 falls back to m2, which has rpm, tpm and
+    concurrency limits of its own) answers the same, step by step, counted in a real Redis."""
+    from tests.unit.test_ratelimit import FALLBACK_LIMITS, T0, fallback_holder, fallback_script
+    holder = fallback_holder(*FALLBACK_LIMITS)
+    hook = RedisRateLimitHook(store_cfg(redis), holder, clock=Clock(T0 + 1))
+    try:
+        shared = await fallback_script(hook, holder, settle)
+    finally:
+        await hook.aclose()
+    local_holder = fallback_holder(*FALLBACK_LIMITS)
+    local = await fallback_script(RateLimitHook(local_holder, clock=Clock(T0 + 1)), local_holder)
+    assert shared == local and shared.count("m2 entered") == 2

@@ -58,9 +58,21 @@ def gw(tmp_path_factory, ups, prometheus, sink):
         {"name": "pair", "deployments": [dep("a", a.base_url), dep("b", b.base_url)],
          "routing": {"strategy": "round_robin"}, "fallbacks": ["backup"]},
         {"name": "backup", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
+        {"name": "tok", "deployments": [dep("x", a.base_url), dep("y", b.base_url)],
+         "routing": {"strategy": "round_robin", "allowed_fails": 1000}, "fallbacks": ["tok-fb"]},
+        {"name": "tok-fb", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url}},
+        {"name": "lim", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": dead},
+         "fallbacks": ["lim-b", "lim-c"]},
+        {"name": "lim2", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": dead},
+         "fallbacks": ["lim-b"]},
+        {"name": "lim-b", "model": "openai/up-2", "provider_config": {"api_key": "sk-up", "api_base": c.base_url},
+         "rate_limit": {"rpm": 1}},
+        {"name": "lim-c", "model": "openai/up-1", "provider_config": {"api_key": "sk-up", "api_base": b.base_url}},
     ]
     cfg = gateway_config(a.base_url, prom_otlp=prometheus.otlp_url, traces=sink.endpoint, models=models,
-                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix"]}])
+                         apikeys=[{"key": "sk-test", "allowed_models": ["half-down", "pair", "pair2", "alternate", "capped", "mix",
+                                                                   "tok"]},
+                                 {"key": "sk-lim", "allowed_models": ["lim", "lim2"], "rate_limit": {"rpm": 100}}])
     with GatewayProcess(tmp_path_factory.mktemp("gw"), cfg) as g:
         yield g
 
@@ -355,3 +367,92 @@ def test_an_attempt_cut_by_the_client_is_measured(gw, ups, prometheus):
                 pass
     asyncio.run(cut())
     m.wait_value("aisix_upstream_request_count_total", before + 1, model="pair2", status_code="client_closed")
+
+
+def admin_call(gw, method: str, path: str, body: dict | None = None) -> dict:
+    import json
+    import urllib.request
+    req = urllib.request.Request(gw.admin_url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer admin-test-key", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_a_fallback_deleted_later_is_skipped_and_logged_once(gw, ups):
+    c = ups[2]
+    c.script("orphan", writes=[(0, ev(ROLE)), (0, ev(TXT("from b"))), (0, ev(STOP)), (0, DONE)])
+    dead = f"http://{HOST}:{free_port()}/v1"
+    b = admin_call(gw, "POST", "/models", {"name": "orphan-b", "model": "openai/up-2",
+                                           "provider_config": {"api_key": "sk-up", "api_base": c.base_url}})
+    admin_call(gw, "POST", "/models", {"name": "orphan", "model": "openai/up-1", "fallbacks": ["orphan-b"],
+                                       "provider_config": {"api_key": "sk-up", "api_base": dead}})
+    key = admin_call(gw, "POST", "/apikeys", {"allowed_models": ["orphan"]})["key"]
+    req = {"model": "orphan", "stream": True, "messages": [{"role": "user", "content": "orphan"}]}
+    got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", req, key))
+    assert got.status == 200 and got.headers["x-aisix-deployment"] == "orphan-b/default"
+    admin_call(gw, "DELETE", f"/models/{b['id']}")
+    for _ in range(2):  # the one upstream left is down: its own error, no crash
+        got = asyncio.run(post_raw(gw.url + "/v1/chat/completions", req, key))
+        assert got.status == 502 and b'"upstream_unreachable"' in got.body
+        assert got.headers["x-aisix-deployment"] == "orphan/default"
+    assert gw.output().count("model orphan: fallback orphan-b is not configured") == 1
+
+
+def usage_body(prompt: int, completion: int) -> bytes:
+    return (b'{"id":"c","object":"chat.completion","model":"up-1","choices":[{"index":0,"message":{"role":"assistant",'
+            b'"content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":%d,"completion_tokens":%d,'
+            b'"total_tokens":%d}}' % (prompt, completion, prompt + completion))
+
+
+def test_tokens_are_exported_per_deployment_under_the_alias_that_answered(gw, ups, prometheus):
+    a, b, c = ups
+    a.script("tok", status=200, headers=JSON, body=usage_body(3, 2))
+    b.script("tok", status=200, headers=JSON, body=usage_body(4, 1))
+    boom = b'{"error":{"message":"boom","type":"server_error"}}'
+    for up in (a, b):
+        up.script("tok-fb", status=500, headers=JSON, body=boom)
+    c.script("tok-fb", status=200, headers=JSON, body=usage_body(7, 4))
+    went = []
+    for key in ("tok", "tok", "tok-fb"):  # round robin: one on x, one on y; then every deployment fails
+        r = client(gw).chat.completions.with_raw_response.create(model="tok", messages=[{"role": "user", "content": key}])
+        went.append(r.headers["x-aisix-deployment"])
+    assert sorted(went[:2]) == ["tok/x", "tok/y"] and went[2] == "tok-fb/default"
+    m = GatewayMetrics(prometheus, gw.instance)
+    name = "aisix_deployment_token_count_total"
+    for deployment, (p, co) in (("x", (3, 2)), ("y", (4, 1))):
+        for kind, n in (("prompt", p), ("completion", co), ("total", p + co)):
+            m.wait_value(name, n, model="tok", deployment=deployment, type=kind)
+    for kind, n in (("prompt", 7), ("completion", 4), ("total", 11)):
+        m.wait_value(name, n, model="tok-fb", deployment="default", type=kind)
+    # the seed series: every token under the alias the client asked for, none under the fallback
+    for kind, n in (("prompt", 3 + 4 + 7), ("completion", 2 + 1 + 4), ("total", 5 + 5 + 11)):
+        m.wait_value("aisix_token_count_total", n, model="tok", type=kind)
+    assert m.value("aisix_token_count_total", model="tok-fb") == 0
+    # the failed attempts of the third request produced nothing: no tokens on x or y beyond the first two
+    assert m.value(name, model="tok", type="total") == 10
+
+
+def test_a_fallback_over_its_own_rate_limit_is_skipped_and_the_key_counted_once(gw, ups, prometheus):
+    _, b, c = ups
+    for up in (b, c):
+        up.script("lim", writes=[(0, ev(ROLE)), (0, ev(TXT("x"))), (0, ev(STOP)), (0, DONE)])
+    if time.time() % 60 > 50:  # the windows are clock-aligned minutes: start in a fresh one
+        time.sleep(61 - time.time() % 60)
+    m = GatewayMetrics(prometheus, gw.instance)
+    got = [asyncio.run(post_raw(gw.url + "/v1/chat/completions", {
+        "model": model, "stream": True, "messages": [{"role": "user", "content": "lim"}]}, "sk-lim"))
+        for model in ("lim", "lim", "lim2")]
+    assert [g.status for g in got] == [200, 200, 429]
+    # the first takes lim-b's one request of the minute; the second finds it full and goes on to lim-c
+    assert [g.headers["x-aisix-deployment"] for g in got[:2]] == ["lim-b/default", "lim-c/default"]
+    assert [seen(c, "lim"), seen(b, "lim")] == [1, 1]
+    import json
+    err = json.loads(got[2].body)["error"]  # lim2 has no other fallback: lim-b's 429 is the answer
+    assert err["code"] == "rate_limit_exceeded" and "model `lim-b`" in err["message"] and "(rpm)" in err["message"]
+    assert 0 < int(got[2].headers["Retry-After"]) <= 60
+    # the key's limit counted each request once (for the alias asked), not once per model entered
+    assert [g.headers["x-ratelimit-remaining-requests"] for g in got[:2]] == ["99", "98"]
+    m.wait_value("aisix_fallback_count_total", 1, model="lim", fallback="lim-b")
+    m.wait_value("aisix_fallback_count_total", 1, model="lim", fallback="lim-c")
+    m.wait_value("aisix_upstream_request_count_total", 1, model="lim2", deployment="default", status_code="connect_error")
+    assert m.value("aisix_fallback_count_total", model="lim2") == 0  # (same record) lim-b was skipped, never tried

@@ -130,6 +130,19 @@ def test_stream_usage_never_and_always(gw, upstream):
     assert len(upstream.seen) - n1 == 1
 
 
+def test_stream_usage_never_sends_not_even_the_clients_stream_options(gw, upstream, sink):
+    upstream.script("never-own", refuse_field="stream_options",
+                    writes=[(0, ev(ROLE)), (0, ev(TXT("a"))), (0, ev(TXT("b"))), (0, ev(STOP)), (0, DONE)])
+    got = asyncio.run(post_raw(gw.url + CHAT, chat("never-own", model="m-never",
+                                                   stream_options={"include_usage": True})))
+    assert got.status == 200 and texts(got.body) == "ab"  # a stream, from the one call the upstream saw
+    sent = [s.body for s in upstream.seen if s.body["messages"][-1]["content"] == "never-own"]
+    assert len(sent) == 1 and "stream_options" not in sent[0] and sent[0]["stream"] is True
+    span = span_of(sink, got.headers["x-request-id"])
+    assert span["attributes"]["aisix.usage.estimated"] is True  # no usage from the upstream: the estimate
+    assert span["attributes"]["gen_ai.usage.output_tokens"] == 2
+
+
 async def _preflight(url: str, origin: str, headers: str = "authorization, content-type"):
     async with aiohttp.ClientSession() as s:
         async with s.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
@@ -154,6 +167,25 @@ def test_cors_preflight_and_headers_on_answers_streams_and_errors(gw, upstream):
     assert status == 403 and "Access-Control-Allow-Origin" not in h
     got = asyncio.run(post_raw(gw.url + CHAT, chat("cors"), headers={"Origin": "https://evil.example"}))
     assert got.status == 200 and "Access-Control-Allow-Origin" not in got.headers
+
+
+async def _get(url: str, headers: dict) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers=headers) as r:
+            return r.status, r.headers.copy(), await r.json(content_type=None)
+
+
+def test_cors_headers_on_errors_of_no_route_and_of_auth(gw):
+    for path, key, want, code in (("/v1/no-such-route", "sk-test", 404, "not_found"),
+                                  (CHAT, "sk-test", 405, "method_not_allowed"),  # GET on a POST route
+                                  ("/v1/models", "sk-wrong", 401, "invalid_api_key")):
+        status, h, body = asyncio.run(_get(gw.url + path, {"Origin": ORIGIN, "Authorization": f"Bearer {key}"}))
+        assert (status, body["error"]["code"]) == (want, code)
+        assert h["Access-Control-Allow-Origin"] == ORIGIN, path  # a browser script may read the error
+        assert "x-request-id" in h["Access-Control-Expose-Headers"].lower().split(",")
+        status, h, _ = asyncio.run(_get(gw.url + path, {"Origin": "https://evil.example",
+                                                        "Authorization": f"Bearer {key}"}))
+        assert status == want and "Access-Control-Allow-Origin" not in h
 
 
 def test_cors_is_off_by_default(tmp_path, upstream):

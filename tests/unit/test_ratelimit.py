@@ -402,3 +402,76 @@ async def test_thousand_cycles_with_errors_leave_concurrency_at_zero():
 def test_duration_format():
     assert [duration(s) for s in (0.01, 1, 54.2, 55, 60, 61, 3600, 86399.5)] == \
         ["1s", "1s", "55s", "55s", "1m0s", "1m1s", "1h0m0s", "24h0m0s"]
+
+
+# -- fallbacks: the fallback model's own limits, the key counted once ------------------------------
+FALLBACK_LIMITS = {"rpm": 10, "tpm": 1000}, {"tpm": 50}, {"rpm": 2, "tpm": 30, "concurrency": 1}
+
+
+def fallback_holder(key_rl, asked_rl, fallback_rl) -> SnapshotHolder:
+    """Key ``sk-test`` on m1; m1 falls back to m2; each with the limits given."""
+    holder = SnapshotHolder()
+    holder.swap([Model(id="model-1", name="m1", model="openai/up-1", rate_limit=asked_rl, fallbacks=["m2"]),
+                 Model(id="model-2", name="m2", model="openai/up-2", rate_limit=fallback_rl)], [key(key_rl)])
+    return holder
+
+
+async def fallback_script(hook, holder: SnapshotHolder, settle=None) -> list:
+    """Requests to m1 that all move on to m2 (as route() drives the pipeline); what each step got."""
+    from aisix.telemetry.records import Attempt
+    pipeline, snap, out = Pipeline([hook]), holder.current, []
+    m2 = snap.models["m2"]
+
+    async def start() -> Call:
+        c = Call(key=snap.key_for("sk-test"), model=snap.models["m1"],
+                 record=RequestRecord("POST", "/v1/chat/completions", "/v1/chat/completions", 0, 0))
+        await pipeline.pre_call(c)
+        return c
+
+    async def enter(c: Call) -> bool:
+        try:
+            await pipeline.enter_fallback(c, m2)
+        except GatewayError as e:
+            out.append((e.status, e.code, e.message, e.headers.get("Retry-After")))
+            return False
+        out.append("m2 entered")
+        return True
+
+    def served(c: Call, tokens: int) -> None:  # the attempt on m2 answered with this usage
+        c.attempt = Attempt("m2", "default", "openai", "up-2", "", 1, 0)
+        c.record.set_usage(tokens // 2, tokens - tokens // 2, tokens)
+        pipeline.leave_fallback(c, m2)
+
+    first, second = await start(), await start()
+    assert await enter(first)
+    assert not await enter(second)  # m2: 1 in flight of 1
+    served(first, 20)
+    pipeline.post_call(first, 1)
+    pipeline.post_call(second, 1)
+    for tokens in (20, None):  # the 2nd request of m2's minute, then its rpm and tpm are spent
+        if settle is not None:
+            await settle(hook)
+        c = await start()
+        if await enter(c):
+            served(c, tokens)
+        pipeline.post_call(c, 1)
+    if settle is not None:
+        await settle(hook)
+    last = await start()  # m1 asked directly: it was not charged m2's tokens (50 left), the key was (960)
+    out.append({k: v for k, v in last.response_headers.items() if "remaining" in k})
+    pipeline.post_call(last, 1)
+    return out
+
+
+async def test_a_fallback_is_held_to_its_own_limits_and_the_key_counted_once():
+    holder = fallback_holder(*FALLBACK_LIMITS)
+    hook = RateLimitHook(holder, clock=Clock(T0 + 1))
+    out = await fallback_script(hook, holder)
+    assert out[0] == "m2 entered" and out[2] == "m2 entered"
+    assert out[1][:2] == (429, "concurrency_limit_exceeded") and "model `m2`" in out[1][2]
+    assert out[3][:2] == (429, "rate_limit_exceeded") and "model `m2`" in out[3][2] and out[3][3] == "59"
+    assert out[4] == {"x-ratelimit-remaining-requests": "5", "x-ratelimit-remaining-tokens": "50"}
+    m1, m2, k = hook.usage_of_model("m1"), hook.usage_of_model("m2"), hook.usage_of_key("key-1")
+    assert (k.req_minute, k.tok_minute, k.in_flight) == (5, 40, 0)  # five requests, each counted once
+    assert (m2.req_minute, m2.tok_minute, m2.in_flight) == (2, 40, 0)  # two entered, both served
+    assert (m1.req_minute, m1.tok_minute, m1.in_flight) == (5, 0, 0)

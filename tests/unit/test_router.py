@@ -106,8 +106,6 @@ def test_config_shape_is_validated():
         Model(name="g", deployments=[{"id": "a", "model": "openai/x"}, {"id": "a", "model": "openai/y"}])
     with pytest.raises(ValueError, match="not both"):
         Model(name="g", model="openai/x", deployments=[{"id": "a", "model": "openai/x"}])
-    with pytest.raises(ValueError, match="other models"):
-        Model(name="g", model="openai/x", fallbacks=["g"])
     with pytest.raises(ValueError, match="Field required"):
         Model(name="g")
     m = Model(name="g", deployments=[{"id": "a", "model": "anthropic/c", "provider_config": {"api_key": "k"}}])
@@ -133,3 +131,32 @@ def test_a_deployment_without_room_under_its_own_rate_limit_is_skipped():
     r.charge(small, 100, wall + 61)
     assert r.choose(m, {"big"}, 0, wall + 62) is big  # small spent its tpm
     assert r.health([m], 0)[0]["in_flight"] == 0
+
+
+def fb(name: str, *fallbacks: str) -> Model:
+    return Model(name=name, model="openai/x", fallbacks=list(fallbacks))
+
+
+def test_fallbacks_must_name_other_configured_models_and_close_no_cycle():
+    from aisix.config.resources import fallback_problems
+    others = {m.name: m for m in (fb("b", "c"), fb("c"), fb("d", "e"), fb("e", "a"))}
+    assert fallback_problems(fb("a", "b", "c"), others) == []
+    assert fallback_problems(fb("a", "a"), others) == [("fallbacks.0", "`a` is this model itself")]
+    assert fallback_problems(fb("a", "c", "c"), others) == [("fallbacks.1", "`c` is named twice")]
+    [(where, why)] = fallback_problems(fb("a", "b", "nope"), others)
+    assert where == "fallbacks.1" and "unknown model `nope`" in why
+    [(where, why)] = fallback_problems(fb("a", "c", "d"), others)  # a → d → e → a
+    assert where == "fallbacks.1" and "a cycle (a → d → e → a)" in why
+    [(where, why)] = fallback_problems(fb("c", "b"), {**others, "c": fb("c")})  # b → c: the one written closes it
+    assert where == "fallbacks.0" and "(c → b → c)" in why
+
+
+def test_the_chain_skips_a_fallback_no_longer_configured_and_logs_it_once(caplog):
+    r, a, c = Router(), fb("a", "gone", "c", "a"), fb("c")
+    with caplog.at_level("WARNING", logger="aisix.routing"):
+        assert [m.name for m in r.chain(a, {"a": a, "c": c})] == ["a", "c"]
+        assert [m.name for m in r.chain(a, {"a": a, "c": c})] == ["a", "c"]
+        assert len([x for x in caplog.records if "fallback gone is not configured" in x.getMessage()]) == 1
+        r.prune([a, c])  # a configuration change: logged anew if still missing
+        r.chain(a, {"a": a, "c": c})
+        assert len([x for x in caplog.records if "fallback gone" in x.getMessage()]) == 2
