@@ -281,7 +281,7 @@ def estimate_input_tokens(body: dict) -> int:
     """An estimate (tokens) of a Messages request's input, for ``count_tokens`` to providers that
     have no such endpoint: one token per :data:`~aisix.providers.base.BYTES_PER_TOKEN` bytes of the
     JSON of ``system``, ``messages`` and ``tools``, images (their base64 left out) counted
-    :data:`IMAGE_TOKENS` each."""
+    :data:`IMAGE_TOKENS` each. Raises 400 for a request nested too deeply to serialise."""
     images = 0
 
     def strip(v):
@@ -295,8 +295,12 @@ def estimate_input_tokens(body: dict) -> int:
             return [strip(x) for x in v]
         return v
 
-    doc = strip([body.get("system"), body.get("messages"), body.get("tools")])
-    return -(-len(orjson.dumps(doc)) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+    try:
+        size = len(orjson.dumps(strip([body.get("system"), body.get("messages"), body.get("tools")])))
+    except (RecursionError, orjson.JSONEncodeError):  # deeper than JSON encoders go (orjson: 254 levels)
+        raise invalid_request("messages: the request is nested too deeply to count", "invalid_request",
+                              "messages") from None
+    return -(-size // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
 
 
 # -- response ---------------------------------------------------------------------------------------
