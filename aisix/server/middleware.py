@@ -117,8 +117,10 @@ def _internal_error(request: web.Request, rec: RequestRecord, e: Exception) -> w
         if request.transport is not None:
             request.transport.close()
         return _GONE
-    return _error(request, rec, GatewayError(500, "The gateway failed to handle the request.", "api_error",
+    resp = _error(request, rec, GatewayError(500, "The gateway failed to handle the request.", "api_error",
                                              "internal_error"))
+    resp.headers["x-aisix-request-id"] = resp.headers["x-request-id"] = request_id(rec)  # to find it in the log
+    return resp
 
 
 def _error(request: web.Request, rec: RequestRecord, err: GatewayError) -> web.Response:
