@@ -7,7 +7,7 @@ the same emulator), ``claude`` (``anthropic/claude-sonnet-4-5`` → the Anthropi
 ``mocked`` (``mock/mock-1``, no pacing, ``mock_tokens`` tokens), and with a Gemini emulator
 ``gem`` (``gemini/gemini-2.5-flash``). ``claude`` and ``gpt`` have their own ``pricing``
 (:data:`CLAUDE_PRICING`, :data:`GPT_PRICING`). Keys: ``sk-test`` (every model), ``sk-other``
-(none), ``sk-rpm2`` (every model, ``rate_limit.rpm: 2``).
+(none), ``sk-limited`` (every model, ``rate_limit: {rpm: 2, tpm: 1000}``).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def entry_gateway(tmp, prometheus, o: OpenAIEmulator, a: AnthropicEmulator, mock
                        "provider_config": {"api_key": g.api_key, "api_base": g.base_url}})
     every = [m["name"] for m in models]
     keys = [{"key": "sk-test", "allowed_models": every}, {"key": "sk-other", "allowed_models": []},
-            {"key": "sk-rpm2", "allowed_models": every, "rate_limit": {"rpm": 2}}]
+            {"key": "sk-limited", "allowed_models": every, "rate_limit": {"rpm": 2, "tpm": 1000}}]
     cfg = gateway_config(o.base_url, prom_otlp=prometheus.otlp_url, traces=traces, models=models, apikeys=keys)
     with GatewayProcess(tmp, cfg) as proc:
         proc.metrics = GatewayMetrics(prometheus, proc.instance)
