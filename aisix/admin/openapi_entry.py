@@ -57,7 +57,8 @@ def entry_paths(error_ref: str) -> dict:
         "/v1/messages/count_tokens": _post(
             "count_message_tokens", "Anthropic token count",
             "`{\"input_tokens\": n}`: Anthropic's count for an `anthropic` model, else an estimate "
-            "(`\"estimated\": true`, header `x-aisix-token-count: estimated`).", ["model", "messages"],
+            "(`\"estimated\": true`, header `x-aisix-token-count: estimated`). Counted by the key's and the "
+            "model's rate limits like any call (a request, a concurrency slot; 0 tokens).", ["model", "messages"],
             anthropic_ref, stream=False),
         "/v1/responses": _post(
             "create_response", "OpenAI Responses API",

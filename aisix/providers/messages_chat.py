@@ -23,6 +23,7 @@ tools (``bash_…``, ``web_search_…``, …), ``mcp_servers``, ``container``, i
 """
 from __future__ import annotations
 
+import re
 import uuid
 
 import orjson
@@ -281,7 +282,7 @@ def estimate_input_tokens(body: dict) -> int:
     """An estimate (tokens) of a Messages request's input, for ``count_tokens`` to providers that
     have no such endpoint: one token per :data:`~aisix.providers.base.BYTES_PER_TOKEN` bytes of the
     JSON of ``system``, ``messages`` and ``tools``, images (their base64 left out) counted
-    :data:`IMAGE_TOKENS` each."""
+    :data:`IMAGE_TOKENS` each. Raises 400 for a request nested too deeply to serialise."""
     images = 0
 
     def strip(v):
@@ -295,8 +296,12 @@ def estimate_input_tokens(body: dict) -> int:
             return [strip(x) for x in v]
         return v
 
-    doc = strip([body.get("system"), body.get("messages"), body.get("tools")])
-    return -(-len(orjson.dumps(doc)) // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+    try:
+        size = len(orjson.dumps(strip([body.get("system"), body.get("messages"), body.get("tools")])))
+    except (RecursionError, orjson.JSONEncodeError):  # deeper than JSON encoders go (orjson: 254 levels)
+        raise invalid_request("messages: the request is nested too deeply to count", "invalid_request",
+                              "messages") from None
+    return -(-size // BYTES_PER_TOKEN) + images * IMAGE_TOKENS
 
 
 # -- response ---------------------------------------------------------------------------------------
@@ -372,21 +377,75 @@ def event(name: str, obj: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+#: What :class:`_ToolCall` looks at in argument fragments: string quotes, escapes, brackets.
+_JSON_MARKS = re.compile(r'[\\"{}\[\]]')
+
+
+class _ToolCall:
+    """One chat tool call on its way to being a ``tool_use`` block: its id and name, the argument
+    fragments so far, whether they add up to a whole JSON object or array (``complete``: a
+    string-aware bracket count, fed fragment by fragment, O(length)), and the index of its block
+    once that began (None while it is held back)."""
+
+    __slots__ = ("id", "name", "args", "depth", "in_str", "esc", "complete", "index")
+
+    def __init__(self, tool_id: str, name: str):
+        self.id, self.name = tool_id, name
+        self.args: list[str] = []
+        self.depth, self.in_str, self.esc, self.complete = 0, False, False, False
+        self.index: int | None = None
+
+    def feed(self, frag: str) -> None:
+        """Add one argument fragment (``complete`` turns True at the bracket that closes the value)."""
+        self.args.append(frag)
+        i = 0
+        if self.esc and frag:  # the character after a backslash that ended the last fragment
+            self.esc, i = False, 1
+        while not self.complete and (m := _JSON_MARKS.search(frag, i)) is not None:
+            c, i = m.group(), m.end()
+            if self.in_str:
+                if c == "\\":
+                    if i < len(frag):
+                        i += 1
+                    else:
+                        self.esc = True
+                elif c == '"':
+                    self.in_str = False
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                self.complete = self.depth == 0
+
+
 class MessagesEncoder(ChunkEncoder):
     """``chat.completion.chunk`` objects in, the Messages API's events out (bytes).
 
     ``message_start`` before the first output (id, model; usage 0 until the end: chat streams
     report it last); each run of reasoning / text / one tool call's arguments is one content block
     (``content_block_start``, its deltas: ``thinking_delta`` / ``text_delta`` /
-    ``input_json_delta``, ``content_block_stop``), a new run closing the one before; at the end
-    (:meth:`done`: ``[DONE]`` or a clean close after the finish) ``message_delta`` with the
-    ``stop_reason`` and the usage (:func:`anthropic_usage` of the usage chunk) and
-    ``message_stop``. Reading the chunks: :class:`~aisix.providers.reencode.ChunkEncoder`."""
+    ``input_json_delta``, ``content_block_stop``); at the end (:meth:`done`: ``[DONE]`` or a clean
+    close after the finish) ``message_delta`` with the ``stop_reason`` and the usage
+    (:func:`anthropic_usage` of the usage chunk) and ``message_stop``. Reading the chunks:
+    :class:`~aisix.providers.reencode.ChunkEncoder`.
+
+    Interleaving: Messages blocks are sequential (one open at a time, never reopened), while a chat
+    stream may send a tool call's argument fragments after the next call began (parallel calls
+    interleaved) or text between them. So a tool block stays open until its arguments are a whole
+    JSON value (:class:`_ToolCall`), and what arrives meanwhile (another call, its fragments, text,
+    reasoning) is held back in arrival order and sent, each held run as one delta, when the open
+    call completes (or at the finish, which closes every block). Calls sent one after another, as
+    OpenAI sends them, stream live with no delay; an interleaved call waits for the ones before it.
+    Whitespace after a call's complete arguments is dropped; anything else there is a 502."""
 
     def __init__(self):
         super().__init__()
-        self.open: tuple[str, int] | None = None  # (block kind, index) of the block being streamed
+        self.open: tuple[str, int, _ToolCall | None] | None = None  # the block being streamed: kind, index, call
         self.blocks = 0
+        self.held: list = []  # in arrival order: _ToolCall, or [kind, text] runs of reasoning/text
+        self.finishing = False
 
     def begin(self, obj: dict) -> bytes:
         return event("message_start", {"type": "message_start", "message": {
@@ -394,16 +453,21 @@ class MessagesEncoder(ChunkEncoder):
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0}}})
 
-    def close(self) -> bytes:
+    def _holding(self) -> bool:
+        """Whether new content must wait: an open tool block whose arguments are not whole yet."""
+        return self.open is not None and self.open[2] is not None and not self.open[2].complete \
+            and not self.finishing
+
+    def _stop(self) -> bytes:
         if self.open is None:
             return b""
         index = self.open[1]
         self.open = None
         return event("content_block_stop", {"type": "content_block_stop", "index": index})
 
-    def _block(self, kind: str, block: dict) -> bytes:
-        out = self.close()
-        self.open = (kind, self.blocks)
+    def _block(self, kind: str, block: dict, call: _ToolCall | None = None) -> bytes:
+        out = self._stop()
+        self.open = (kind, self.blocks, call)
         self.blocks += 1
         return out + event("content_block_start", {"type": "content_block_start", "index": self.open[1],
                                                    "content_block": block})
@@ -412,21 +476,77 @@ class MessagesEncoder(ChunkEncoder):
         self.output = True
         return event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
 
+    def _run(self, kind: str, text: str) -> bytes:
+        """Reasoning or text: into the open block of its kind, else a new block (held back while a
+        tool call is incomplete)."""
+        if self._holding():
+            last = self.held[-1] if self.held else None
+            if isinstance(last, list) and last[0] == kind:
+                last[1] += text
+            else:
+                self.held.append([kind, text])
+            return b""
+        out = b""
+        if not (self.open and self.open[0] == kind):
+            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
+                else {"type": "text", "text": ""}
+            out = self._block(kind, block)
+        delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" \
+            else {"type": "text_delta", "text": text}
+        return out + self._delta(self.open[1], delta)
+
     def reasoning(self, text: str) -> bytes:
-        out = b"" if self.open and self.open[0] == "thinking" else \
-            self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-        return out + self._delta(self.open[1], {"type": "thinking_delta", "thinking": text})
+        return self._run("thinking", text)
 
     def text(self, text: str) -> bytes:
-        out = b"" if self.open and self.open[0] == "text" else self._block("text", {"type": "text", "text": ""})
-        return out + self._delta(self.open[1], {"type": "text_delta", "text": text})
+        return self._run("text", text)
 
-    def tool_start(self, tool_id: str | None, name: str) -> tuple[bytes, int]:
-        out = self._block("tool_use", {"type": "tool_use", "id": tool_id or _tool_id(), "name": name, "input": {}})
-        return out, self.open[1]
+    def _start_tool(self, call: _ToolCall) -> bytes:
+        """``call``'s block begins, with the arguments it got while held back as one delta."""
+        out = self._block("tool_use", {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}, call)
+        call.index = self.open[1]
+        args = "".join(call.args)
+        if args:
+            out += self._delta(call.index, {"type": "input_json_delta", "partial_json": args})
+        return out
 
-    def tool_args(self, index: int, args: str) -> bytes:
-        return self._delta(index, {"type": "input_json_delta", "partial_json": args})
+    def _release(self) -> bytes:
+        """Close a tool block whose arguments are whole, then send what was held back, in order,
+        until it is all out or a tool call in it is incomplete."""
+        out = []
+        while True:
+            if self.open is not None and self.open[2] is not None and (self.open[2].complete or self.finishing):
+                out.append(self._stop())
+            if not self.held or self._holding():
+                return b"".join(out)
+            item = self.held.pop(0)
+            if isinstance(item, _ToolCall):
+                out.append(self._start_tool(item))
+            else:
+                out.append(self._run(*item))
+
+    def tool_start(self, tool_id: str | None, name: str) -> tuple[bytes, _ToolCall]:
+        call = _ToolCall(tool_id or _tool_id(), name)
+        if self._holding():
+            self.held.append(call)
+            return b"", call
+        return self._start_tool(call), call
+
+    def tool_args(self, call: _ToolCall, args: str) -> bytes:
+        if call.complete:  # its block may be closed: only whitespace may follow a whole JSON value
+            if args.strip():
+                raise malformed("upstream", "stream event (tool call arguments after a complete JSON value)")
+            return b""
+        call.feed(args)
+        if self.open is None or self.open[2] is not call:
+            return b""  # held back: sent when its turn comes
+        out = self._delta(call.index, {"type": "input_json_delta", "partial_json": args})
+        return out + self._release() if call.complete else out
+
+    def close(self) -> bytes:
+        """At the finish: every block closed, what was held back sent first (each as one block)."""
+        self.finishing = True
+        return self._release() + self._stop()
 
     def finale(self) -> bytes:
         return event("message_delta", {

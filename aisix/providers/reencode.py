@@ -27,8 +27,8 @@ class ChunkEncoder:
     :meth:`tool_args` (its argument fragments), :meth:`close` (the open block/item, at the finish);
     it keeps ``finish`` (the ``finish_reason``) and ``usage`` (the usage chunk's object).
     :meth:`done` ends the stream with :meth:`finale`. ``output`` is True when the last
-    :meth:`chunk` emitted generated output (the first token). A tool call's first chunk without
-    a name is a 502 (malformed)."""
+    :meth:`chunk` emitted generated output (the first token; the steps set it when they send
+    some). A tool call's first chunk without a name is a 502 (malformed)."""
 
     def __init__(self):
         self.started = self.ended = self.output = False
@@ -76,7 +76,6 @@ class ChunkEncoder:
             out, self.tools[k] = self.tool_start(tid, name)
         args = fn.get("arguments")
         if isinstance(args, str) and args:
-            self.output = True
             out += self.tool_args(self.tools[k], args)
         return out
 

@@ -420,6 +420,7 @@ class ResponsesEncoder(ChunkEncoder):
 
     def tool_args(self, it: _Item, args: str) -> bytes:
         it.text += args
+        self.output = True
         return self._event("response.function_call_arguments.delta", item_id=it.id, output_index=it.index,
                            delta=args)
 

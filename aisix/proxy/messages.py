@@ -8,27 +8,27 @@ and ``anthropic-beta`` headers, and the answer relayed as the upstream's bytes (
 sent), so ``cache_control``, ``thinking``, tools, images and betas all survive. To any other
 provider it is translated to a chat completion and back
 (:mod:`aisix.providers.messages_chat`), streamed as the Messages event sequence. Every error
-is in Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}``, with the status
-it stands for. Tokens come from the Messages usage fields (``input_tokens`` +
+under ``/v1/messages`` (the handlers', the middleware's own 413/415/500, a 404/405) is in
+Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}``, with the status it
+stands for: the middleware chooses it by route (:func:`aisix.proxy.routes.error_envelope`); a
+stream's error is its ``error`` event. Tokens come from the Messages usage fields (``input_tokens`` +
 ``cache_creation_input_tokens`` + ``cache_read_input_tokens`` are the prompt, ``output_tokens``
 the completion); the first token is the first ``content_block_delta`` with output.
 
-``count_tokens`` goes to Anthropic's endpoint for an ``anthropic`` model (not rate limited: it
-generates nothing); for others it is an estimate (:func:`~aisix.providers.messages_chat.estimate_input_tokens`),
-said so by ``x-aisix-token-count: estimated`` and ``"estimated": true`` in the body.
+``count_tokens`` goes to Anthropic's endpoint for an ``anthropic`` model; for others it is an estimate (:func:`~aisix.providers.messages_chat.estimate_input_tokens`),
+said so by ``x-aisix-token-count: estimated`` and ``"estimated": true`` in the body. It passes
+the key's and the model's rate limits like any call (one request of rpm/rpd, a concurrency slot
+while it runs, the ``x-ratelimit-*`` headers, a 429 when over); its answer charges 0 tokens (it
+generates nothing, and its count is not usage).
 """
 from __future__ import annotations
-
-import functools
 
 import orjson
 from aiohttp import web
 
 from aisix.config.resources import Model
-from aisix.errors import GatewayError
 from aisix.providers import Provider
 from aisix.providers.messages_chat import (
-    AnthropicError,
     MessagesEncoder,
     chat_body,
     estimate_input_tokens,
@@ -46,23 +46,11 @@ from aisix.proxy.handlers import (
     _passthrough,
     _prepare_call,
     _upstream_headers,
+    _with_hooks,
     read_whole,
-    route,
 )
 
 
-def anthropic_errors(handler):
-    """The handler's errors in Anthropic's envelope (:class:`AnthropicError`), same status and headers."""
-    @functools.wraps(handler)
-    async def wrapper(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as e:
-            raise AnthropicError.of(e) from None
-    return wrapper
-
-
-@anthropic_errors
 async def create(request: web.Request) -> web.StreamResponse:
     """``POST /v1/messages``, streamed (``"stream": true``) or not."""
     call, body, raw, stream = await prepare(request, "chat")
@@ -79,7 +67,6 @@ async def create(request: web.Request) -> web.StreamResponse:
     return await run(request, call, attempt)
 
 
-@anthropic_errors
 async def count_tokens(request: web.Request) -> web.Response:
     """``POST /v1/messages/count_tokens``: ``{"input_tokens": n}``."""
     call, body = await _prepare_call(request, "count_tokens")
@@ -95,9 +82,12 @@ async def count_tokens(request: web.Request) -> web.Response:
         call.record.llm_start_ns = 0  # not a generation: kept out of aisix_llm_latency
         return web.Response(body=data, content_type="application/json", headers=_passthrough(up, call.response_headers))
 
-    if not any(t.provider == "anthropic" for t in call.model.targets):
+    async def estimate() -> web.Response:  # after the pre-call hooks: their headers go on it
         return _estimate(body, call.response_headers)
-    return await route(request, call, attempt)
+
+    if not any(t.provider == "anthropic" for t in call.model.targets):
+        return await _with_hooks(request, call, estimate)
+    return await run(request, call, attempt)
 
 
 def _estimate(body: dict, headers: dict[str, str]) -> web.Response:

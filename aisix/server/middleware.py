@@ -1,5 +1,6 @@
 """The one middleware both apps run first: measure every request, answer every failure in the
-OpenAI error envelope.
+envelope of the route's API: OpenAI's, but Anthropic's under ``/v1/messages``
+(:func:`aisix.proxy.routes.error_envelope`; the Admin API: always OpenAI's).
 
 A request is timed from arrival to the last body byte sent (``aisix_request_latency_milliseconds``)
 and its :class:`~aisix.telemetry.RequestRecord` submitted to the batcher once, whatever the exit:
@@ -19,6 +20,7 @@ from aiohttp import web
 from aisix.errors import CLIENT_CLOSED_REQUEST, GatewayError, error_type_for
 from aisix.gateway import GATEWAY
 from aisix.proxy.handlers import RECORD
+from aisix.proxy.routes import error_envelope
 from aisix.telemetry import RequestRecord, request_id
 from aisix.telemetry.tracecontext import new_span_id, request_context
 
@@ -36,8 +38,8 @@ ADMIN_APP = web.AppKey("aisix_admin_app", bool)
 
 @web.middleware
 async def measure(request: web.Request, handler) -> web.StreamResponse:
-    """Times the request from arrival to the last body byte sent, turns errors into the OpenAI
-    envelope, and submits the record. A client that went away is measured as 499. Every
+    """Times the request from arrival to the last body byte sent, turns errors into the route's
+    envelope (:func:`_error`), and submits the record. A client that went away is measured as 499. Every
     response not already carrying one gets the gateway's ``x-request-id``
     (:func:`~aisix.telemetry.request_id`)."""
     if request.path in HEALTH_PATHS:
@@ -93,9 +95,9 @@ async def _respond(request: web.Request, handler, rec: RequestRecord) -> web.Str
         resp = await handler(request)
     except GatewayError as e:
         rec.error = e.message
-        resp = error_response(e)
+        resp = _error(request, rec, e)
     except web.HTTPException as e:
-        resp = error_response(http_error(e, request))
+        resp = _error(request, rec, http_error(e, request))
     if not resp.prepared:
         rid = resp.headers["x-aisix-request-id"] = request_id(rec)
         if "x-request-id" not in resp.headers:
@@ -115,7 +117,17 @@ def _internal_error(request: web.Request, rec: RequestRecord, e: Exception) -> w
         if request.transport is not None:
             request.transport.close()
         return _GONE
-    return error_response(GatewayError(500, "The gateway failed to handle the request.", "api_error", "internal_error"))
+    resp = _error(request, rec, GatewayError(500, "The gateway failed to handle the request.", "api_error",
+                                             "internal_error"))
+    resp.headers["x-aisix-request-id"] = resp.headers["x-request-id"] = request_id(rec)  # to find it in the log
+    return resp
+
+
+def _error(request: web.Request, rec: RequestRecord, err: GatewayError) -> web.Response:
+    """``err`` as the response, in the envelope of the API its route belongs to
+    (:func:`~aisix.proxy.routes.error_envelope`: Anthropic's under ``/v1/messages``); on the Admin
+    API always OpenAI's. Only failures pay for the choice."""
+    return error_response(err if rec.admin else error_envelope(request.path, err))
 
 
 def error_response(err: GatewayError) -> web.Response:

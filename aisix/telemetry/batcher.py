@@ -331,8 +331,7 @@ class Telemetry:
             if r.response_model:
                 attrs["gen_ai.response.model"] = r.response_model
             if r.total_tokens is not None or r.usage_estimated:
-                attrs["gen_ai.usage.input_tokens"] = r.prompt_tokens
-                attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
+                _usage_attributes(r, attrs)
                 if r.usage_estimated:
                     attrs["aisix.usage.estimated"] = True
             if r.finish_reasons:
@@ -368,8 +367,7 @@ class Telemetry:
             if r.response_model:
                 attrs["gen_ai.response.model"] = r.response_model
             if r.total_tokens is not None:
-                attrs["gen_ai.usage.input_tokens"] = r.prompt_tokens
-                attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
+                _usage_attributes(r, attrs)
         else:
             attrs["error.type"] = a.status
             if a.status.isdigit():
@@ -416,3 +414,18 @@ class Telemetry:
             left = max(0.1, deadline - time.monotonic())
             if not await asyncio.get_running_loop().run_in_executor(None, done.wait, left):
                 log.warning("telemetry: the %s exporter did not flush within %.1f s; giving up", name, timeout)
+
+
+def _usage_attributes(r: RequestRecord, attrs: dict) -> None:
+    """The usage on a span, in the GenAI semantic conventions' names
+    (https://opentelemetry.io/docs/specs/semconv/registry/attributes/gen-ai/): ``input_tokens`` (every
+    prompt token, cached and cache-written ones included, as the conventions ask),
+    ``output_tokens``, and the part of the input read from the provider's prompt cache
+    (``gen_ai.usage.cache_read.input_tokens``) and written to it
+    (``gen_ai.usage.cache_creation.input_tokens``), each when the upstream reported some."""
+    attrs["gen_ai.usage.input_tokens"] = r.prompt_tokens
+    attrs["gen_ai.usage.output_tokens"] = r.completion_tokens
+    if r.cached_tokens:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = r.cached_tokens
+    if r.cache_write_tokens:
+        attrs["gen_ai.usage.cache_creation.input_tokens"] = r.cache_write_tokens

@@ -4,12 +4,17 @@ Anthropic-emulated upstream and translated to the others; exact tokens in a real
 The sans-IO translators: :mod:`tests.unit.test_messages_translation`."""
 from __future__ import annotations
 
+import time
+
 import anthropic
+import openai
+import orjson
 import pytest
 
 from tests.support.emulators.gemini import GeminiEmulator
-from tests.support.entry_e2e import emulators, entry_gateway, series
+from tests.support.entry_e2e import CLAUDE_PRICING, GPT_PRICING, emulators, entry_gateway, series
 from tests.support.provider_e2e import Delta
+from tests.unit.test_messages_stream_interleaving import accumulate, well_formed
 from tests.unit.test_messages_translation import MESSAGES
 
 
@@ -27,9 +32,9 @@ def gem():
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, emus, gem, prometheus):
+def gw(tmp_path_factory, emus, gem, prometheus, sink):
     a, o = emus
-    with entry_gateway(tmp_path_factory.mktemp("gw-messages"), prometheus, o, a, g=gem) as proc:
+    with entry_gateway(tmp_path_factory.mktemp("gw-messages"), prometheus, o, a, g=gem, traces=sink.endpoint) as proc:
         yield proc
 
 
@@ -267,3 +272,153 @@ def test_count_tokens_passthrough_and_estimate(gw, emus):
     assert raw.http_response.headers["x-aisix-token-count"] == "estimated"
     est = raw.parse()
     assert 100 <= est.input_tokens <= 120 and est.model_extra == {"estimated": True}
+
+
+# -- the prompt cache: reads and writes apart, on the span and in the cost ------------------------------
+COST = "aisix_cost_usd_total"
+CACHED_USAGE = {"input_tokens": 21, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 7, "output_tokens": 13}
+
+
+def usd(pricing: dict, fresh: int, read: int, written: int, output: int) -> float:
+    """The cost the pricing says (USD), each kind of token at its own rate."""
+    return (fresh * pricing["input_per_million"] + read * pricing["cached_input_per_million"]
+            + written * pricing.get("cache_write_per_million", pricing["input_per_million"])
+            + output * pricing["output_per_million"]) / 1e6
+
+
+def expect_cost(gw, model: str, before: float, cost: float) -> None:
+    """Poll the real Prometheus until the model's cost series grew by ``cost`` (float sums: 1e-12 relative)."""
+    deadline = time.monotonic() + 15
+    while (got := gw.metrics.value(COST, model=model) - before) != pytest.approx(cost, rel=1e-9, abs=1e-15):
+        assert time.monotonic() < deadline, f"{COST}{{model={model}}} grew by {got}, expected {cost}"
+        time.sleep(0.1)
+
+
+def spans_of(sink, request_id: str) -> tuple[dict, dict]:
+    """The request's SERVER span (its id is in ``x-aisix-request-id``) and its one CLIENT span."""
+    trace, span = request_id.split("-")
+    deadline = time.monotonic() + 10
+    while True:
+        server = [s for s in sink.spans if s["trace_id"] == trace and s["span_id"] == span]
+        client = [s for s in sink.spans if s["trace_id"] == trace and s["parent_span_id"] == span]
+        if server and client:
+            return server[0], client[0]
+        assert time.monotonic() < deadline, f"no spans for {request_id}"
+        time.sleep(0.1)
+
+
+def usage_attrs(span: dict) -> dict:
+    return {k.removeprefix("gen_ai.usage."): v for k, v in span["attributes"].items() if k.startswith("gen_ai.usage.")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_passthrough_cache_reads_and_writes_priced_apart(gw, emus, sink, stream):
+    a, _ = emus
+    a.reply(text=["Cached", " answer."], usage=CACHED_USAGE)
+    d, cost_before = delta(gw, "claude"), gw.metrics.value(COST, model="claude")
+    kw = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],
+          "system": [{"type": "text", "text": "Long.", "cache_control": {"type": "ephemeral"}}]}
+    if stream:
+        with client(gw).messages.with_streaming_response.create(stream=True, **kw) as resp:
+            resp.read()
+            rid = resp.http_response.headers["x-aisix-request-id"]
+    else:
+        rid = client(gw).messages.with_raw_response.create(**kw).http_response.headers["x-aisix-request-id"]
+    d.expect(series("claude")["prompt"], 33)  # the seed series: every input token
+    d.expect(series("claude")["completion"], 13)
+    cost = usd(CLAUDE_PRICING, 21, 7, 5, 13)  # 0.0002841
+    expect_cost(gw, "claude", cost_before, cost)
+    server, upstream = spans_of(sink, rid)
+    want = {"input_tokens": 33, "output_tokens": 13, "cache_read.input_tokens": 7, "cache_creation.input_tokens": 5}
+    assert usage_attrs(server) == want and usage_attrs(upstream) == want
+    assert server["attributes"]["aisix.cost_usd"] == pytest.approx(cost, rel=1e-12)
+
+
+def test_chat_completions_to_anthropic_keep_the_cache_breakdown(gw, emus, sink):
+    """/v1/chat/completions translated to Anthropic (providers/anthropic.py): the client sees the
+    cache reads as cached_tokens, the record keeps the writes too."""
+    a, _ = emus
+    a.reply(text=["ok"], usage=CACHED_USAGE)
+    d, cost_before = delta(gw, "claude", endpoint="/v1/chat/completions"), gw.metrics.value(COST, model="claude")
+    c = openai.OpenAI(base_url=gw.base_url, api_key="sk-test", max_retries=0, timeout=30)
+    raw = c.chat.completions.with_raw_response.create(model="claude", messages=[{"role": "user", "content": "hi"}])
+    usage = raw.parse().usage
+    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens) == (33, 7, 13)
+    d.expect(series("claude")["prompt"], 33)
+    expect_cost(gw, "claude", cost_before, usd(CLAUDE_PRICING, 21, 7, 5, 13))
+    server, _ = spans_of(sink, raw.headers["x-aisix-request-id"])
+    assert usage_attrs(server) == {"input_tokens": 33, "output_tokens": 13, "cache_read.input_tokens": 7,
+                                   "cache_creation.input_tokens": 5}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_translated_cache_reads_priced_apart(gw, emus, sink, stream):
+    """/v1/messages to an OpenAI model: cached_tokens are Anthropic's cache_read_input_tokens for
+    the client, cache reads on the span and in the cost (OpenAI reports no cache writes)."""
+    _, o = emus
+    o.reply(text=["Sure."], usage={"prompt_tokens": 31, "completion_tokens": 14, "prompt_tokens_details": {"cached_tokens": 6}})
+    cost_before = gw.metrics.value(COST, model="gpt")
+    kw = {"model": "gpt", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        with client(gw).messages.with_streaming_response.create(stream=True, **kw) as resp:
+            msg = accumulate(resp.read())
+            rid = resp.http_response.headers["x-aisix-request-id"]
+    else:
+        raw = client(gw).messages.with_raw_response.create(**kw)
+        msg, rid = raw.parse(), raw.http_response.headers["x-aisix-request-id"]
+    assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens, msg.usage.output_tokens) == (25, 6, 14)
+    expect_cost(gw, "gpt", cost_before, usd(GPT_PRICING, 25, 6, 0, 14))
+    server, _ = spans_of(sink, rid)
+    assert usage_attrs(server) == {"input_tokens": 31, "output_tokens": 14, "cache_read.input_tokens": 6}
+
+
+# -- count_tokens under the key's rate limits ---------------------------------------------------------
+def test_count_tokens_is_rate_limited_like_any_call(gw, emus):
+    a, _ = emus
+    if 60 - time.time() % 60 < 5:  # the three calls must fall in one clock minute (the rpm window)
+        time.sleep(60 - time.time() % 60)
+    c = client(gw, key="sk-limited")
+    seen = []
+    for model in ("claude", "gpt"):  # Anthropic's endpoint, then the estimate: both counted
+        raw = c.messages.with_raw_response.count_tokens(model=model, messages=[{"role": "user", "content": "hi"}])
+        seen.append({k: raw.http_response.headers[f"x-ratelimit-{k}"] for k in (
+            "limit-requests", "remaining-requests", "limit-tokens", "remaining-tokens")})
+    assert seen == [{"limit-requests": "2", "remaining-requests": "1", "limit-tokens": "1000", "remaining-tokens": "1000"},
+                    {"limit-requests": "2", "remaining-requests": "0", "limit-tokens": "1000", "remaining-tokens": "1000"}]
+    upstream_calls = len(a.requests)
+    with pytest.raises(anthropic.RateLimitError) as e:
+        c.messages.count_tokens(model="claude", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "rate_limit_error"
+    assert "requests per minute (rpm): limit 2, used 2" in e.value.body["error"]["message"]
+    h = e.value.response.headers
+    assert h["x-ratelimit-remaining-requests"] == "0" and h["x-ratelimit-limit-requests"] == "2"
+    assert 1 <= int(h["retry-after"]) <= 60
+    assert len(a.requests) == upstream_calls  # refused before the upstream
+
+
+# -- interleaved parallel tool calls from a chat upstream -------------------------------------------
+WEATHER_AND_TIME = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"tz": "Europe/Paris"})]
+
+
+def test_interleaved_tool_calls_reach_the_sdk_whole(gw, emus):
+    _, o = emus
+    o.reply(text=["Both", " at once."], tool_calls=WEATHER_AND_TIME, interleave=True)
+    with client(gw).messages.with_streaming_response.create(
+            model="gpt", max_tokens=100, stream=True, tools=TOOLS,
+            messages=[{"role": "user", "content": "Weather and time in Paris?"}]) as resp:
+        data = resp.read()
+    chunks = [orjson.loads(line[6:]) for line in bytes(o.sent[-1]).split(b"\n\n") if line.startswith(b"data: {")]
+    order = [(tc["index"], "name" in tc["function"]) for c in chunks if c["choices"]
+             for tc in c["choices"][0]["delta"].get("tool_calls", ())]
+    assert order.index((0, False)) > order.index((1, True))  # the upstream did interleave
+    well_formed([orjson.loads(e.split(b"data: ", 1)[1]) for e in data.split(b"\n\n") if b"data: " in e])
+    msg = accumulate(data)
+    assert [(b.type, getattr(b, "input", None)) for b in msg.content] == [
+        ("tool_use", WEATHER_AND_TIME[0][1]), ("tool_use", WEATHER_AND_TIME[1][1]), ("text", None)]
+    assert msg.content[2].text == "Both at once." and msg.stop_reason == "tool_use"
+
+    o.reply(text=["Both", " at once."], tool_calls=WEATHER_AND_TIME, interleave=True)
+    with client(gw).messages.stream(model="gpt", max_tokens=100, tools=TOOLS,
+                                    messages=[{"role": "user", "content": "Weather and time in Paris?"}]) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == WEATHER_AND_TIME

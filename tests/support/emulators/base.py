@@ -29,7 +29,9 @@ class Reply:
     the natural one); ``error``: ``(status, type_or_status, message)`` answered instead, with
     ``headers`` added; ``error_after``: in a stream, send the provider's error event after this
     many deltas and end; ``drop_after``: abort the connection after this many deltas;
-    ``head_delay``: seconds before the status line; ``chunk_delay``: seconds between events.
+    ``head_delay``: seconds before the status line; ``chunk_delay``: seconds between events;
+    ``interleave``: the chat stream sends every tool call's opening chunk, the text, then the calls'
+    argument fragments round robin (as servers streaming parallel calls at once do).
     """
 
     text: list[str] = field(default_factory=lambda: ["Hello", " there", "!"])
@@ -45,6 +47,7 @@ class Reply:
     chunk_delay: float = 0.0
     model: str | None = None
     signature: str | None = None  # gemini: a thoughtSignature on the first functionCall part
+    interleave: bool = False  # openai chat stream: parallel calls interleaved (see OpenAIEmulator.chat)
 
 
 @dataclass

@@ -5,7 +5,8 @@ Follows the public reference: ``Authorization: Bearer`` (401 ``invalid_api_key``
 chat completion and chunk objects (https://platform.openai.com/docs/api-reference/chat), a stream
 being a role chunk, ``reasoning_content`` / ``content`` deltas, tool calls (the first chunk of
 each with id, type, name and ``arguments: ""``, then argument fragments), the finish chunk, the
-usage chunk when ``stream_options.include_usage`` asked, ``data: [DONE]``; legacy
+usage chunk when ``stream_options.include_usage`` asked, ``data: [DONE]`` (``Reply.interleave``:
+the calls' chunks interleaved); legacy
 ``text_completion`` objects (https://platform.openai.com/docs/api-reference/completions); the
 Responses API's ``response`` object and its stream (``event: X\\ndata: {...}`` with
 ``sequence_number``, https://platform.openai.com/docs/api-reference/responses-streaming); errors
@@ -135,12 +136,18 @@ class OpenAIEmulator(Emulator):
 
         events = [chunk({"role": "assistant", "content": "", "refusal": None})]
         events += [chunk({"reasoning_content": t}) for t in r.thinking]
-        events += [chunk({"content": t}) for t in r.text]
-        for k, (call_id, name, args) in enumerate(calls):
-            events.append(chunk({"tool_calls": [{"index": k, "id": call_id, "type": "function",
-                                                 "function": {"name": name, "arguments": ""}}]}))
-            events += [chunk({"tool_calls": [{"index": k, "function": {"arguments": f}}]})
-                       for f in (split_json(args) if args != "{}" else ["{}"])]
+        opening = [chunk({"tool_calls": [{"index": k, "id": call_id, "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]})
+                   for k, (call_id, name, _) in enumerate(calls)]
+        frags = [[chunk({"tool_calls": [{"index": k, "function": {"arguments": f}}]})
+                  for f in (split_json(args) if args != "{}" else ["{}"])] for k, (_, _, args) in enumerate(calls)]
+        if r.interleave:  # every call opens, the text, then the fragments round robin
+            events += opening + [chunk({"content": t}) for t in r.text]
+            events += [f[j] for j in range(max(map(len, frags), default=0)) for f in frags if j < len(f)]
+        else:
+            events += [chunk({"content": t}) for t in r.text]
+            for k in range(len(calls)):
+                events += [opening[k], *frags[k]]
         events.append(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append(data({**base, "choices": [], "usage": usage}))
