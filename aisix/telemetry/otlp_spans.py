@@ -1,0 +1,215 @@
+"""OTLP spans encoded straight from :class:`~aisix.telemetry.records.RequestRecord` s, in protobuf
+wire format, without SDK ``ReadableSpan`` s or the SDK's generic encoder.
+
+Profiled under load, the SDK path (a ``ReadableSpan`` per span, then
+``opentelemetry.exporter.otlp.proto.common``'s encoder building a message object per attribute on
+the exporter thread) cost ~35 µs per request, most of the telemetry's CPU, and its exporter
+thread held the GIL for milliseconds per batch. Here a span is a few byte strings joined: the
+key/value pairs that repeat (method, route, model, provider, …) are encoded once and cached, only
+ids, times and counts are encoded per span. The bytes decode to the same spans the SDK would send
+(``tests/unit/test_otlp_spans.py`` checks it against the SDK encoder and a real gRPC receiver).
+
+Wire format: https://protobuf.dev/programming-guides/encoding/ ; messages:
+``opentelemetry/proto/trace/v1/trace.proto`` and ``common/v1/common.proto`` of
+https://github.com/open-telemetry/opentelemetry-proto (v1.x), field numbers as noted below.
+"""
+from __future__ import annotations
+
+import struct
+
+from .records import Attempt, RequestRecord
+
+#: ``gen_ai.provider.name`` values of the GenAI semantic conventions' registry for our providers.
+GEN_AI_PROVIDER = {"openai": "openai", "anthropic": "anthropic", "gemini": "gcp.gemini", "deepseek": "deepseek"}
+
+_SMALL = [bytes((n,)) if n < 0x80 else bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(1 << 14)]
+_TIMES = struct.Struct("<BQBQ")  # Span.start_time_unix_nano = 7, end_time_unix_nano = 8 (fixed64)
+_DOUBLE = struct.Struct("<Bd")
+_EVENT_TIME = struct.Struct("<BQ")
+_FIRST_TOKEN = b"\x12\x12gen_ai.first_token"  # Event.name = 2 (18 bytes)
+_FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)  # Span.flags = 16 (fixed32): HAS_IS_REMOTE
+_FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)  # … | IS_REMOTE (the parent came from the client)
+_KIND_SERVER, _KIND_CLIENT = b"\x30\x02", b"\x30\x03"  # Span.kind = 6: SPAN_KIND_SERVER / _CLIENT
+_STATUS_UNSET = b"\x7a\x00"  # Span.status = 15: an empty Status (code UNSET), as the SDK sends it
+_CACHE_MAX = 4096  # cached key/value pairs; the cache starts over past this (values from upstreams vary)
+
+
+def varint(n: int) -> bytes:
+    """``n`` (an int ≥ 0, < 2**64) as a protobuf base-128 varint."""
+    if n < 16384:
+        return _SMALL[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: its ``tag`` byte(s), the length, ``payload``."""
+    n = len(payload)
+    return tag + (_SMALL[n] if n < 16384 else varint(n)) + payload
+
+
+def any_value(value) -> bytes:
+    """``value`` as an ``AnyValue`` message (string_value = 1, bool_value = 2, int_value = 3,
+    double_value = 4, array_value = 5), typed as the SDK's encoder types it. Raises TypeError
+    for other types."""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return field(b"\x0a", value.encode())
+    if isinstance(value, int):
+        return b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
+    if isinstance(value, float):
+        return _DOUBLE.pack(0x21, value)
+    if isinstance(value, (list, tuple)):
+        return field(b"\x2a", b"".join(field(b"\x0a", any_value(v)) for v in value))
+    raise TypeError(f"no OTLP attribute value for {type(value).__name__}")
+
+
+def key_value(key: str, value) -> bytes:
+    """One attribute as a ``Span.attributes`` field (9) holding a ``KeyValue``. Raises TypeError
+    for a value :func:`any_value` can't encode."""
+    return field(b"\x4a", _kv_body(key, value))
+
+
+def _kv_body(key: str, value) -> bytes:
+    """A ``KeyValue`` message's body: key = 1, value = 2."""
+    return field(b"\x0a", key.encode()) + field(b"\x12", any_value(value))
+
+
+def request_prefix(resource_attrs: dict, schema_url: str, scope_name: str, scope_version: str) -> tuple[bytes, bytes]:
+    """The constant parts of an ``ExportTraceServiceRequest`` with one ``ResourceSpans`` (field 1;
+    its resource = 1, scope_spans = 2, schema_url = 3) holding one ``ScopeSpans`` (scope = 1,
+    spans = 2): ``(resource part, scope part)`` for :func:`export_request`."""
+    resource = field(b"\x0a", b"".join(field(b"\x0a", _kv_body(k, v)) for k, v in resource_attrs.items()))
+    if schema_url:
+        resource += field(b"\x1a", schema_url.encode())
+    body = field(b"\x0a", scope_name.encode())
+    if scope_version:
+        body += field(b"\x12", scope_version.encode())
+    scope = field(b"\x0a", body)
+    return resource, scope
+
+
+def export_request(prefix: tuple[bytes, bytes], spans: list[bytes]) -> bytes:
+    """An ``ExportTraceServiceRequest`` (serialized) of ``spans`` (each an encoded ``Span``
+    field from :class:`SpanEncoder`) under the resource and scope of ``prefix``; one copy of the bytes."""
+    resource, scope = prefix
+    scope_spans = len(scope) + sum(map(len, spans))
+    resource_spans = len(resource) + 1 + len(varint(scope_spans)) + scope_spans
+    return b"".join((b"\x0a", varint(resource_spans), resource, b"\x12", varint(scope_spans), scope, *spans))
+
+
+class SpanEncoder:
+    """Encodes a record's spans: one SERVER span for the request, one CLIENT span per upstream
+    attempt (GenAI semantic conventions, https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/;
+    HTTP server spans, https://opentelemetry.io/docs/specs/semconv/http/http-spans/). Each span
+    comes out as the bytes of a ``ScopeSpans.spans`` field (2), ready for :func:`export_request`.
+
+    Times: the record's ``perf_counter_ns`` stamps are placed on the epoch through its
+    ``start_wall_ns``. Not thread-safe (the batcher calls it, on the event loop)."""
+
+    def __init__(self) -> None:
+        self._kv: dict[tuple, bytes] = {}
+        self._names: dict[str, bytes] = {}
+
+    def kv(self, key: str, value) -> bytes:
+        """``key_value(key, value)``, cached (for values that repeat: labels, names, statuses)."""
+        k = (key, value)
+        b = self._kv.get(k)
+        if b is None:
+            if len(self._kv) >= _CACHE_MAX:
+                self._kv.clear()
+            b = self._kv[k] = key_value(key, value)
+        return b
+
+    def name(self, name: str) -> bytes:
+        """``Span.name`` (5), cached."""
+        b = self._names.get(name)
+        if b is None:
+            if len(self._names) >= _CACHE_MAX:
+                self._names.clear()
+            b = self._names[name] = field(b"\x2a", name.encode())
+        return b
+
+    def encode(self, r: RequestRecord) -> list[bytes]:
+        """The spans of ``r`` (a sampled record): ``[server, *attempts]``."""
+        wall = r.start_wall_ns - r.start_ns  # perf_counter ns → epoch ns
+        trace = b"\x0a\x10" + r.trace_id.to_bytes(16, "big")  # Span.trace_id = 1
+        server_id = r.span_id.to_bytes(8, "big")
+        head = trace + b"\x12\x08" + server_id  # Span.span_id = 2
+        if r.parent_span_id:
+            head += b"\x22\x08" + r.parent_span_id.to_bytes(8, "big")  # Span.parent_span_id = 4
+        kv = self.kv
+        parts = [head, self.name(f"{r.method} {r.endpoint}"), _KIND_SERVER, _TIMES.pack(0x39, r.start_wall_ns, 0x41, r.end_ns + wall),
+                 kv("http.request.method", r.method), key_value("url.path", r.path), kv("http.route", r.endpoint),
+                 kv("http.response.status_code", r.status)]
+        if r.model is not None:
+            self._model_attributes(r, parts)
+        if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
+            parts.append(kv("error.type", str(r.status)))
+        if r.first_token_ns:  # Span.events = 11: Event{time_unix_nano = 1 (fixed64), name = 2}
+            parts.append(field(b"\x5a", _EVENT_TIME.pack(0x09, r.first_token_ns + wall) + _FIRST_TOKEN))
+        parts.append(_status(2, r.error) if r.status >= 500 else _STATUS_UNSET)
+        parts.append(_FLAGS_REMOTE if r.parent_span_id else _FLAGS_LOCAL)
+        spans = [field(b"\x12", b"".join(parts))]
+        for a in r.attempts:
+            spans.append(self._attempt(r, a, trace, server_id, wall))
+        return spans
+
+    def _model_attributes(self, r: RequestRecord, parts: list) -> None:
+        kv = self.kv
+        parts += (kv("gen_ai.operation.name", r.operation),
+                  kv("gen_ai.provider.name", GEN_AI_PROVIDER.get(r.provider, r.provider or "")),
+                  kv("gen_ai.request.model", r.request_model or ""), kv("aisix.model", r.model),
+                  kv("aisix.stream", r.stream))
+        if r.response_model:
+            parts.append(kv("gen_ai.response.model", r.response_model))
+        if r.total_tokens is not None or r.usage_estimated:
+            parts += (key_value("gen_ai.usage.input_tokens", r.prompt_tokens),
+                      key_value("gen_ai.usage.output_tokens", r.completion_tokens))
+            if r.usage_estimated:
+                parts.append(kv("aisix.usage.estimated", True))
+        if r.finish_reasons:
+            parts.append(kv("gen_ai.response.finish_reasons", tuple(r.finish_reasons)))
+        if r.upstream_status is not None:
+            parts.append(kv("aisix.upstream.status_code", r.upstream_status))
+        if r.cost_usd is not None:
+            parts.append(key_value("aisix.cost_usd", r.cost_usd))
+
+    def _attempt(self, r: RequestRecord, a: Attempt, trace: bytes, server_id: bytes, wall: int) -> bytes:
+        """One CLIENT span per upstream attempt, child of the request's SERVER span, named
+        ``{operation} {upstream model}``; the successful attempt carries the response model and usage."""
+        kv = self.kv
+        parts = [trace, b"\x12\x08", a.span_id.to_bytes(8, "big"), b"\x22\x08", server_id,
+                 self.name(f"{r.operation} {a.upstream_model}"), _KIND_CLIENT,
+                 _TIMES.pack(0x39, a.start_ns + wall, 0x41, a.end_ns + wall),
+                 kv("gen_ai.operation.name", r.operation),
+                 kv("gen_ai.provider.name", GEN_AI_PROVIDER.get(a.provider, a.provider)),
+                 kv("gen_ai.request.model", a.upstream_model), kv("server.address", a.server_address),
+                 kv("aisix.model", a.model), kv("aisix.deployment", a.deployment)]
+        if a.ok:
+            if a.status.isdigit():
+                parts.append(kv("http.response.status_code", int(a.status)))
+            if r.response_model:
+                parts.append(kv("gen_ai.response.model", r.response_model))
+            if r.total_tokens is not None:
+                parts += (key_value("gen_ai.usage.input_tokens", r.prompt_tokens),
+                          key_value("gen_ai.usage.output_tokens", r.completion_tokens))
+            parts.append(_STATUS_UNSET)
+        else:
+            parts.append(kv("error.type", a.status))
+            if a.status.isdigit():
+                parts.append(kv("http.response.status_code", int(a.status)))
+            parts.append(_status(2, a.error))
+        parts.append(_FLAGS_LOCAL)
+        return field(b"\x12", b"".join(parts))
+
+
+def _status(code: int, message: str | None) -> bytes:
+    """``Span.status`` (15): a ``Status`` with ``message`` (2) and ``code`` (3; 2 = ERROR)."""
+    body = field(b"\x12", message.encode()) if message else b""
+    return field(b"\x7a", body + b"\x18" + _SMALL[code])
