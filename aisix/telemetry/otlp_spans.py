@@ -27,6 +27,7 @@ _TIMES = struct.Struct("<BQBQ")  # Span.start_time_unix_nano = 7, end_time_unix_
 _DOUBLE = struct.Struct("<Bd")
 _EVENT_TIME = struct.Struct("<BQ")
 _FIRST_TOKEN = b"\x12\x12gen_ai.first_token"  # Event.name = 2 (18 bytes)
+_FIRST_TOKEN_EVENT = b"\x5a" + bytes((9 + len(_FIRST_TOKEN),))  # Span.events = 11, that Event's length
 _FLAGS_LOCAL = b"\x85\x01" + struct.pack("<I", 0x100)  # Span.flags = 16 (fixed32): HAS_IS_REMOTE
 _FLAGS_REMOTE = b"\x85\x01" + struct.pack("<I", 0x300)  # … | IS_REMOTE (the parent came from the client)
 _KIND_SERVER, _KIND_CLIENT = b"\x30\x02", b"\x30\x03"  # Span.kind = 6: SPAN_KIND_SERVER / _CLIENT
@@ -103,36 +104,39 @@ def export_request(prefix: tuple[bytes, bytes], spans: list[bytes]) -> bytes:
     return b"".join((b"\x0a", varint(resource_spans), resource, b"\x12", varint(scope_spans), scope, *spans))
 
 
+def int_key_value(key_field: bytes, n: int) -> bytes:
+    """``key_value(key, n)`` for an int ``n``, given ``key_field`` = the key's encoded field
+    (``field(b"\\x0a", key.encode())``)."""
+    v = _SMALL[n] if 0 <= n < 16384 else varint(n & 0xFFFFFFFFFFFFFFFF)
+    body = key_field + b"\x12" + _SMALL[len(v) + 1] + b"\x18" + v
+    return b"\x4a" + _SMALL[len(body)] + body
+
+
+_INPUT_TOKENS = field(b"\x0a", b"gen_ai.usage.input_tokens")
+_OUTPUT_TOKENS = field(b"\x0a", b"gen_ai.usage.output_tokens")
+
+
 class SpanEncoder:
     """Encodes a record's spans: one SERVER span for the request, one CLIENT span per upstream
     attempt (GenAI semantic conventions, https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/;
     HTTP server spans, https://opentelemetry.io/docs/specs/semconv/http/http-spans/). Each span
     comes out as the bytes of a ``ScopeSpans.spans`` field (2), ready for :func:`export_request`.
 
+    The attributes that repeat from request to request come in blocks (name, kind and the
+    attributes of a method/route/status; of a model; of a deployment's attempt), each encoded once
+    and cached by the values it holds (at most ``_CACHE_MAX`` blocks; then the cache starts over).
     Times: the record's ``perf_counter_ns`` stamps are placed on the epoch through its
     ``start_wall_ns``. Not thread-safe (the batcher calls it, on the event loop)."""
 
     def __init__(self) -> None:
-        self._kv: dict[tuple, bytes] = {}
-        self._names: dict[str, bytes] = {}
+        self._blocks: dict[tuple, bytes] = {}
 
-    def kv(self, key: str, value) -> bytes:
-        """``key_value(key, value)``, cached (for values that repeat: labels, names, statuses)."""
-        k = (key, value)
-        b = self._kv.get(k)
+    def _block(self, key: tuple, build, *args) -> bytes:
+        b = self._blocks.get(key)
         if b is None:
-            if len(self._kv) >= _CACHE_MAX:
-                self._kv.clear()
-            b = self._kv[k] = key_value(key, value)
-        return b
-
-    def name(self, name: str) -> bytes:
-        """``Span.name`` (5), cached."""
-        b = self._names.get(name)
-        if b is None:
-            if len(self._names) >= _CACHE_MAX:
-                self._names.clear()
-            b = self._names[name] = field(b"\x2a", name.encode())
+            if len(self._blocks) >= _CACHE_MAX:
+                self._blocks.clear()
+            b = self._blocks[key] = b"".join(build(*args))
         return b
 
     def encode(self, r: RequestRecord) -> list[bytes]:
@@ -140,20 +144,20 @@ class SpanEncoder:
         wall = r.start_wall_ns - r.start_ns  # perf_counter ns → epoch ns
         trace = b"\x0a\x10" + r.trace_id.to_bytes(16, "big")  # Span.trace_id = 1
         server_id = r.span_id.to_bytes(8, "big")
-        head = trace + b"\x12\x08" + server_id  # Span.span_id = 2
+        parts = [trace, b"\x12\x08", server_id]  # Span.span_id = 2
         if r.parent_span_id:
-            head += b"\x22\x08" + r.parent_span_id.to_bytes(8, "big")  # Span.parent_span_id = 4
-        kv = self.kv
-        parts = [head, self.name(f"{r.method} {r.endpoint}"), _KIND_SERVER, _TIMES.pack(0x39, r.start_wall_ns, 0x41, r.end_ns + wall),
-                 kv("http.request.method", r.method), key_value("url.path", r.path), kv("http.route", r.endpoint),
-                 kv("http.response.status_code", r.status)]
+            parts += (b"\x22\x08", r.parent_span_id.to_bytes(8, "big"))  # Span.parent_span_id = 4
+        parts += (_TIMES.pack(0x39, r.start_wall_ns, 0x41, r.end_ns + wall),
+                  self._block(("s", r.method, r.endpoint, r.path, r.status), _server_block, r.method, r.endpoint,
+                              r.path, r.status))
         if r.model is not None:
             self._model_attributes(r, parts)
         if r.status >= 500:  # server errors only: a 4xx is the client's (OTel HTTP semantic conventions)
-            parts.append(kv("error.type", str(r.status)))
+            parts += (key_value("error.type", str(r.status)), _status(2, r.error))
+        else:
+            parts.append(_STATUS_UNSET)
         if r.first_token_ns:  # Span.events = 11: Event{time_unix_nano = 1 (fixed64), name = 2}
-            parts.append(field(b"\x5a", _EVENT_TIME.pack(0x09, r.first_token_ns + wall) + _FIRST_TOKEN))
-        parts.append(_status(2, r.error) if r.status >= 500 else _STATUS_UNSET)
+            parts += (_FIRST_TOKEN_EVENT, _EVENT_TIME.pack(0x09, r.first_token_ns + wall), _FIRST_TOKEN)
         parts.append(_FLAGS_REMOTE if r.parent_span_id else _FLAGS_LOCAL)
         spans = [field(b"\x12", b"".join(parts))]
         for a in r.attempts:
@@ -161,52 +165,74 @@ class SpanEncoder:
         return spans
 
     def _model_attributes(self, r: RequestRecord, parts: list) -> None:
-        kv = self.kv
-        parts += (kv("gen_ai.operation.name", r.operation),
-                  kv("gen_ai.provider.name", GEN_AI_PROVIDER.get(r.provider, r.provider or "")),
-                  kv("gen_ai.request.model", r.request_model or ""), kv("aisix.model", r.model),
-                  kv("aisix.stream", r.stream))
-        if r.response_model:
-            parts.append(kv("gen_ai.response.model", r.response_model))
+        parts.append(self._block(("m", r.operation, r.provider, r.request_model, r.model, r.stream, r.response_model),
+                                 _model_block, r))
         if r.total_tokens is not None or r.usage_estimated:
-            parts += (key_value("gen_ai.usage.input_tokens", r.prompt_tokens),
-                      key_value("gen_ai.usage.output_tokens", r.completion_tokens))
-            if r.usage_estimated:
-                parts.append(kv("aisix.usage.estimated", True))
-        if r.finish_reasons:
-            parts.append(kv("gen_ai.response.finish_reasons", tuple(r.finish_reasons)))
-        if r.upstream_status is not None:
-            parts.append(kv("aisix.upstream.status_code", r.upstream_status))
+            parts += (int_key_value(_INPUT_TOKENS, r.prompt_tokens), int_key_value(_OUTPUT_TOKENS, r.completion_tokens))
+        if r.usage_estimated or r.finish_reasons or r.upstream_status is not None:
+            parts.append(self._block(("t", r.usage_estimated, r.finish_reasons, r.upstream_status), _model_tail, r))
         if r.cost_usd is not None:
             parts.append(key_value("aisix.cost_usd", r.cost_usd))
 
     def _attempt(self, r: RequestRecord, a: Attempt, trace: bytes, server_id: bytes, wall: int) -> bytes:
         """One CLIENT span per upstream attempt, child of the request's SERVER span, named
         ``{operation} {upstream model}``; the successful attempt carries the response model and usage."""
-        kv = self.kv
+        response_model = r.response_model if a.ok else None
         parts = [trace, b"\x12\x08", a.span_id.to_bytes(8, "big"), b"\x22\x08", server_id,
-                 self.name(f"{r.operation} {a.upstream_model}"), _KIND_CLIENT,
                  _TIMES.pack(0x39, a.start_ns + wall, 0x41, a.end_ns + wall),
-                 kv("gen_ai.operation.name", r.operation),
-                 kv("gen_ai.provider.name", GEN_AI_PROVIDER.get(a.provider, a.provider)),
-                 kv("gen_ai.request.model", a.upstream_model), kv("server.address", a.server_address),
-                 kv("aisix.model", a.model), kv("aisix.deployment", a.deployment)]
+                 self._block(("a", r.operation, a.provider, a.upstream_model, a.server_address, a.model, a.deployment,
+                              a.ok, a.status, response_model), _attempt_block, r.operation, a, response_model)]
         if a.ok:
-            if a.status.isdigit():
-                parts.append(kv("http.response.status_code", int(a.status)))
-            if r.response_model:
-                parts.append(kv("gen_ai.response.model", r.response_model))
             if r.total_tokens is not None:
-                parts += (key_value("gen_ai.usage.input_tokens", r.prompt_tokens),
-                          key_value("gen_ai.usage.output_tokens", r.completion_tokens))
+                parts += (int_key_value(_INPUT_TOKENS, r.prompt_tokens),
+                          int_key_value(_OUTPUT_TOKENS, r.completion_tokens))
             parts.append(_STATUS_UNSET)
         else:
-            parts.append(kv("error.type", a.status))
-            if a.status.isdigit():
-                parts.append(kv("http.response.status_code", int(a.status)))
             parts.append(_status(2, a.error))
         parts.append(_FLAGS_LOCAL)
         return field(b"\x12", b"".join(parts))
+
+
+def _server_block(method: str, endpoint: str, path: str, status: int):
+    return (field(b"\x2a", f"{method} {endpoint}".encode()), _KIND_SERVER,  # Span.name = 5, kind = 6
+            key_value("http.request.method", method), key_value("url.path", path),
+            key_value("http.route", endpoint), key_value("http.response.status_code", status))
+
+
+def _model_block(r: RequestRecord):
+    yield key_value("gen_ai.operation.name", r.operation)
+    yield key_value("gen_ai.provider.name", GEN_AI_PROVIDER.get(r.provider, r.provider or ""))
+    yield key_value("gen_ai.request.model", r.request_model or "")
+    yield key_value("aisix.model", r.model)
+    yield key_value("aisix.stream", r.stream)
+    if r.response_model:
+        yield key_value("gen_ai.response.model", r.response_model)
+
+
+def _model_tail(r: RequestRecord):
+    if r.usage_estimated:
+        yield key_value("aisix.usage.estimated", True)
+    if r.finish_reasons:
+        yield key_value("gen_ai.response.finish_reasons", list(r.finish_reasons))
+    if r.upstream_status is not None:
+        yield key_value("aisix.upstream.status_code", r.upstream_status)
+
+
+def _attempt_block(operation: str, a: Attempt, response_model: str | None):
+    yield field(b"\x2a", f"{operation} {a.upstream_model}".encode())  # Span.name = 5
+    yield _KIND_CLIENT
+    yield key_value("gen_ai.operation.name", operation)
+    yield key_value("gen_ai.provider.name", GEN_AI_PROVIDER.get(a.provider, a.provider))
+    yield key_value("gen_ai.request.model", a.upstream_model)
+    yield key_value("server.address", a.server_address)
+    yield key_value("aisix.model", a.model)
+    yield key_value("aisix.deployment", a.deployment)
+    if not a.ok:
+        yield key_value("error.type", a.status)
+    if a.status.isdigit():
+        yield key_value("http.response.status_code", int(a.status))
+    if response_model:
+        yield key_value("gen_ai.response.model", response_model)
 
 
 def _status(code: int, message: str | None) -> bytes:
