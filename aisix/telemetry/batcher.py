@@ -29,6 +29,8 @@ log = logging.getLogger("aisix.telemetry")
 _NS_PER_MS = 1_000_000
 _MS_PER_NS = 1 / _NS_PER_MS
 _HTTP_LABELS = ("method", "endpoint", "status_code")
+#: Records per slice of a drain (~8 µs each): the event loop is held at most ~0.5 ms at a time
+_SLICE = 64
 
 class _Counts:
     """One drain's counter increments, summed per label set (label values tuple → amount)."""
@@ -186,7 +188,7 @@ class Telemetry:
             await asyncio.sleep(self.tick)
             try:
                 while self.queue:
-                    self.drain(limit=1024)
+                    self.drain(limit=_SLICE)
                     await asyncio.sleep(0)  # let requests run between slices
                 self._report_dropped()  # spans fail to export later, with no record in the queue
             except Exception:  # noqa: BLE001 - the batcher must outlive a bad record

@@ -104,16 +104,21 @@ def export_request(prefix: tuple[bytes, bytes], spans: list[bytes]) -> bytes:
     return b"".join((b"\x0a", varint(resource_spans), resource, b"\x12", varint(scope_spans), scope, *spans))
 
 
-def int_key_value(key_field: bytes, n: int) -> bytes:
-    """``key_value(key, n)`` for an int ``n``, given ``key_field`` = the key's encoded field
-    (``field(b"\\x0a", key.encode())``)."""
-    v = _SMALL[n] if 0 <= n < 16384 else varint(n & 0xFFFFFFFFFFFFFFFF)
-    body = key_field + b"\x12" + _SMALL[len(v) + 1] + b"\x18" + v
-    return b"\x4a" + _SMALL[len(body)] + body
+def int_attribute(key: str):
+    """An encoder of the int attribute ``key``: ``f(n)`` == ``key_value(key, n)``, with the bytes
+    around the value prepared for each varint length."""
+    key_field = field(b"\x0a", key.encode())
+    heads = [b""] + [b"\x4a" + _SMALL[len(key_field) + 3 + n] + key_field + b"\x12" + _SMALL[n + 1] + b"\x18"
+                     for n in range(1, 11)]
+
+    def encode(n: int) -> bytes:
+        v = _SMALL[n] if 0 <= n < 16384 else varint(n & 0xFFFFFFFFFFFFFFFF)
+        return heads[len(v)] + v
+    return encode
 
 
-_INPUT_TOKENS = field(b"\x0a", b"gen_ai.usage.input_tokens")
-_OUTPUT_TOKENS = field(b"\x0a", b"gen_ai.usage.output_tokens")
+_input_tokens = int_attribute("gen_ai.usage.input_tokens")
+_output_tokens = int_attribute("gen_ai.usage.output_tokens")
 
 
 class SpanEncoder:
@@ -168,7 +173,7 @@ class SpanEncoder:
         parts.append(self._block(("m", r.operation, r.provider, r.request_model, r.model, r.stream, r.response_model),
                                  _model_block, r))
         if r.total_tokens is not None or r.usage_estimated:
-            parts += (int_key_value(_INPUT_TOKENS, r.prompt_tokens), int_key_value(_OUTPUT_TOKENS, r.completion_tokens))
+            parts += (_input_tokens(r.prompt_tokens), _output_tokens(r.completion_tokens))
         if r.usage_estimated or r.finish_reasons or r.upstream_status is not None:
             parts.append(self._block(("t", r.usage_estimated, r.finish_reasons, r.upstream_status), _model_tail, r))
         if r.cost_usd is not None:
@@ -184,8 +189,7 @@ class SpanEncoder:
                               a.ok, a.status, response_model), _attempt_block, r.operation, a, response_model)]
         if a.ok:
             if r.total_tokens is not None:
-                parts += (int_key_value(_INPUT_TOKENS, r.prompt_tokens),
-                          int_key_value(_OUTPUT_TOKENS, r.completion_tokens))
+                parts += (_input_tokens(r.prompt_tokens), _output_tokens(r.completion_tokens))
             parts.append(_STATUS_UNSET)
         else:
             parts.append(_status(2, a.error))
