@@ -20,7 +20,7 @@ from collections import Counter, deque
 from ..config import ConfigError, ObservabilityConfig
 from ..pricing import Prices
 from .access_log import AccessLog, access_line
-from .histograms import BucketHistogram, SampleBatch
+from .histograms import BucketHistogram, SampleBatch, SumCounter
 from .otlp_spans import SpanEncoder
 from .records import RequestRecord
 
@@ -35,10 +35,11 @@ _SLICE = 64
 class _Counts:
     """One drain's counter increments, summed per label set (label values tuple → amount)."""
 
-    __slots__ = ("requests", "tokens", "upstream_errors", "attempts", "fallbacks", "costs")
+    __slots__ = ("requests", "admin_requests", "tokens", "upstream_errors", "attempts", "fallbacks", "costs")
 
     def __init__(self) -> None:
-        self.requests, self.tokens, self.upstream_errors = Counter(), Counter(), Counter()
+        self.requests, self.admin_requests = Counter(), Counter()
+        self.tokens, self.upstream_errors = Counter(), Counter()
         self.attempts, self.fallbacks, self.costs = Counter(), Counter(), Counter()
 
 
@@ -85,32 +86,16 @@ class Telemetry:
         if not self.enabled:
             return
         from .otel import setup
-        histograms = self._make_histograms()
+        aggregates = self._make_histograms() + self._make_counters()  # summed by the batcher, read by the readers
         readers, registry = (), None
         if cfg.metrics.prometheus is not None:
             from .scrape import prometheus_reader
-            reader, registry = prometheus_reader(histograms, "aisix")
+            reader, registry = prometheus_reader(aggregates, "aisix")
             readers = (reader,)
-        self.meter_provider, self.tracer_provider, self._spans = setup(cfg, service_instance_id, histograms, readers)
+        self.meter_provider, self.tracer_provider, self._spans = setup(cfg, service_instance_id, aggregates, readers)
         self._encoder = SpanEncoder()
         meter = self.meter_provider.get_meter("aisix")
-        self.request_count = meter.create_counter("aisix_request_count", description="HTTP requests processed")
-        self.token_count = meter.create_counter("aisix_token_count", description="tokens used, by type")
-        self.admin_request_count = meter.create_counter(
-            "aisix_admin_request_count", description="Admin API requests processed (not in aisix_request_count)")
-        self.upstream_error_count = meter.create_counter(
-            "aisix_upstream_error_count", description="failed upstream calls, by model and what the upstream "
-            "answered (upstream_status: its HTTP status, 200 for an error in a stream, none when it did not answer)")
-        self.upstream_request_count = meter.create_counter(
-            "aisix_upstream_request_count", description="upstream attempts, by model alias, deployment and what the "
-            "attempt got (status_code: the upstream's HTTP status, or connect_error / timeout)")
-        self.cost_count = meter.create_counter(
-            "aisix_cost_usd", description="USD the upstreams charge for the tokens they report, by model alias "
-            "(models with a known price only: their `pricing`, else genai-prices' table)")
         self.prices = Prices(cfg.price_table)
-        self.fallback_count = meter.create_counter(
-            "aisix_fallback_count", description="requests that moved on to a fallback model, by the model asked "
-            "for and the fallback")
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry lost, by reason: queue_full (records, the queue "
             "was full), span_queue_full / span_export_failed (spans the trace exporter could not take / deliver)")
@@ -152,6 +137,28 @@ class Telemetry:
             "(completion tokens - 1), one sample per stream", TOKEN_BUCKETS_MS)
         return (self.request_latency, self.llm_latency, self.first_token_latency, self.upstream_latency,
                 self.inter_token_latency, self.time_per_output_token)
+
+    def _make_counters(self) -> tuple[SumCounter, ...]:
+        """The counters the batcher sums per drain (:class:`SumCounter`)."""
+        self.request_count = SumCounter("aisix_request_count", "HTTP requests processed", _HTTP_LABELS)
+        self.token_count = SumCounter("aisix_token_count", "tokens used, by type", ("model", "type"))
+        self.admin_request_count = SumCounter(
+            "aisix_admin_request_count", "Admin API requests processed (not in aisix_request_count)", _HTTP_LABELS)
+        self.upstream_error_count = SumCounter(
+            "aisix_upstream_error_count", "failed upstream calls, by model and what the upstream answered "
+            "(upstream_status: its HTTP status, 200 for an error in a stream, none when it did not answer)",
+            ("model", "upstream_status"))
+        self.upstream_request_count = SumCounter(
+            "aisix_upstream_request_count", "upstream attempts, by model alias, deployment and what the attempt got "
+            "(status_code: the upstream's HTTP status, or connect_error / timeout)", ("model", "deployment", "status_code"))
+        self.cost_count = SumCounter(
+            "aisix_cost_usd", "USD the upstreams charge for the tokens they report, by model alias (models with a "
+            "known price only: their `pricing`, else genai-prices' table)", ("model",))
+        self.fallback_count = SumCounter(
+            "aisix_fallback_count", "requests that moved on to a fallback model, by the model asked for and the "
+            "fallback", ("model", "fallback"))
+        return (self.request_count, self.token_count, self.admin_request_count, self.upstream_error_count,
+                self.upstream_request_count, self.cost_count, self.fallback_count)
 
     def count_ratelimit_store_error(self) -> None:
         """One more ``aisix_ratelimit_store_errors_total`` (the request path: an int increment)."""
@@ -216,7 +223,7 @@ class Telemetry:
             if r.total_tokens is not None and r.target is not None and r.model is not None:
                 r.cost_usd = self._cost(r)
                 if r.cost_usd is not None:
-                    counts.costs[r.model] += r.cost_usd
+                    counts.costs[(r.model,)] += r.cost_usd
             self._record(r, counts, samples)
             if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
                 self._spans.offer(self._encoder.encode(r))
@@ -235,19 +242,13 @@ class Telemetry:
         return n
 
     def _add_counts(self, c: "_Counts") -> None:
-        for (admin, method, endpoint, status), count in c.requests.items():
-            counter = self.admin_request_count if admin else self.request_count
-            counter.add(count, {"method": method, "endpoint": endpoint, "status_code": status})
-        for (model, kind), count in c.tokens.items():
-            self.token_count.add(count, {"model": model, "type": kind})
-        for (model, upstream_status), count in c.upstream_errors.items():
-            self.upstream_error_count.add(count, {"model": model, "upstream_status": upstream_status})
-        for (model, deployment, status), count in c.attempts.items():
-            self.upstream_request_count.add(count, {"model": model, "deployment": deployment, "status_code": status})
-        for (model, fallback), count in c.fallbacks.items():
-            self.fallback_count.add(count, {"model": model, "fallback": fallback})
-        for model, usd in c.costs.items():
-            self.cost_count.add(usd, {"model": model})
+        self.request_count.add_all(c.requests)
+        self.admin_request_count.add_all(c.admin_requests)
+        self.token_count.add_all(c.tokens)
+        self.upstream_error_count.add_all(c.upstream_errors)
+        self.upstream_request_count.add_all(c.attempts)
+        self.fallback_count.add_all(c.fallbacks)
+        self.cost_count.add_all(c.costs)
 
     def _report_dropped(self) -> None:
         spans = self._spans
@@ -262,9 +263,10 @@ class Telemetry:
 
     def _record(self, r: RequestRecord, c: "_Counts", samples: SampleBatch) -> None:
         status = str(r.status)
-        c.requests[(r.admin, r.method, r.endpoint, status)] += 1
         if r.admin:  # the control plane: its own counter and its span, none of the proxy's series
+            c.admin_requests[(r.method, r.endpoint, status)] += 1
             return
+        c.requests[(r.method, r.endpoint, status)] += 1
         # an exemplar: the trace and span the gateway exports for a sampled request
         ex = ((r.trace_id, r.span_id, r.start_wall_ns + (r.end_ns - r.start_ns))
               if self.exemplars and r.trace_flags & 1 and r.trace_id else None)

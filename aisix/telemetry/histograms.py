@@ -1,4 +1,5 @@
-"""Histograms the batcher aggregates itself, instead of one SDK ``Histogram.record`` per sample.
+"""Histograms and counters the batcher aggregates itself, instead of one SDK ``Histogram.record``
+per sample and an SDK ``Counter.add`` per label set and drain (:class:`SumCounter`).
 
 An SDK ``Histogram.record`` costs ~4 µs (attribute hashing, a Measurement, locks, the exemplar
 reservoir); a request has three to four latency samples and a stream one per token for
@@ -19,7 +20,8 @@ from bisect import bisect_left
 from dataclasses import replace
 
 from opentelemetry.sdk.metrics import Exemplar
-from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, HistogramDataPoint, Metric, MetricsData
+from opentelemetry.sdk.metrics.export import AggregationTemporality, Histogram, HistogramDataPoint, Metric, \
+    MetricsData, NumberDataPoint, Sum
 
 
 class BucketHistogram:
@@ -92,6 +94,38 @@ class BucketHistogram:
             return None
         return Metric(self.name, self.description, self.unit,
                       Histogram(points, AggregationTemporality.CUMULATIVE))
+
+
+class SumCounter:
+    """One cumulative monotonic sum (an OpenTelemetry ``Counter``'s data), one point per label
+    set, summed by the batcher: :meth:`add_all` once per drain instead of an SDK ``Counter.add``
+    (~10 µs each) per label set. ``labels``: the attribute names, in the order of each key's
+    values. Amounts are ints or floats ≥ 0 (ints stay ints). Thread-safe as :class:`BucketHistogram`."""
+
+    def __init__(self, name: str, description: str, labels: tuple[str, ...], unit: str = ""):
+        self.name, self.unit, self.description, self.labels = name, unit, description, labels
+        self.start_ns = time.time_ns()
+        self._values: dict[tuple, int | float] = {}
+        self._lock = threading.Lock()
+
+    def add_all(self, amounts: dict) -> None:
+        """Add each ``key → amount`` of ``amounts`` (keys: label values tuples)."""
+        if not amounts:
+            return
+        with self._lock:
+            values = self._values
+            for key, amount in amounts.items():
+                values[key] = values.get(key, 0) + amount
+
+    def metric(self, now_ns: int, reader: int = 0) -> Metric | None:
+        """The sum as an SDK :class:`Metric` at ``now_ns`` (epoch ns); None before any add."""
+        with self._lock:
+            points = [NumberDataPoint(attributes=dict(zip(self.labels, key)), start_time_unix_nano=self.start_ns,
+                                      time_unix_nano=now_ns, value=v) for key, v in self._values.items()]
+        if not points:
+            return None
+        return Metric(self.name, self.description, self.unit,
+                      Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True))
 
 
 class SampleBatch:

@@ -93,3 +93,27 @@ async def test_an_idle_batcher_does_not_wake_and_the_first_record_wakes_it():
         assert tel.processed == 1 and wakes
     finally:
         await tel.stop(timeout=1)
+
+
+def test_sum_counter_points_match_the_sdks_counter():
+    """The same adds through an SDK Counter and a SumCounter give the same cumulative monotonic
+    points (values, ints staying ints; attributes)."""
+    from opentelemetry.sdk.metrics.export import Sum
+    from aisix.telemetry.histograms import SumCounter
+    adds = [(("m1", "prompt"), 12), (("m1", "completion"), 30), (("m2", "prompt"), 0), (("m1", "prompt"), 5),
+            (("m2", "cost"), 0.25), (("m2", "cost"), 0.5)]
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    c = provider.get_meter("aisix").create_counter("c")
+    for key, v in adds:
+        c.add(v, dict(zip(("model", "type"), key)))
+    sdk = reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics[0].data
+    provider.shutdown()
+    ours = SumCounter("c", "", ("model", "type"))
+    ours.add_all({("m1", "prompt"): 12, ("m1", "completion"): 30, ("m2", "prompt"): 0, ("m2", "cost"): 0.25})
+    ours.add_all({("m1", "prompt"): 5, ("m2", "cost"): 0.5})
+    data = ours.metric(1).data
+    assert isinstance(data, Sum) and data.is_monotonic and data.aggregation_temporality == sdk.aggregation_temporality
+    as_map = lambda pts: {tuple(p.attributes.items()): (p.value, type(p.value)) for p in pts}  # noqa: E731
+    assert as_map(data.data_points) == as_map(sdk.data_points)
+    assert as_map(data.data_points)[(("model", "m1"), ("type", "prompt"))] == (17, int)
