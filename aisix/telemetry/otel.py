@@ -1,5 +1,7 @@
-"""OpenTelemetry set-up: resource, meter provider with cumulative OTLP/HTTP export and
-explicit buckets, tracer provider with OTLP/gRPC export. Build no exporter of our own.
+"""OpenTelemetry set-up: resource, meter provider with cumulative OTLP/HTTP export (the
+batcher's own histograms and counters added to each collection), tracer provider whose span
+processor ships the batcher's encoded spans through the SDK's OTLP/gRPC exporter. The wire is
+the SDK's: no exporter of our own.
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), rea
     reader = reader_with_histograms(PeriodicExportingMetricReader, histograms, "aisix")(
         metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
         export_timeout_millis=cfg.metrics.export_timeout_ms)
+    # (the latency histograms are the batcher's own now; the view keeps any SDK histogram on the same buckets)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
     # Exemplars: the batcher passes each sampled request's span context with its latencies; the
     # trace-based filter keeps those (one per bucket, the SDK's aligned reservoir), never a counter's.
