@@ -25,7 +25,7 @@ from bench.loadgen import Job, chat_body, serve_jobs
 from bench.procs import Proc, Skip
 from bench.scenarios import FULL, QUICK, SCENARIOS, Scenario, run_duration, warmup_requests
 
-ORDER = ["direct", "aisix", "aisix-redis", "aisix-notel", "nginx", "litellm"]
+ORDER = ["direct", "aisix-base", "aisix", "aisix-redis", "aisix-notel", "nginx", "litellm"]
 
 
 class LoadGen:
@@ -127,12 +127,15 @@ def _start_targets(tmp, want, target, upstream, prom, sink, redis, notes) -> lis
         try:
             if name == "direct":
                 t = targets.start_direct(tmp, target)
-            elif name in ("aisix", "aisix-redis", "aisix-notel"):
+            elif name in ("aisix", "aisix-redis", "aisix-notel", "aisix-base"):
                 if name == "aisix-redis" and redis is None:
                     raise Skip(notes.get("redis", "no redis-server"))
+                if name == "aisix-base" and not targets.BASE_ROOT:
+                    raise Skip("AISIX_BENCH_BASE is not set")
                 t = targets.start_aisix(tmp, name, target, upstream.port, prom.port if prom else None,
                                         sink.port if sink else targets.free_port(), telemetry=name != "aisix-notel",
-                                        limits=True, redis_port=redis.port if name == "aisix-redis" else None)
+                                        limits=True, redis_port=redis.port if name == "aisix-redis" else None,
+                                        root=targets.BASE_ROOT if name == "aisix-base" else targets.ROOT)
             elif name == "nginx":
                 t = targets.start_nginx(tmp, target, upstream.port)
             elif name == "litellm":
@@ -157,7 +160,8 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
     pin(0, client)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    want = [n for n in ORDER if (peers or n != "litellm") and (not only or n in only)]
+    want = [n for n in ORDER if (peers or n != "litellm") and (not only or n in only)
+            and (n != "aisix-base" or targets.BASE_ROOT)]
     notes: dict[str, str] = {}
     infra: list[Proc] = []
     tlist: list[targets.Target] = []
@@ -176,7 +180,7 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
                 infra.append(redis)
             except Skip as e:
                 notes["redis"] = str(e)
-        if any(n in ("aisix", "aisix-redis") for n in want):
+        if any(n in ("aisix", "aisix-redis", "aisix-base") for n in want):
             prom, pnote = targets.start_prometheus(tmp, client, allow_build=not quick)
             if prom:
                 infra.append(prom)

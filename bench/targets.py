@@ -33,9 +33,14 @@ class Target:
     note: str = ""
 
 
-def _env(**extra) -> dict:
+#: ``AISIX_BENCH_BASE``: another checkout of aisix (e.g. a worktree of an older commit); when set, the
+#: ``aisix-base`` target runs the gateway from it, telemetry on, beside ``aisix`` in the same run
+BASE_ROOT = os.environ.get("AISIX_BENCH_BASE") or None
+
+
+def _env(root: str = ROOT, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
@@ -154,11 +159,12 @@ def start_redis(tmp: str, cpus) -> Proc:
 
 
 def start_aisix(tmp: str, name: str, cpus, emu_port: int, prom_port: int | None, trace_port: int,
-                telemetry: bool, limits: bool = False, redis_port: int | None = None) -> Target:
+                telemetry: bool, limits: bool = False, redis_port: int | None = None, root: str = ROOT) -> Target:
     """The gateway, ``python -m aisix serve --config FILE``; ``telemetry=False`` sets OTEL_SDK_DISABLED.
     ``limits`` puts :data:`BENCH_LIMITS` on the key, counted in this process, or in the Redis on
-    ``redis_port`` when one is given (``deployment.rate_limit_store.kind: redis``)."""
-    if not os.path.exists(os.path.join(ROOT, "aisix", "__main__.py")):
+    ``redis_port`` when one is given (``deployment.rate_limit_store.kind: redis``). ``root``: the
+    checkout whose ``aisix`` package runs (:data:`BASE_ROOT` for ``aisix-base``)."""
+    if not os.path.exists(os.path.join(root, "aisix", "__main__.py")):
         raise Skip("aisix/__main__.py does not exist yet")
     port, admin = free_port(), free_port()
     d = os.path.join(tmp, name)
@@ -174,10 +180,10 @@ observability: {{service_name: aisix, metrics: {{otlp_endpoint: "{prom}", export
 models: [{{name: "bench-model", model: "openai/bench-upstream", provider_config: {{api_key: "sk-bench", api_base: "http://127.0.0.1:{emu_port}/v1"}}}}]
 apikeys: [{{key: "{CLIENT_KEY}", allowed_models: ["bench-model"]{rate_limit}}}]
 """)
-    env = _env(OTEL_SDK_DISABLED="true") if not telemetry else _env()
+    env = _env(root, OTEL_SDK_DISABLED="true") if not telemetry else _env(root)
     py = os.path.join(ROOT, ".venv", "bin", "python")
     p = Proc(name, [py if os.path.exists(py) else PY, "-m", "aisix", "serve", "--config", cfg], cpus, env=env,
-             cwd=ROOT, log=os.path.join(d, "aisix.log"))
+             cwd=root, log=os.path.join(d, "aisix.log"))
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", p, 30, AUTH)
     except Skip:

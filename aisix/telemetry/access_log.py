@@ -75,6 +75,7 @@ class AccessLog:
         else:
             self.fd, self._own_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), True
         self.dropped = 0  # lines not written: the queue was full, or the write failed
+        self.pending = 0  # drains' worth of lines queued and not yet written (or failed)
         self._queue: queue.Queue = queue.Queue(QUEUE_DRAINS)
         self._thread = threading.Thread(target=self._run, name="aisix-access-log", daemon=True)
         self._thread.start()
@@ -85,6 +86,7 @@ class AccessLog:
             return
         try:
             self._queue.put_nowait(lines)
+            self.pending += 1
         except queue.Full:
             self.dropped += len(lines)
 
@@ -101,6 +103,7 @@ class AccessLog:
                 if not failed:
                     log.warning("access log %s: write failed (%s); lines are dropped while it fails", self.path, e)
                 failed = True
+            self.pending -= 1
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (waiting at most ``timeout`` s), then close the file."""

@@ -1,5 +1,7 @@
-"""OpenTelemetry set-up: resource, meter provider with cumulative OTLP/HTTP export and
-explicit buckets, tracer provider with OTLP/gRPC export. Build no exporter of our own.
+"""OpenTelemetry set-up: resource, meter provider with cumulative OTLP/HTTP export (the
+batcher's own histograms and counters added to each collection), tracer provider whose span
+processor ships the batcher's encoded spans through the SDK's OTLP/gRPC exporter. The wire is
+the SDK's: no exporter of our own.
 """
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import logging
 import os
 import socket
 
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.sdk.metrics import (
     AlwaysOffExemplarFilter,
@@ -23,12 +24,14 @@ from opentelemetry.sdk.metrics import (
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.sdk.trace import TracerProvider
 
 from aisix.config.loader import ObservabilityConfig
 from aisix.telemetry.histograms import reader_with_histograms
+from aisix.telemetry.otlp_spans import request_prefix
+from aisix.telemetry.span_export import SPAN_QUEUE_SIZE, BytesSpanExporter, SpanShipper
+
+__all__ = ["LATENCY_BUCKETS_MS", "TOKEN_BUCKETS_MS", "SPAN_QUEUE_SIZE", "setup", "instance_id"]
 
 #: Histogram bucket edges in ms. Source: the OpenTelemetry GenAI semantic conventions' advice for
 #: ``gen_ai.client.operation.duration`` (0.01 s … 81.92 s, doubling), in ms, extended by halving
@@ -81,53 +84,6 @@ def quiet_export_failures() -> None:
         logging.getLogger(name).addFilter(f)
 
 
-#: Spans the BatchSpanProcessor holds for its exporter thread (the SDK's default).
-SPAN_QUEUE_SIZE = 2048
-
-
-class SpanDelivery(SpanExporter):
-    """The trace exporter, wrapped so that no span is lost uncounted (the SDK drops them silently).
-
-    :meth:`offer` hands a span to the BatchSpanProcessor unless its queue may be full (spans offered
-    and not yet taken by an export reach ``SPAN_QUEUE_SIZE``): such a span is dropped here and counted
-    in ``queue_full``. :meth:`export` counts the spans of every export that did not succeed (the
-    receiver down, a timeout) in ``failed``. Both counts only grow; the batcher reports them in
-    ``aisix_telemetry_dropped_total``. Spans still queued when the process exits are not counted
-    (the metrics are flushed before the traces).
-    """
-
-    def __init__(self, exporter: SpanExporter, queue_size: int = SPAN_QUEUE_SIZE):
-        self.exporter = exporter
-        self.queue_size = queue_size
-        self.processor: BatchSpanProcessor | None = None  # set by setup()
-        self.offered = self.taken = self.failed = self.queue_full = 0
-
-    def offer(self, span: ReadableSpan) -> None:
-        """Queue ``span`` for export, or drop and count it when the processor's queue may be full."""
-        if self.offered - self.taken >= self.queue_size:
-            self.queue_full += 1
-            return
-        self.offered += 1
-        self.processor.on_end(span)
-
-    def export(self, spans) -> SpanExportResult:
-        self.taken += len(spans)
-        try:
-            result = self.exporter.export(spans)
-        except Exception:
-            self.failed += len(spans)
-            raise
-        if result is not SpanExportResult.SUCCESS:
-            self.failed += len(spans)
-        return result
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
-        self.exporter.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.exporter.force_flush(timeout_millis)
-
-
 def instance_id(port: int, worker: int = 0) -> str:
     """A ``service.instance.id`` stable across restarts of the same listener: ``host:port[/wN]``."""
     return f"{socket.gethostname()}:{port}" + (f"/w{worker}" if worker else "")
@@ -139,15 +95,16 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
 
 
 def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), readers=()):
-    """Build ``(meter_provider, tracer_provider, span_delivery, scope)`` for ``cfg``; spans go to
-    ``span_delivery.offer`` (a :class:`SpanDelivery` in front of the BatchSpanProcessor). Every
+    """Build ``(meter_provider, tracer_provider, span_shipper)`` for ``cfg``; encoded spans go to
+    ``span_shipper.offer`` (a :class:`~aisix.telemetry.span_export.SpanShipper`, the tracer
+    provider's span processor, whose ``shutdown`` flushes it). Every
     metric collection also carries ``histograms`` (:class:`~aisix.telemetry.histograms.BucketHistogram`,
     aggregated by the batcher) in the ``aisix`` scope. ``readers``: more metric readers (the scrape
     endpoint's).
 
     Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
-    ``cfg.traces.otlp_endpoint`` through a BatchSpanProcessor. Both exporters time out after
+    ``cfg.traces.otlp_endpoint`` (the SDK's exporter, fed serialized requests). Both exporters time out after
     ``export_timeout_ms`` and run on the SDK's own threads, never on the event loop.
     """
     quiet_export_failures()
@@ -160,6 +117,7 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), rea
     reader = reader_with_histograms(PeriodicExportingMetricReader, histograms, "aisix")(
         metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
         export_timeout_millis=cfg.metrics.export_timeout_ms)
+    # (the latency histograms are the batcher's own now; the view keeps any SDK histogram on the same buckets)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
     # Exemplars: the batcher passes each sampled request's span context with its latencies; the
     # trace-based filter keeps those (one per bucket, the SDK's aligned reservoir), never a counter's.
@@ -169,10 +127,8 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), rea
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
-    delivery = SpanDelivery(OTLPSpanExporter(endpoint=endpoint, insecure=insecure,
-                                             timeout=cfg.traces.export_timeout_ms / 1000))
-    delivery.processor = BatchSpanProcessor(delivery, max_queue_size=SPAN_QUEUE_SIZE, schedule_delay_millis=1000,
-                                            export_timeout_millis=cfg.traces.export_timeout_ms)
-    tracer_provider.add_span_processor(delivery.processor)
-    scope = InstrumentationScope("aisix", __import__("aisix").__version__)
-    return meter_provider, tracer_provider, delivery, scope
+    exporter = BytesSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
+    prefix = request_prefix(resource.attributes, resource.schema_url, "aisix", __import__("aisix").__version__)
+    shipper = SpanShipper(exporter, prefix)
+    tracer_provider.add_span_processor(shipper)
+    return meter_provider, tracer_provider, shipper

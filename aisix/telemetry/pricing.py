@@ -124,12 +124,12 @@ class Prices:
             if p is None:
                 p = self._own[key] = from_pricing(own)
             return p
-        if not self.use_table or not in_table_scope(target):
+        if not self.use_table:
             return None
         key = (target.provider, target.model_id, target.provider_config.api_base)
         info = self._found.get(key, self)
-        if info is self:
-            info = self._found[key] = _lookup(*key)
+        if info is self:  # the scope depends on the key only: checked once, with the lookup
+            info = self._found[key] = _lookup(*key) if in_table_scope(target) else None
         if info is None:
             return None
         mp = info.get_prices(datetime.fromtimestamp(when_ns / 1e9, UTC))
