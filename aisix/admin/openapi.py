@@ -57,7 +57,7 @@ def _paths(kind: str, schema: str, noun: str) -> dict:
         f"{ADMIN_PREFIX}/{kind}": {
             "get": {"operationId": f"list_{kind}", "tags": tag, "summary": f"List {noun}s",
                     "responses": {"200": _json(_ref(f"{schema}List"), f"Every {noun}"), **_errors(401)}},
-            "post": {"operationId": f"create_{kind}", "tags": tag, "summary": f"Create a {noun} (id assigned)",
+            "post": {"operationId": f"create_{kind}", "tags": tag, "summary": f"Create {'an' if noun[0] in 'AEIOU' else 'a'} {noun} (id assigned)",
                      "requestBody": create,
                      "responses": {"201": _json(_ref(schema), f"The stored {noun} with its new id"),
                                    **_errors(400, 401, 409, 503)}},

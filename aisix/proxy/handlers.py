@@ -626,6 +626,10 @@ async def _start_stream(request: web.Request, up: UpstreamResponse, call: Call) 
 async def embeddings(request: web.Request) -> web.Response:
     """``POST /v1/embeddings`` (https://platform.openai.com/docs/api-reference/embeddings)."""
     call, body = await _prepare_call(request, "embeddings")
+    inputs = body.get("input")
+    if not (isinstance(inputs, str) and inputs or isinstance(inputs, list) and inputs):
+        raise invalid_request("`input` must be a non-empty string or a non-empty array (of strings or of token "
+                              "arrays).", "invalid_type", "input")
 
     async def attempt(provider: Provider, target: Model) -> web.Response:
         upreq = provider.embeddings_request(target, body, _upstream_headers(call))

@@ -42,8 +42,8 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
     envelope (:func:`_error`), and submits the record. A client that went away is measured as 499. Every
     response not already carrying one gets the gateway's ``x-request-id``
     (:func:`~aisix.telemetry.request_id`)."""
-    if request.path in HEALTH_PATHS:
-        return await handler(request)
+    if request.path in HEALTH_PATHS and not request.app.get(ADMIN_APP, False):
+        return await _probe(request, handler)
     gw = request.app[GATEWAY]
     rec = request[RECORD] = _new_record(request, gw.telemetry.sample_bound)
     gw.inflight.add(request.task)
@@ -70,6 +70,15 @@ async def measure(request: web.Request, handler) -> web.StreamResponse:
         if access_log.isEnabledFor(logging.DEBUG):
             access_log.debug("%s %s %d model=%s %.1fms id=%s", rec.method, rec.endpoint, rec.status,
                              rec.model or "-", (rec.end_ns - rec.start_ns) / 1e6, request_id(rec))  # = x-aisix-request-id
+
+
+async def _probe(request: web.Request, handler) -> web.StreamResponse:
+    """A health probe on the proxy listener: not measured, but a wrong method is still a 405 in
+    the envelope (with ``Allow``)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        return error_response(http_error(e, request))
 
 
 def _new_record(request: web.Request, sample_bound: int) -> RequestRecord:

@@ -6,7 +6,8 @@ is a ``mock://`` URL is answered here too (:meth:`aisix.upstream.pool.UpstreamPo
 produces the exact bytes an OpenAI server would (``chat.completion`` or a stream of
 ``chat.completion.chunk`` events with a usage chunk and ``data: [DONE]``), paced like a real
 model. ``provider_config`` settings: ``ttft_ms`` (time to first token, default 200),
-``tpot_ms`` (time per output token, default 25), ``tokens`` (completion tokens, default 24).
+``tpot_ms`` (time per output token, default 25), ``tokens`` (completion tokens, default 24; fewer
+when the request's ``max_completion_tokens``/``max_tokens`` is lower, then ``finish_reason: length``).
 Legacy completions (``POST /v1/completions``) answer ``text_completion`` objects the same way.
 Embeddings (``POST /v1/embeddings``) are deterministic vectors of ``dimensions`` floats (default
 16, or the request's ``dimensions``) derived from each input's SHA-256, as floats or base64
@@ -36,6 +37,15 @@ _WORDS = ("Hello", " from", " the", " aisix", " mock", " model.", " Every", " to
 def _setting(cfg: ProviderConfig, name: str, default: float) -> float:
     v = (cfg.model_extra or {}).get(name, default)
     return float(v) if isinstance(v, (int, float)) and v >= 0 else default
+
+
+def _length(body: dict, tokens: int) -> tuple[int, str]:
+    """``(completion tokens, finish_reason)``: ``tokens``, or fewer when the request's
+    ``max_completion_tokens`` / ``max_tokens`` (a positive int) is lower, then ``length``."""
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    if type(cap) is int and 0 < cap < tokens:
+        return cap, "length"
+    return tokens, "stop"
 
 
 class _MockResponse:
@@ -78,7 +88,7 @@ class MockTransport:
             return self._embeddings(body, cfg, model_id)
         ttft = _setting(cfg, "ttft_ms", 200) / 1000
         tpot = _setting(cfg, "tpot_ms", 25) / 1000
-        n = int(_setting(cfg, "tokens", 24))
+        n, finish = _length(body, int(_setting(cfg, "tokens", 24)))
         legacy = not req.url.endswith("/chat/completions")  # POST /completions: text_completion objects
         if legacy:
             prompt_chars = len(str(body.get("prompt", "")))
@@ -93,11 +103,11 @@ class MockTransport:
         words = [(" " if i and i % len(_WORDS) == 0 else "") + _WORDS[i % len(_WORDS)] for i in range(n)]
         headers = {"x-request-id": f"req_mock_{uuid.uuid4().hex[:16]}"}
         if legacy:
-            return self._legacy(body, base, words, usage, headers, ttft, tpot)
+            return self._legacy(body, base, words, usage, headers, ttft, tpot, finish)
         if not body.get("stream"):
             doc = {**base, "object": "chat.completion",
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
-                                "logprobs": None, "finish_reason": "stop"}], "usage": usage}
+                                "logprobs": None, "finish_reason": finish}], "usage": usage}
             headers["content-type"] = "application/json"
             return _MockResponse(200, headers, [(ttft + tpot * n, orjson.dumps(doc))])
 
@@ -109,7 +119,7 @@ class MockTransport:
         for i, w in enumerate(words):
             parts.append((0 if i == 0 else tpot, event({**base, "choices": [
                 {"index": 0, "delta": {"content": w}, "logprobs": None, "finish_reason": None}]})))
-        tail = event({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+        tail = event({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             tail += event({**base, "choices": [], "usage": usage})
         parts.append((tpot, tail + b"data: [DONE]\n\n"))
@@ -118,18 +128,18 @@ class MockTransport:
 
     @staticmethod
     def _legacy(body: dict, base: dict, words: list[str], usage: dict, headers: dict, ttft: float,
-                tpot: float) -> _MockResponse:
+                tpot: float, finish: str) -> _MockResponse:
         """A legacy text completion (https://platform.openai.com/docs/api-reference/completions/object)."""
         def choice(text: str, finish: str | None) -> dict:
             return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
         if not body.get("stream"):
-            doc = {**base, "choices": [choice("".join(words), "stop")], "usage": usage}
+            doc = {**base, "choices": [choice("".join(words), finish)], "usage": usage}
             headers["content-type"] = "application/json"
             return _MockResponse(200, headers, [(ttft + tpot * len(words), orjson.dumps(doc))])
         parts = [(ttft if i == 0 else tpot, b"data: " + orjson.dumps({**base, "choices": [choice(w, None)]}) + b"\n\n")
                  for i, w in enumerate(words)]
-        tail = b"data: " + orjson.dumps({**base, "choices": [choice("", "stop")]}) + b"\n\n"
+        tail = b"data: " + orjson.dumps({**base, "choices": [choice("", finish)]}) + b"\n\n"
         if (body.get("stream_options") or {}).get("include_usage"):
             tail += b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
         headers["content-type"] = "text/event-stream; charset=utf-8"

@@ -70,6 +70,26 @@ def test_health_probes_and_admin_traffic_stay_out_of_the_proxy_series(tmp_path, 
         assert prometheus.query('count(aisix_request_count_total{endpoint=~"/livez|/readyz|/aisix.*"})') == []
 
 
+def test_probe_paths_answer_in_the_envelope_on_both_listeners(tmp_path, upstream):
+    """A wrong method on a proxy probe is a 405 in the envelope (not aiohttp's plain text); the
+    Admin listener has no probes: /livez there is its 401 (no key) or 404, never a 500."""
+    with GatewayProcess(tmp_path, gateway_config(upstream.base_url)) as gw:
+        req = urllib.request.Request(gw.url + "/livez", data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("POST /livez answered 2xx")
+        except urllib.error.HTTPError as e:
+            assert e.code == 405 and e.headers["Allow"] == "GET,HEAD"
+            assert json.loads(e.read())["error"]["code"] == "method_not_allowed"
+        admin_root = gw.admin_url.split("/aisix/admin")[0]
+        for path in ("/livez", "/readyz"):
+            status, _, body = get(admin_root + path)
+            assert status == 401 and json.loads(body)["error"]["code"] == "missing_admin_key"
+            status, _, body = get(admin_root + path, {"Authorization": "Bearer admin-test-key"})
+            assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+        assert "Traceback" not in gw.output()
+
+
 def test_readyz_is_503_while_draining(tmp_path, upstream):
     up = ScriptedUpstream().start()
     up.script("slow", writes=[(0, ev(ROLE))] + [(0.2, ev(TXT("x"))) for _ in range(10)] + [(0, ev(STOP))])

@@ -137,3 +137,8 @@ def test_mock_provider_embeddings_with_the_openai_client(tmp_path):
         again = client.embeddings.create(model="mock", input="hello", encoding_format="float", dimensions=16)
         assert again.data[0].embedding == pytest.approx(r.data[0].embedding, rel=1e-6)
         assert r.usage.prompt_tokens == 2 and r.usage.total_tokens == 2
+        for bad in ([], "", None, 5):  # the gateway's own 400, before any upstream call (nothing logged as one)
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="mock", input=bad)
+            assert e.value.body["code"] == "invalid_type" and e.value.body["param"] == "input"
+        assert "upstream call failed" not in gw.output()

@@ -44,3 +44,20 @@ async def test_whole_legacy_and_embeddings_answers():
     bad = await pool.send(_req("/embeddings", {"model": "m", "input": []}), FAST)
     assert bad.status == 400 and orjson.loads(await bad.read())["error"]["param"] == "input"
     await pool.close()
+
+
+async def test_max_tokens_caps_the_answer_and_finishes_with_length():
+    pool = UpstreamPool()
+    for field in ("max_tokens", "max_completion_tokens"):
+        doc = orjson.loads(await (await pool.send(_req("/chat/completions", {
+            "model": "m", "messages": [], field: 3}), FAST)).read())
+        assert doc["usage"]["completion_tokens"] == 3 and doc["choices"][0]["finish_reason"] == "length"
+        assert doc["choices"][0]["message"]["content"] == "Hello from the"
+    up = await pool.send(_req("/completions", {"model": "m", "prompt": "x", "max_tokens": 2, "stream": True}), FAST)
+    events = SSEParser().feed(b"".join([c async for c in up.iter_chunks()]))
+    finishes = [orjson.loads(e.data)["choices"][0]["finish_reason"] for e in events[:-1]]
+    assert finishes == [None, None, "length"]
+    doc = orjson.loads(await (await pool.send(_req("/chat/completions", {
+        "model": "m", "messages": [], "max_tokens": 50}), FAST)).read())
+    assert doc["usage"]["completion_tokens"] == 5 and doc["choices"][0]["finish_reason"] == "stop"
+    await pool.close()
