@@ -9,12 +9,54 @@ so the relay (:class:`~aisix.proxy.stream.StreamRelay`) measures and frames it a
 """
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from aisix.errors import GatewayError
 from aisix.providers.base import ERROR, OTHER, TOKEN, StreamDecoder
 from aisix.providers.translate import MALFORMED, malformed
 from aisix.sse import SSEEvent, SSEParser
+
+
+#: What :class:`ArgsScan` looks at in argument fragments: string quotes, escapes, brackets.
+_JSON_MARKS = re.compile(r'[\\"{}\[\]]')
+
+
+class ArgsScan:
+    """Whether a tool call's argument fragments, fed one by one (:meth:`scan`), add up to a whole
+    JSON object or array yet: ``complete`` turns True at the bracket that closes the value. A
+    string-aware bracket count (quotes and backslash escapes as RFC 8259 reads them, an escape cut
+    between two fragments too), O(length) over all the fragments; a scalar or nothing never
+    completes. The encoders use it to know when no more fragments can come for a call."""
+
+    __slots__ = ("depth", "in_str", "esc", "complete")
+
+    def __init__(self):
+        self.depth, self.in_str, self.esc, self.complete = 0, False, False, False
+
+    def scan(self, frag: str) -> None:
+        """Read one argument fragment (nothing more is read once ``complete``)."""
+        i = 0
+        if self.esc and frag:  # the character after a backslash that ended the last fragment
+            self.esc, i = False, 1
+        while not self.complete and (m := _JSON_MARKS.search(frag, i)) is not None:
+            c, i = m.group(), m.end()
+            if self.in_str:
+                if c == "\\":
+                    if i < len(frag):
+                        i += 1
+                    else:
+                        self.esc = True
+                elif c == '"':
+                    self.in_str = False
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                self.complete = self.depth == 0
 
 
 class ChunkEncoder:
