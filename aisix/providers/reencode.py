@@ -66,7 +66,7 @@ class ChunkEncoder:
     for one) and calls the subclass's steps: :meth:`begin` before the first output (the chunk's
     ``id``/``model``), :meth:`reasoning` (``reasoning_content``/``reasoning``), :meth:`text`
     (``content``), :meth:`tool_start` (a tool call's first chunk: index, id, name) and
-    :meth:`tool_args` (its argument fragments), :meth:`close` (the open block/item, at the finish);
+    :meth:`tool_args` (its argument fragments), :meth:`close` (every open block/item, at the finish);
     it keeps ``finish`` (the ``finish_reason``) and ``usage`` (the usage chunk's object).
     :meth:`done` ends the stream with :meth:`finale`. ``output`` is True when the last
     :meth:`chunk` emitted generated output (the first token; the steps set it when they send
@@ -148,7 +148,7 @@ class ChunkEncoder:
         raise NotImplementedError
 
     def close(self) -> bytes:
-        """Close the block or item being streamed (``b""``: none is open)."""
+        """At the finish: close every block or item still open (``b""``: none is)."""
         raise NotImplementedError
 
     def finale(self) -> bytes:
