@@ -25,6 +25,7 @@ from aisix.errors import GatewayError
 from aisix.providers.responses_chat import ResponsesEncoder
 from aisix.sse import SSEParser
 from tests.unit.test_messages_stream_interleaving import FINISH, _args, _chunk, _start, _text
+from tests.unit.test_messages_stream_interleaving import _random_stream as messages_random_stream
 
 #: An item kind's delta event, its ``.done`` event and the field that carries the whole text there.
 KINDS = {"message": ("response.output_text.delta", "response.output_text.done", "text"),
@@ -200,34 +201,14 @@ def test_whitespace_after_complete_arguments_is_dropped_anything_else_is_a_502()
 
 
 def _random_stream(rng: random.Random) -> tuple[list[dict], list[str], str, str]:
-    """Chunks of 1-4 tool calls whose fragments (split anywhere) interleave at random, text and
-    reasoning runs between them; returns (chunks, the calls' arguments in index order, the text,
-    the reasoning)."""
-    n = rng.randint(1, 4)
-    args = [json.dumps({"q": "".join(rng.choice('ab"\\{}[] ') for _ in range(rng.randint(0, 12))),
-                        "n": [rng.randint(0, 9) for _ in range(rng.randint(0, 3))]}) for _ in range(n)]
-    pending = []
-    for s in args:
-        cuts = sorted(rng.sample(range(1, len(s)), min(len(s) - 1, rng.randint(0, 5))))
-        pending.append([s[a:b] for a, b in zip([0, *cuts], [*cuts, len(s)])])
-    chunks, text, thought, started = [], "", "", 0
-    while started < n or any(pending):
-        r = rng.random()
-        if r < 0.1:
-            t = rng.choice(["x", " y", "z."])
-            text += t
-            chunks.append(_text(t))
-        elif r < 0.2:
-            t = rng.choice(["hm", " so"])
-            thought += t
-            chunks.append(_reasoning(t))
-        elif started < n and (r < 0.45 or not any(pending[:started])):
-            chunks.append(_start(started, f"tool{started}"))
-            started += 1
-        else:
-            k = rng.choice([i for i in range(started) if pending[i]])
-            chunks.append(_args(k, pending[k].pop(0)))
-    return chunks + [FINISH], args, text, thought
+    """The Messages tests' random interleavings (1-4 calls, fragments split anywhere, text between)
+    with reasoning runs put in at random places; returns (chunks, the calls' arguments in index
+    order, the text, the reasoning)."""
+    chunks, inputs, text = messages_random_stream(rng)
+    for _ in range(rng.randint(0, 3)):
+        chunks.insert(rng.randint(0, len(chunks) - 1), _reasoning(rng.choice(["hm", " so"])))  # before the finish
+    thought = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
+    return chunks, [json.dumps(inp) for inp in inputs], text, thought
 
 
 def test_random_interleavings_rebuild_every_call():
