@@ -382,7 +382,7 @@ class _ToolCall(ArgsScan):
     :class:`~aisix.providers.reencode.ArgsScan`), and the index of its block once that began (None
     while it is held back)."""
 
-    __slots__ = ("id", "name", "args", "index")
+    __slots__ = ("args", "id", "index", "name")
 
     def __init__(self, tool_id: str, name: str):
         super().__init__()

@@ -18,7 +18,6 @@ from aisix.providers.base import ERROR, OTHER, TOKEN, StreamDecoder
 from aisix.providers.translate import MALFORMED, malformed
 from aisix.sse import SSEEvent, SSEParser
 
-
 #: What :class:`ArgsScan` looks at in argument fragments: string quotes, escapes, brackets.
 _JSON_MARKS = re.compile(r'[\\"{}\[\]]')
 
@@ -30,7 +29,7 @@ class ArgsScan:
     between two fragments too), O(length) over all the fragments; a scalar or nothing never
     completes. The encoders use it to know when no more fragments can come for a call."""
 
-    __slots__ = ("depth", "in_str", "esc", "complete")
+    __slots__ = ("complete", "depth", "esc", "in_str")
 
     def __init__(self):
         self.depth, self.in_str, self.esc, self.complete = 0, False, False, False

@@ -24,8 +24,16 @@ from openai.types.responses import ResponseStreamEvent
 from aisix.errors import GatewayError
 from aisix.providers.responses_chat import ResponsesEncoder
 from aisix.sse import SSEParser
-from tests.unit.test_messages_stream_interleaving import FINISH, _args, _chunk, _start, _text
-from tests.unit.test_messages_stream_interleaving import _random_stream as messages_random_stream
+from tests.unit.test_messages_stream_interleaving import (
+    FINISH,
+    _args,
+    _chunk,
+    _start,
+    _text,
+)
+from tests.unit.test_messages_stream_interleaving import (
+    _random_stream as messages_random_stream,
+)
 
 #: An item kind's delta event, its ``.done`` event and the field that carries the whole text there.
 KINDS = {"message": ("response.output_text.delta", "response.output_text.done", "text"),
