@@ -131,7 +131,7 @@ def _denials(c: Counters, rl: RateLimit, now: float) -> list[tuple[float, str, s
     out = []
     if rl.concurrency is not None and c.in_flight >= rl.concurrency:
         out.append((1.0, "concurrency_limit_exceeded",
-                    f"concurrency: {c.in_flight} requests in flight, the limit is {rl.concurrency}"))
+                    f"concurrency: limit {rl.concurrency} in flight, {c.in_flight} now"))
     for field, label, used, left in (
             ("rpm", "requests per minute", c.req_minute, MINUTE - now % MINUTE),
             ("rpd", "requests per day", c.req_day, DAY - now % DAY),

@@ -23,14 +23,13 @@ tools (``bash_…``, ``web_search_…``, …), ``mcp_servers``, ``container``, i
 """
 from __future__ import annotations
 
-import re
 import uuid
 
 import orjson
 
 from aisix.errors import GatewayError, invalid_request
 from aisix.providers.base import BYTES_PER_TOKEN, ChatResult
-from aisix.providers.reencode import ChunkEncoder
+from aisix.providers.reencode import ArgsScan, ChunkEncoder
 from aisix.providers.translate import (
     as_int,
     guard_answer,
@@ -377,47 +376,24 @@ def event(name: str, obj: dict) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
-#: What :class:`_ToolCall` looks at in argument fragments: string quotes, escapes, brackets.
-_JSON_MARKS = re.compile(r'[\\"{}\[\]]')
-
-
-class _ToolCall:
+class _ToolCall(ArgsScan):
     """One chat tool call on its way to being a ``tool_use`` block: its id and name, the argument
-    fragments so far, whether they add up to a whole JSON object or array (``complete``: a
-    string-aware bracket count, fed fragment by fragment, O(length)), and the index of its block
-    once that began (None while it is held back)."""
+    fragments so far, whether they add up to a whole JSON object or array (``complete``, from
+    :class:`~aisix.providers.reencode.ArgsScan`), and the index of its block once that began (None
+    while it is held back)."""
 
-    __slots__ = ("id", "name", "args", "depth", "in_str", "esc", "complete", "index")
+    __slots__ = ("args", "id", "index", "name")
 
     def __init__(self, tool_id: str, name: str):
+        super().__init__()
         self.id, self.name = tool_id, name
         self.args: list[str] = []
-        self.depth, self.in_str, self.esc, self.complete = 0, False, False, False
         self.index: int | None = None
 
     def feed(self, frag: str) -> None:
         """Add one argument fragment (``complete`` turns True at the bracket that closes the value)."""
         self.args.append(frag)
-        i = 0
-        if self.esc and frag:  # the character after a backslash that ended the last fragment
-            self.esc, i = False, 1
-        while not self.complete and (m := _JSON_MARKS.search(frag, i)) is not None:
-            c, i = m.group(), m.end()
-            if self.in_str:
-                if c == "\\":
-                    if i < len(frag):
-                        i += 1
-                    else:
-                        self.esc = True
-                elif c == '"':
-                    self.in_str = False
-            elif c == '"':
-                self.in_str = True
-            elif c in "{[":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                self.complete = self.depth == 0
+        self.scan(frag)
 
 
 class MessagesEncoder(ChunkEncoder):

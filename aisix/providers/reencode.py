@@ -9,12 +9,53 @@ so the relay (:class:`~aisix.proxy.stream.StreamRelay`) measures and frames it a
 """
 from __future__ import annotations
 
+import re
+
 import orjson
 
 from aisix.errors import GatewayError
 from aisix.providers.base import ERROR, OTHER, TOKEN, StreamDecoder
 from aisix.providers.translate import MALFORMED, malformed
 from aisix.sse import SSEEvent, SSEParser
+
+#: What :class:`ArgsScan` looks at in argument fragments: string quotes, escapes, brackets.
+_JSON_MARKS = re.compile(r'[\\"{}\[\]]')
+
+
+class ArgsScan:
+    """Whether a tool call's argument fragments, fed one by one (:meth:`scan`), add up to a whole
+    JSON object or array yet: ``complete`` turns True at the bracket that closes the value. A
+    string-aware bracket count (quotes and backslash escapes as RFC 8259 reads them, an escape cut
+    between two fragments too), O(length) over all the fragments; a scalar or nothing never
+    completes. The encoders use it to know when no more fragments can come for a call."""
+
+    __slots__ = ("complete", "depth", "esc", "in_str")
+
+    def __init__(self):
+        self.depth, self.in_str, self.esc, self.complete = 0, False, False, False
+
+    def scan(self, frag: str) -> None:
+        """Read one argument fragment (nothing more is read once ``complete``)."""
+        i = 0
+        if self.esc and frag:  # the character after a backslash that ended the last fragment
+            self.esc, i = False, 1
+        while not self.complete and (m := _JSON_MARKS.search(frag, i)) is not None:
+            c, i = m.group(), m.end()
+            if self.in_str:
+                if c == "\\":
+                    if i < len(frag):
+                        i += 1
+                    else:
+                        self.esc = True
+                elif c == '"':
+                    self.in_str = False
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            else:
+                self.depth -= 1
+                self.complete = self.depth == 0
 
 
 class ChunkEncoder:
@@ -24,7 +65,7 @@ class ChunkEncoder:
     for one) and calls the subclass's steps: :meth:`begin` before the first output (the chunk's
     ``id``/``model``), :meth:`reasoning` (``reasoning_content``/``reasoning``), :meth:`text`
     (``content``), :meth:`tool_start` (a tool call's first chunk: index, id, name) and
-    :meth:`tool_args` (its argument fragments), :meth:`close` (the open block/item, at the finish);
+    :meth:`tool_args` (its argument fragments), :meth:`close` (every open block/item, at the finish);
     it keeps ``finish`` (the ``finish_reason``) and ``usage`` (the usage chunk's object).
     :meth:`done` ends the stream with :meth:`finale`. ``output`` is True when the last
     :meth:`chunk` emitted generated output (the first token; the steps set it when they send
@@ -106,7 +147,7 @@ class ChunkEncoder:
         raise NotImplementedError
 
     def close(self) -> bytes:
-        """Close the block or item being streamed (``b""``: none is open)."""
+        """At the finish: close every block or item still open (``b""``: none is)."""
         raise NotImplementedError
 
     def finale(self) -> bytes:

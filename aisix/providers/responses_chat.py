@@ -27,7 +27,7 @@ import orjson
 
 from aisix.errors import GatewayError, invalid_request
 from aisix.providers.base import ChatResult
-from aisix.providers.reencode import ChunkEncoder
+from aisix.providers.reencode import ArgsScan, ChunkEncoder
 from aisix.providers.translate import as_int, guard_answer, load_object, malformed, opt_list, shown
 
 #: Request fields that need what only a stateful upstream keeps, and what to call them.
@@ -312,42 +312,63 @@ def responses_error_event(err: GatewayError, sequence_number: int = 0) -> bytes:
 
 class _Item:
     """One output item being streamed: its kind (``message``, ``reasoning``, ``function_call``),
-    id, output index and text so far (a call's arguments)."""
+    id, output index, text so far (a call's arguments: ``parts``, joined by :meth:`text`), whether
+    its ``.done`` events went out (``done``), and for a call the scan that tells when its
+    arguments are whole (``scan``, :class:`~aisix.providers.reencode.ArgsScan`)."""
 
-    __slots__ = ("call_id", "done", "id", "index", "kind", "name", "text")
+    __slots__ = ("call_id", "done", "id", "index", "kind", "name", "parts", "scan")
 
     def __init__(self, kind: str, index: int, call_id: str = "", name: str = ""):
-        self.kind, self.index, self.text, self.call_id, self.name, self.done = kind, index, "", call_id, name, False
+        self.kind, self.index, self.call_id, self.name, self.done = kind, index, call_id, name, False
+        self.parts: list[str] = []
+        self.scan = ArgsScan() if kind == "function_call" else None
         self.id = _id({"message": "msg", "reasoning": "rs", "function_call": "fc"}[kind])
+
+    def text(self) -> str:
+        """The text or arguments so far (the parts joined once, kept joined)."""
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
 
     def item(self, status: str) -> dict:
         if self.kind == "message":
-            return _message_item(self.text, status, self.id)
+            return _message_item(self.text(), status, self.id)
         if self.kind == "reasoning":
-            return _reasoning_item(self.text if status == "completed" else "", self.id)
-        return _call_item(self.call_id, self.name, self.text if status == "completed" else "", status, self.id)
+            return _reasoning_item(self.text() if status == "completed" else "", self.id)
+        return _call_item(self.call_id, self.name, self.text() if status == "completed" else "", status, self.id)
 
 
 class ResponsesEncoder(ChunkEncoder):
     """``chat.completion.chunk`` objects in, the Responses API's events out (bytes).
 
-    ``response.created`` and ``response.in_progress`` first; each run of reasoning, text or one
-    tool call's arguments is one output item: ``response.output_item.added``, then for a message
-    ``response.content_part.added``, ``response.output_text.delta``…, ``response.output_text.done``,
-    ``response.content_part.done``; for reasoning ``response.reasoning_summary_part.added``,
+    ``response.created`` and ``response.in_progress`` first; each run of reasoning or text, and
+    each tool call, is one output item, numbered (``output_index``) in the order it began:
+    ``response.output_item.added``, then for a message ``response.content_part.added``,
+    ``response.output_text.delta``…, ``response.output_text.done``, ``response.content_part.done``;
+    for reasoning ``response.reasoning_summary_part.added``,
     ``response.reasoning_summary_text.delta``…, ``.done``, ``response.reasoning_summary_part.done``;
     for a tool call ``response.function_call_arguments.delta``…, ``.done``; then
-    ``response.output_item.done``. A new run closes the one before. At the end (:meth:`done`)
-    ``response.completed`` (``response.incomplete`` when the output was cut) with every item and
-    the usage. Each event carries its ``sequence_number``. Reading the chunks:
-    :class:`~aisix.providers.reencode.ChunkEncoder`."""
+    ``response.output_item.done``. At the end (:meth:`done`) ``response.completed``
+    (``response.incomplete`` when the output was cut) with every item and the usage. Each event
+    carries its ``sequence_number``. Reading the chunks:
+    :class:`~aisix.providers.reencode.ChunkEncoder`.
+
+    Interleaving: a chat stream may send a tool call's argument fragments after the next call
+    began (parallel calls interleaved) or text between them. Every delta names its item, so each
+    goes out as it arrives, to its own item; what waits is only an item's closing: a tool call's
+    item stays open until its arguments are a whole JSON value (then its ``.done`` events carry
+    them all) or the finish, and a text or reasoning run closes when another item begins (a call's
+    fragments don't end it) or at the finish, which closes every open item in output order. So no
+    delta follows its item's ``.done``. Whitespace after a call's complete arguments is dropped;
+    anything else there is a 502."""
 
     def __init__(self, body: dict):
         super().__init__()
         self.shape = ResponseShape(body)
         self.seq = 0
         self.items: list[_Item] = []
-        self.open: _Item | None = None
+        self.run: _Item | None = None  # the open reasoning or message item
+        self.calls_open = 0  # function_call items not done yet
 
     def _event(self, kind: str, **fields) -> bytes:
         doc = {"type": kind, "sequence_number": self.seq, **fields}
@@ -363,27 +384,38 @@ class ResponsesEncoder(ChunkEncoder):
         resp = self._response("in_progress")
         return self._event("response.created", response=resp) + self._event("response.in_progress", response=resp)
 
-    def close(self) -> bytes:
-        it, self.open = self.open, None
-        if it is None:
-            return b""
-        ids = {"item_id": it.id, "output_index": it.index}
+    def _close(self, it: _Item) -> bytes:
+        """``it``'s closing events (its whole text or arguments)."""
+        it.done = True
+        ids, text = {"item_id": it.id, "output_index": it.index}, it.text()
         if it.kind == "message":
-            part = {"type": "output_text", "text": it.text, "annotations": [], "logprobs": []}
-            out = (self._event("response.output_text.done", **ids, content_index=0, text=it.text, logprobs=[])
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            out = (self._event("response.output_text.done", **ids, content_index=0, text=text, logprobs=[])
                    + self._event("response.content_part.done", **ids, content_index=0, part=part))
         elif it.kind == "reasoning":
-            part = {"type": "summary_text", "text": it.text}
-            out = (self._event("response.reasoning_summary_text.done", **ids, summary_index=0, text=it.text)
+            part = {"type": "summary_text", "text": text}
+            out = (self._event("response.reasoning_summary_text.done", **ids, summary_index=0, text=text)
                    + self._event("response.reasoning_summary_part.done", **ids, summary_index=0, part=part))
         else:
-            out = self._event("response.function_call_arguments.done", **ids, name=it.name, arguments=it.text)
+            self.calls_open -= 1
+            out = self._event("response.function_call_arguments.done", **ids, name=it.name, arguments=text)
         return out + self._event("response.output_item.done", output_index=it.index, item=it.item("completed"))
 
+    def _end_run(self) -> bytes:
+        it, self.run = self.run, None
+        return b"" if it is None else self._close(it)
+
+    def close(self) -> bytes:
+        """At the finish: every item still open closed, in output order."""
+        out = self._end_run()
+        if self.calls_open:
+            out += b"".join(self._close(it) for it in self.items if not it.done)
+        return out
+
     def _add(self, it: _Item) -> bytes:
-        out = self.close()
+        """The open run closed, then ``it`` added (its ``.added`` events)."""
+        out = self._end_run()
         self.items.append(it)
-        self.open = it
         out += self._event("response.output_item.added", output_index=it.index, item=it.item("in_progress"))
         ids = {"item_id": it.id, "output_index": it.index}
         if it.kind == "message":
@@ -395,34 +427,44 @@ class ResponsesEncoder(ChunkEncoder):
         return out
 
     def _run(self, kind: str) -> tuple[bytes, _Item]:
-        if self.open is not None and self.open.kind == kind:
-            return b"", self.open
-        out = self._add(_Item(kind, len(self.items)))
-        return out, self.open
+        if self.run is not None and self.run.kind == kind:
+            return b"", self.run
+        it = _Item(kind, len(self.items))
+        out = self._add(it)
+        self.run = it
+        return out, it
 
     def reasoning(self, text: str) -> bytes:
         out, it = self._run("reasoning")
-        it.text += text
+        it.parts.append(text)
         self.output = True
         return out + self._event("response.reasoning_summary_text.delta", item_id=it.id, output_index=it.index,
                                  summary_index=0, delta=text)
 
     def text(self, text: str) -> bytes:
         out, it = self._run("message")
-        it.text += text
+        it.parts.append(text)
         self.output = True
         return out + self._event("response.output_text.delta", item_id=it.id, output_index=it.index,
                                  content_index=0, delta=text, logprobs=[])
 
     def tool_start(self, tool_id: str | None, name: str) -> tuple[bytes, _Item]:
         it = _Item("function_call", len(self.items), tool_id or _id("call"), name)
+        self.calls_open += 1
         return self._add(it), it
 
     def tool_args(self, it: _Item, args: str) -> bytes:
-        it.text += args
+        if it.done:  # closed (whole arguments, or the finish): only whitespace may follow
+            if args.strip():
+                raise malformed("upstream", "stream event (tool call arguments after a complete JSON value "
+                                            "or the finish)")
+            return b""
+        it.parts.append(args)
+        it.scan.scan(args)
         self.output = True
-        return self._event("response.function_call_arguments.delta", item_id=it.id, output_index=it.index,
-                           delta=args)
+        out = self._event("response.function_call_arguments.delta", item_id=it.id, output_index=it.index,
+                          delta=args)
+        return out + self._close(it) if it.scan.complete else out
 
     def finale(self) -> bytes:
         status = status_of(self.finish)

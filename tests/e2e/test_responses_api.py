@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import openai
+import orjson
 import pytest
 
 from tests.support.entry_e2e import emulators, entry_gateway, series
 from tests.support.provider_e2e import Delta
+from tests.unit.test_responses_stream_interleaving import _events, well_formed
 from tests.unit.test_responses_translation import RESPONSES, WEATHER
 
 
@@ -156,3 +158,46 @@ def test_errors_in_openai_envelope(gw):
     with pytest.raises(openai.BadRequestError) as e:
         client(gw).responses.create(model="nope", input="hi")
     assert e.value.body["code"] == "model_not_found"
+
+
+# -- interleaved parallel tool calls from a chat upstream -------------------------------------------
+WEATHER_AND_TIME = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"tz": "Europe/Paris"})]
+TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}
+
+
+def test_interleaved_tool_calls_reach_the_sdk_whole(gw, emus):
+    """The emulator opens both calls, sends the text, then the calls' fragments round robin; each
+    call's ``.done`` events carry its whole arguments and no delta follows them, both through
+    ``create(stream=True)`` and ``responses.stream``."""
+    o, _ = emus
+    o.reply(text=["Both", " at once."], tool_calls=WEATHER_AND_TIME, interleave=True)
+    with client(gw).responses.with_streaming_response.create(
+            model="ds", input="Weather and time in Paris?", tools=[WEATHER, TIME], stream=True) as resp:
+        data = resp.read()
+    chunks = [orjson.loads(line[6:]) for line in bytes(o.sent[-1]).split(b"\n\n") if line.startswith(b"data: {")]
+    order = [(tc["index"], "name" in tc["function"]) for c in chunks if c["choices"]
+             for tc in c["choices"][0]["delta"].get("tool_calls", ())]
+    assert order.index((0, False)) > order.index((1, True))  # the upstream did interleave
+    items = well_formed(_events(data))
+    assert [(it["type"], it.get("name")) for it in items.values()] == [
+        ("function_call", "get_weather"), ("function_call", "get_time"), ("message", None)]
+    assert [json.loads(items[i]["text"]) for i in (0, 1)] == [args for _, args in WEATHER_AND_TIME]
+
+    o.reply(text=["Both", " at once."], tool_calls=WEATHER_AND_TIME, interleave=True)
+    events = list(client(gw).responses.create(model="ds", input="Weather and time in Paris?",
+                                              tools=[WEATHER, TIME], stream=True))
+    done, late = {}, []  # per output index the .done event's arguments; deltas after it
+    for e in events:
+        if e.type == "response.function_call_arguments.done":
+            done[e.output_index] = json.loads(e.arguments)
+        elif e.type == "response.function_call_arguments.delta" and e.output_index in done:
+            late.append(e)
+    assert late == [] and done == {0: WEATHER_AND_TIME[0][1], 1: WEATHER_AND_TIME[1][1]}
+
+    o.reply(text=["Both", " at once."], tool_calls=WEATHER_AND_TIME, interleave=True)
+    with client(gw).responses.stream(model="ds", input="Weather and time in Paris?", tools=[WEATHER, TIME]) as s:
+        snapshots = {e.output_index: e.snapshot for e in s if e.type == "response.function_call_arguments.delta"}
+        final = s.get_final_response()
+    assert {k: json.loads(v) for k, v in snapshots.items()} == {0: WEATHER_AND_TIME[0][1], 1: WEATHER_AND_TIME[1][1]}
+    assert [(c.name, json.loads(c.arguments)) for c in final.output if c.type == "function_call"] == WEATHER_AND_TIME
+    assert final.output_text == "Both at once." and final.status == "completed"
