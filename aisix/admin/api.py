@@ -52,6 +52,7 @@ from aisix.config.store import ConflictError, StoreError, StoreUnavailable
 from aisix.errors import GatewayError, error_type_for, invalid_request
 from aisix.gateway import GATEWAY
 from aisix.providers import get_provider
+from aisix.proxy.handlers import MAX_JSON_DEPTH, json_too_deep
 
 log = logging.getLogger("aisix.admin")
 
@@ -213,6 +214,8 @@ async def _read_object(request: web.Request) -> dict:
         raise invalid_request(f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(doc, dict):
         raise invalid_request(f"request body must be a JSON object, not {type(doc).__name__}", "invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_too_deep(doc):
+        raise invalid_request(f"request body is nested over {MAX_JSON_DEPTH} levels deep", "invalid_json")
     return doc
 
 

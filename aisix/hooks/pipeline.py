@@ -49,6 +49,7 @@ class Call:
     attempts: int = 0  # upstream attempts made so far
     stream_error: GatewayError | None = None  # the current attempt's stream broke after its 200
     attempt: Attempt | None = None  # the current attempt's record (its span id goes upstream)
+    masks: tuple = ()  # the current attempt's upstream key and its mask (bytes): never relayed back
 
 
 class Hook:

@@ -80,9 +80,12 @@ class OpenAIStreamDecoder(StreamDecoder):
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return event.raw, OTHER  # not JSON: relay as is, measure nothing
+            obj = None
         if not isinstance(obj, dict):
-            return event.raw, OTHER
+            if not data.strip():
+                return event.raw, OTHER  # an empty data line: nothing (SSE dispatches no such event)
+            self.error = upstream_malformed(f"upstream {self.name} sent an event that is not a JSON object")
+            return None, ERROR
         if "error" in obj and obj["error"] is not None:
             self.error = error_from_event(obj["error"], self.name)
             return None, ERROR

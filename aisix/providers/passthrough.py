@@ -10,12 +10,13 @@ bytes and read only what the metrics need: the first token, usage, the stop reas
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import orjson
 
 from aisix.config.resources import Model
-from aisix.errors import GatewayError
+from aisix.errors import GatewayError, invalid_request
 from aisix.providers.anthropic import API_VERSION, AnthropicStreamDecoder, usage_of
 from aisix.providers.anthropic import _finish as finish_reason
 from aisix.providers.base import DONE, ERROR, FINISH, OTHER, TOKEN, ChatResult, Provider, StreamDecoder, Usage
@@ -40,7 +41,11 @@ def rewrite_model(raw: bytes, body: dict, model_id: str) -> bytes:
     ``model_id`` and every other byte as it was. Each ``"model"`` key found in the bytes is tried
     in turn: the one whose replaced value makes the body parse to ``body`` but for ``model`` is
     it (a nested ``"model"`` key changes something else). When none is (the key written with
-    escapes, ``"mod\\u0065l"``), the body is serialised anew: the same JSON, other bytes."""
+    escapes, ``"mod\\u0065l"``), the body is serialised anew: the same JSON, other bytes.
+    Raises 400 ``duplicate_key`` when the object has ``model`` more than once (the gateway routes
+    by the last one; an upstream that keeps the first would serve a model the key may not use)."""
+    if raw.count(b'"model"') > 1 and _top_level_model_repeats(raw):
+        raise invalid_request("`model` appears more than once in the request body.", "duplicate_key", "model")
     want = {**body, "model": model_id}
     new_value = orjson.dumps(model_id)
     start = 0
@@ -61,6 +66,19 @@ def rewrite_model(raw: bytes, body: dict, model_id: str) -> bytes:
         except orjson.JSONDecodeError:
             continue
     return orjson.dumps(want)
+
+
+def _top_level_model_repeats(raw: bytes) -> bool:
+    """Whether the top-level object of ``raw`` has the key ``model`` twice or more (the standard
+    library's parser reports every pair; orjson keeps the last). Only called when the bytes hold
+    ``"model"`` more than once."""
+    top: list = []
+
+    def pairs(items):  # called innermost first: the top-level object's pairs come last
+        top[:] = [k for k, _ in items]
+        return None
+    json.loads(raw, object_pairs_hook=pairs)
+    return top.count("model") > 1
 
 
 def _string_end(raw: bytes, quote: int) -> int:

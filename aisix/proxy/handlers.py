@@ -27,7 +27,7 @@ from aisix.hooks.pipeline import Call
 from aisix.hooks.ratelimit import charged_tokens
 from aisix.providers import Provider, StreamDecoder, get_provider
 from aisix.providers.base import BYTES_PER_TOKEN
-from aisix.proxy.redact import redact
+from aisix.proxy.redact import byte_masks, redact, redact_bytes
 from aisix.proxy.routing import MAX_RETRY_WAIT_S, Router, failure_kind, retry_after_s, retryable
 from aisix.proxy.stream import StreamRelay
 from aisix.proxy.upstream_errors import gateway_error
@@ -77,6 +77,8 @@ def authenticate(request: web.Request, snap: Snapshot) -> ApiKey:
 #: The most JSON values (array elements, object members) a request body may hold. It bounds the
 #: parse: 1 M values take ~50 ms and ~70 MB; a 28 MiB body of 10 M ``{}`` took 0.9 s and ~900 MB.
 MAX_JSON_VALUES = 1_000_000
+#: The deepest nesting of arrays and objects a request body may have (see :func:`json_too_deep`).
+MAX_JSON_DEPTH = 240
 #: The most ``messages`` a chat request may hold (Anthropic's documented per-request limit).
 MAX_MESSAGES = 100_000
 _SCAN_SLICE = 1 << 20
@@ -110,7 +112,24 @@ async def read_json_object(request: web.Request) -> dict:
         raise invalid_request("The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.", "invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_too_deep(body):
+        raise invalid_request(f"The request body is nested over {MAX_JSON_DEPTH} levels deep.", "invalid_json")
     return body
+
+
+def json_too_deep(doc) -> bool:
+    """Whether ``doc`` (parsed JSON) nests arrays and objects over :data:`MAX_JSON_DEPTH` levels.
+    orjson parses up to 1024 levels but writes at most 255, and a translation to the upstream's
+    shape adds a few: such a body could not be sent on (the check: ``doc`` under 14 more levels
+    still serialises)."""
+    wrapped = doc
+    for _ in range(254 - MAX_JSON_DEPTH):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        return True
+    return False
 
 
 def media_type(content_type: str) -> str:
@@ -159,7 +178,7 @@ async def _call_upstream(request: web.Request, call: Call, provider: Provider, u
     except UpstreamError as e:
         raise gateway_error(e) from e
     if not 200 <= up.status < 300:
-        data = await read_whole(up, rec)
+        data = await read_whole(up, call)
         if 400 <= up.status < 600:
             err = provider.error_from_response(up.status, up.headers, data)
             if provider.refused_credentials(up.status, err):
@@ -311,7 +330,7 @@ async def _try_model(request: web.Request, call: Call, model: Model, attempt):
     error = refusal = None
     tried: set[str] = set()
     refused: set[str] = set()
-    for _ in range(1 + model.retries):
+    for n in range(1 + model.retries):
         target = router.choose(model, tried, time.monotonic(), time.time())
         if target is not None and target.capacity is not None and router.shared is not None:
             target = await router.claim(model, target, tried, refused, call.state, time.monotonic(), time.time())
@@ -330,7 +349,7 @@ async def _try_model(request: web.Request, call: Call, model: Model, attempt):
             if not retryable(e, model):
                 raise
             error = e
-            if not await _wait_before_retry(router, model, target, e):
+            if n == model.retries or not await _wait_before_retry(router, model, target, e):
                 break  # this model can't be retried in time: on to the fallbacks
     return None, error, refusal
 
@@ -346,6 +365,7 @@ async def _attempt(request: web.Request, call: Call, model: Model, target: Model
     """One attempt at ``target`` (a deployment of ``model``), measured as an :class:`Attempt`."""
     gw, rec = request.app[GATEWAY], call.record
     call.target, call.upstream_called, call.stream_error = target, False, None
+    call.masks = byte_masks(target.provider_config.api_key)
     rec.provider, rec.request_model, rec.target = target.provider, target.model_id, target
     provider = get_provider(target.provider)
     call.attempt = att = Attempt(model.name, target.deployment_id, target.provider, target.model_id,
@@ -447,23 +467,24 @@ async def _with_hooks(request: web.Request, call: Call, go) -> web.StreamRespons
         pipeline.post_call(call, passed)
 
 
-async def read_whole(up: UpstreamResponse, rec: RequestRecord) -> bytes:
-    """The upstream's whole body (bytes); the upstream call ends (``llm_end_ns``) and its
+async def read_whole(up: UpstreamResponse, call: Call) -> bytes:
+    """The upstream's whole body (bytes), the attempt's upstream key masked in it
+    (:func:`~aisix.proxy.redact.redact_bytes`); the upstream call ends (``llm_end_ns``) and its
     connection is let go however the read ends. Raises the transport's failure as a
     :class:`GatewayError` (:func:`~aisix.proxy.upstream_errors.gateway_error`)."""
     try:
-        return await up.read()
+        return redact_bytes(await up.read(), call.masks)
     except UpstreamError as e:
         raise gateway_error(e) from e
     finally:
-        rec.llm_end_ns = perf_counter_ns()
+        call.record.llm_end_ns = perf_counter_ns()
         up.close()
 
 
 async def _whole(up: UpstreamResponse, call: Call, translate) -> web.Response:
     """Read a whole upstream body, translate it (``translate(bytes) -> ChatResult``), record it."""
     rec = call.record
-    result = translate(await read_whole(up, rec))
+    result = translate(await read_whole(up, call))
     rec.response_model, rec.finish_reasons = result.response_model, result.finish_reasons
     if result.usage is not None:
         u = result.usage
@@ -512,7 +533,7 @@ async def relay_stream(request: web.Request, up: UpstreamResponse, decoder: Stre
     """
     model = call.target
     if media_type(up.headers.get("content-type", "")) != "text/event-stream":
-        await read_whole(up, call.record)
+        await read_whole(up, call)
         raise upstream_malformed(f"upstream {model.provider} did not answer with an event stream")
     relay = StreamRelay(decoder, model.provider, perf_counter_ns())
     idle_ms = model.provider_config.stream_idle_timeout_ms
@@ -542,13 +563,15 @@ async def _relay_reads(request: web.Request, up: UpstreamResponse, call: Call,
     try:
         async for chunk in chunks:
             data = relay.feed(chunk, perf_counter_ns())
+            if data and call.masks:
+                data = redact_bytes(data, call.masks)
             if data:
                 out = out or await _start_stream(request, up, call)
                 await out.write(data)
             if relay.over:
                 break
         else:
-            last = relay.eof()
+            last = redact_bytes(relay.eof(), call.masks)
         if relay.awaiting_lf:  # "[DONE]\r\n\r" then "\n" in the next read: relay it too
             relay.clean = await _relay_final_lf(chunks, out)
     except UpstreamError as e:
@@ -575,7 +598,7 @@ async def _end_stream(request: web.Request, up: UpstreamResponse, call: Call, re
         _upstream_failed(request, call, error, up.headers.get("x-request-id"))
         rec.error = error.message
         rec.status = error.status if error.status == 504 else 502  # after the 200: the gateway's failure to deliver
-        await out.write(relay.decoder.error_event(error))
+        await out.write(redact_bytes(relay.decoder.error_event(error), call.masks))
     await out.write_eof()
     if rec.status == 0:
         rec.status = 200

@@ -78,7 +78,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         upreq = anthropic_request(provider, target, rewrite_model(raw, body, target.model_id),
                                   "/messages/count_tokens", request.headers, _upstream_headers(call))
         up = await _call_upstream(request, call, provider, upreq)
-        data = await read_whole(up, call.record)
+        data = await read_whole(up, call)
         call.record.llm_start_ns = 0  # not a generation: kept out of aisix_llm_latency
         return web.Response(body=data, content_type="application/json", headers=_passthrough(up, call.response_headers))
 

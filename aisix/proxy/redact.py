@@ -14,6 +14,25 @@ from aisix.config.resources import mask_secret
 MIN_SECRET_CHARS = 6
 
 
+def byte_masks(secret: str | None) -> tuple[tuple[bytes, bytes], ...]:
+    """``((secret, its mask), )`` as bytes, for :func:`redact_bytes`; empty for a secret too short
+    to search for (or none)."""
+    if not secret or len(secret) < MIN_SECRET_CHARS:
+        return ()
+    return ((secret.encode(), mask_secret(secret).encode()),)
+
+
+def redact_bytes(data: bytes, masks: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """``data`` (upstream bytes on their way to the client: a body, SSE events) with each secret
+    of ``masks`` replaced by its mask. An upstream may echo the key it was sent anywhere in what it
+    answers (an error message, a ``response.failed`` event, a field of an event); the bytes are
+    relayed as they came unless they hold it. One substring search per secret."""
+    for secret, mask in masks:
+        if secret in data:
+            data = data.replace(secret, mask)
+    return data
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with each of ``secrets`` replaced by its mask (``****`` + at most its last four
     characters, :func:`~aisix.config.resources.mask_secret`); longest secrets first, so a key that

@@ -439,3 +439,17 @@ def test_upstream_usage_over_int64_does_not_stop_metric_export(tmp_path):
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
     assert len(after) >= 3, f"{len(after)} metric exports in 2 s after the bad usage (interval 200 ms)"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+                                  "/v1/responses"])
+def test_json_nested_too_deep_to_send_on_is_a_400_not_a_500(path):
+    """Found by attacking a gateway: a body nested 255-1023 levels deep parses (orjson reads up to
+    1024) but can't be written again for the upstream (255): a 500 with a traceback on every
+    route. Now a 400 before any upstream call; 240 levels still pass."""
+    deep = b"[" * 300 + b"]" * 300
+    body = b'{"model":"m1","prompt":"p","input":"hi","max_tokens":5,"messages":[{"role":"user","content":"hi"}],"x":' \
+        + deep + b"}"
+    head, _, rest = _post(path, body).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"nested over 240 levels" in rest, head + rest[:300]
+

@@ -76,6 +76,18 @@ def test_retry_hints_survive_a_429(gw, upstream):
     assert {k: got.get(k) for k in hints} == hints
 
 
+def test_a_429_with_no_attempt_left_comes_back_without_waiting_its_retry_after(gw, upstream):
+    """Found by attacking a gateway: a one-deployment model slept out the upstream's Retry-After
+    (here 1.5 s) before answering, though no retry followed. The 429 comes back at once (the
+    bound, 1 s, is two thirds of the hint: no sleep happened), after one upstream call."""
+    upstream.script("hint-no-retry", status=429, headers={**JSON, "retry-after-ms": "1500"},
+                    body=err_body("Rate limit reached", "requests", code="rate_limit_exceeded"))
+    t0 = time.monotonic()
+    with pytest.raises(openai.RateLimitError):
+        ask(gw, "hint-no-retry")
+    assert time.monotonic() - t0 < 1.0 and seen(upstream, "hint-no-retry") == 1
+
+
 @pytest.mark.parametrize("event,status,exc", [
     ({"message": "maximum context length is 8192 tokens", "type": "invalid_request_error",
       "param": "messages", "code": "context_length_exceeded"}, 400, openai.BadRequestError),
@@ -201,3 +213,46 @@ def test_an_auth_error_as_a_streams_first_event_is_the_upstreams_not_the_clients
     with pytest.raises(openai.AuthenticationError) as e:
         ask(gw, "first-auth", stream=True)
     assert e.value.code == "upstream_auth_failed" and "refused the gateway's credentials" in e.value.message
+
+
+def test_an_upstream_echoing_its_key_in_a_success_never_shows_it(gw, upstream):
+    """Found by attacking a gateway: an upstream that repeats the key it was sent inside an answer
+    that is not an error (a chunk's content, a whole body, a Responses ``response.failed`` event
+    relayed as it came) showed it to the client. Every byte relayed has the key masked."""
+    import asyncio
+    import json
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-1",
+             "choices": [{"index": 0, "delta": {"content": f"you sent Bearer {PROVIDER_KEY}"}, "finish_reason": None}]}
+    upstream.script("echo-in-stream", writes=[(0, ev(ROLE)), (0, ev(json.dumps(chunk))),
+                                             (0, b'data: {"id":"c","object":"chat.completion.chunk","created":1,'
+                                                 b'"model":"up-1","choices":[{"index":0,"delta":{},'
+                                                 b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')])
+    whole = {"id": "c", "object": "chat.completion", "created": 1, "model": "up-1", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": PROVIDER_KEY}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    upstream.script("echo-in-body", headers=JSON, body=json.dumps(whole).encode())
+    failed = {"type": "response.failed", "sequence_number": 1, "response": {
+        "id": "resp_1", "object": "response", "status": "failed", "model": "up-1", "output": [],
+        "error": {"code": "server_error", "message": f"failed with Bearer {PROVIDER_KEY}"}}}
+    upstream.script("echo-in-responses", writes=[(0, b"event: response.failed\ndata: " + json.dumps(failed).encode()
+                                                  + b"\n\n")])
+    mask = ("****" + PROVIDER_KEY[-4:]).encode()
+    for key, stream in (("echo-in-stream", True), ("echo-in-body", False)):
+        got = asyncio.run(post_raw(gw.url + CHAT, {"model": "m1", "stream": stream,
+                                                   "messages": [{"role": "user", "content": key}]}, CLIENT_KEY))
+        assert got.status == 200 and PROVIDER_KEY.encode() not in got.body and mask in got.body, got.body
+    got = asyncio.run(post_raw(gw.url + "/v1/responses", {"model": "m1", "stream": True, "input": "echo-in-responses"},
+                               CLIENT_KEY))
+    assert PROVIDER_KEY.encode() not in got.body and mask in got.body, got.body
+
+
+
+def test_an_event_that_is_not_json_is_a_502_not_a_clean_empty_answer(gw, upstream):
+    """Found by attacking a gateway: ``data: {not json`` then ``[DONE]`` was relayed as a 200 (and,
+    translated to /v1/messages, became an empty "successful" answer). Before anything was sent it
+    is a 502 ``upstream_malformed_response``."""
+    import asyncio
+    upstream.script("garbage-event", writes=[(0, b"data: {not json\n\ndata: [DONE]\n\n")])
+    got = asyncio.run(post_raw(gw.url + CHAT, {"model": "m1", "stream": True,
+                                               "messages": [{"role": "user", "content": "garbage-event"}]}, CLIENT_KEY))
+    assert got.status == 502 and b'"upstream_malformed_response"' in got.body, got.body

@@ -109,6 +109,7 @@ class ScriptedUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
         app.router.add_post("/v1/embeddings", self._handle)
+        app.router.add_post("/v1/responses", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, HOST, self.port).start()
@@ -167,7 +168,7 @@ def _key(body: dict) -> str:
     try:
         return str(body["messages"][-1]["content"])
     except (KeyError, IndexError, TypeError):
-        return ""
+        return body.get("input") if isinstance(body.get("input"), str) else ""
 
 
 # -- the gateway process ----------------------------------------------------------------------

@@ -48,6 +48,17 @@ def test_rewrite_model_with_an_escaped_key_serialises_the_same_json():
     assert orjson.loads(rewrite_model(raw, body, "up")) == {"model": "up", "max_tokens": 5}
 
 
+def test_rewrite_model_refuses_a_body_with_model_twice():
+    """Found by attacking a gateway: with ``model`` twice the gateway routed by the last and the
+    upstream got the first one untouched (a model the key may not use, on the operator's account)."""
+    raw = b'{"model":"claude-opus-EXPENSIVE","max_tokens":5,"model":"claude"}'
+    with pytest.raises(GatewayError) as e:
+        rewrite_model(raw, orjson.loads(raw), "up")
+    assert (e.value.status, e.value.code, e.value.param) == (400, "duplicate_key", "model")
+    nested = b'{"model":"claude","tools":[{"name":"t","input_schema":{"model":"x","model2":"y"}}]}'
+    assert orjson.loads(rewrite_model(nested, orjson.loads(nested), "up"))["model"] == "up"  # a nested key is fine
+
+
 # -- Messages → chat ------------------------------------------------------------------------------
 def test_chat_body_text_system_images_tools_and_results():
     body = {"model": "gpt", "max_tokens": 300, "system": [{"type": "text", "text": "Be brief.",
