@@ -295,11 +295,18 @@ def _public(kind: str, obj: dict, secret: str | None = None) -> dict:
     return out
 
 
+#: ``provider_config`` fields besides ``api_key`` whose string values are shown masked: a provider's
+#: own secret settings, and typos of ``api_key`` (``apikey``, ``api-key``) that would otherwise come back whole.
+_SECRET_FIELD = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
 def _masked(pc: dict) -> dict:
-    """A ``provider_config`` as responses show it: ``api_key`` and credentials in ``api_base`` masked."""
+    """A ``provider_config`` as responses show it: ``api_key``, every other string field whose name
+    says it is a secret (:data:`_SECRET_FIELD`), and credentials in ``api_base`` masked."""
     pc = dict(pc)
-    if isinstance(pc.get("api_key"), str):
-        pc["api_key"] = mask_secret(pc["api_key"])
+    for name, value in pc.items():
+        if isinstance(value, str) and _SECRET_FIELD.search(name):
+            pc[name] = mask_secret(value)
     if isinstance(pc.get("api_base"), str):
         pc["api_base"] = mask_url_userinfo(pc["api_base"])
     return pc

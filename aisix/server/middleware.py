@@ -101,6 +101,10 @@ async def _respond(request: web.Request, handler, rec: RequestRecord) -> web.Str
             # bodies are never inflated (auto_decompress=False): no decompression bomb can stall the loop
             raise GatewayError(415, "Compressed request bodies (Content-Encoding) are not supported.",
                                "invalid_request_error", "unsupported_content_encoding")
+        te = request.headers.get("Transfer-Encoding")
+        if te is not None and te.strip().lower() != "chunked":  # RFC 9112 §6.1: 501 for a coding not understood
+            raise GatewayError(501, "Only the chunked transfer coding is supported (Transfer-Encoding).",
+                               "invalid_request_error", "unsupported_transfer_encoding")
         resp = await handler(request)
     except GatewayError as e:
         rec.error = e.message

@@ -417,6 +417,22 @@ async def test_provider_secret_is_masked_and_survives_a_round_trip(admin, caplog
     assert "created model" in caplog.text  # the log does speak, just not secrets
 
 
+async def test_other_secret_looking_provider_fields_are_shown_masked(admin):
+    """Found by attacking a gateway: a typo'd key field (``apikey``) or a provider's own secret
+    setting came back whole in every response. String fields named like a secret are masked;
+    other settings (``ttft_ms``, ``api_version``) are shown as they are."""
+    client, _ = admin
+    pc = {"api_key": SECRET, "apikey": "sk-typo-SECRET-0000", "client_secret": "cs-SECRET-111122223333",
+          "x_auth_token": "tok-SECRET-444455556666", "api_version": "2024-10-21", "ttft_ms": 5}
+    r = await client.post(f"{BASE}/models", json={**MODEL, "name": "typo", "provider_config": pc}, headers=AUTH)
+    assert r.status == 201, await r.text()
+    got = (await r.json())["provider_config"]
+    assert (got["apikey"], got["client_secret"], got["x_auth_token"]) == ("****0000", "****3333", "****6666")
+    assert (got["api_version"], got["ttft_ms"]) == ("2024-10-21", 5)
+    listed = await (await client.get(f"{BASE}/models", headers=AUTH)).text()
+    assert "SECRET" not in listed
+
+
 UPSTREAM = "https://up.example:8443/v1"
 
 

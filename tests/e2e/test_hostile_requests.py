@@ -215,6 +215,23 @@ def test_corrupt_gzip_request_body_is_a_4xx_envelope_not_a_500():
     _assert_envelope(status, headers, body)
 
 
+def test_a_transfer_coding_other_than_chunked_is_a_501_not_ignored():
+    """Found by attacking a gateway: ``Transfer-Encoding: gzip, chunked`` was accepted and the
+    gzip coding silently ignored. RFC 9112 §6.1: a coding the server does not understand is a 501."""
+    body = b'{"model":"m1","messages":[{"role":"user","content":"hi"}]}'
+    chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    for coding in (b"gzip, chunked", b"chunked"):
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer sk-test\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: " + coding + b"\r\n\r\n")
+        status, headers, resp = _split(_raw(_port(GW.listen), head + chunked))
+        if coding == b"chunked":
+            assert status != 501, (status, resp)  # plain chunked bodies are fine
+        else:
+            assert status == 501 and b"unsupported_transfer_encoding" in resp, (status, resp)
+            _assert_envelope(status, headers, resp)
+
+
 def test_oversized_header_error_is_an_openai_envelope():
     """A header over 8190 bytes (or > 100 headers, or an over-long URL) is answered by aiohttp's
     parser with ``HTTP/1.0 400`` in text/plain that echoes the header; the README promises the
