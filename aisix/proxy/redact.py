@@ -6,6 +6,7 @@ client, a log line or a span passes :func:`redact` first.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 from aisix.config.resources import mask_secret
@@ -14,9 +15,10 @@ from aisix.config.resources import mask_secret
 MIN_SECRET_CHARS = 6
 
 
+@functools.lru_cache(maxsize=4096)
 def byte_masks(secret: str | None) -> tuple[tuple[bytes, bytes], ...]:
     """``((secret, its mask), )`` as bytes, for :func:`redact_bytes`; empty for a secret too short
-    to search for (or none)."""
+    to search for (or none). Cached: made once per provider key, not per request."""
     if not secret or len(secret) < MIN_SECRET_CHARS:
         return ()
     return ((secret.encode(), mask_secret(secret).encode()),)

@@ -11,27 +11,17 @@ import pytest
 from tests.support.emulators.anthropic import AnthropicEmulator
 from tests.support.provider_e2e import (
     COMPLETION,
-    E2E,
     FIRST,
     PROMPT,
     TOTAL,
     assert_unreachable_502_and_timeout_504,
     mid_stream_failure,
+    module_fixtures,
 )
 from tests.unit.test_anthropic_translation import USER
 
-
 # -- end to end -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emu():
-    with AnthropicEmulator() as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, emu, prometheus):
-    with E2E(tmp_path_factory.mktemp("gw-anthropic"), "anthropic", "claude-sonnet-4-5", emu, prometheus) as g:
-        yield g
+emu, gw = module_fixtures(AnthropicEmulator, "anthropic", "claude-sonnet-4-5")
 
 
 def test_e2e_text_sync(gw, emu):

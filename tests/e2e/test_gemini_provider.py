@@ -11,27 +11,17 @@ import pytest
 from tests.support.emulators.gemini import GeminiEmulator, embedding_values
 from tests.support.provider_e2e import (
     COMPLETION,
-    E2E,
     FIRST,
     PROMPT,
     TOTAL,
     assert_unreachable_502_and_timeout_504,
     mid_stream_failure,
+    module_fixtures,
 )
 from tests.unit.test_gemini_translation import USER
 
-
 # -- end to end -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emu():
-    with GeminiEmulator() as e:
-        yield e
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, emu, prometheus):
-    with E2E(tmp_path_factory.mktemp("gw-gemini"), "gemini", "gemini-2.5-flash", emu, prometheus) as g:
-        yield g
+emu, gw = module_fixtures(GeminiEmulator, "gemini", "gemini-2.5-flash")
 
 
 def test_e2e_text_sync(gw, emu):

@@ -104,3 +104,19 @@ def mid_stream_failure(gw: "E2E", emu, messages: list, mode: str, usage: dict) -
     d.expect(PROMPT, 8)
     d.expect(FIRST, 1)
     return e.value
+
+
+def module_fixtures(emulator, provider: str, upstream_model: str):
+    """The ``emu`` (the provider's emulator) and ``gw`` (:class:`E2E` on it, with the session's
+    Prometheus) fixtures of a provider's e2e module, one of each per module:
+    ``emu, gw = module_fixtures(AnthropicEmulator, "anthropic", "claude-sonnet-4-5")``."""
+    @pytest.fixture(scope="module")
+    def emu():
+        with emulator() as e:
+            yield e
+
+    @pytest.fixture(scope="module")
+    def gw(tmp_path_factory, emu, prometheus):
+        with E2E(tmp_path_factory.mktemp(f"gw-{provider}"), provider, upstream_model, emu, prometheus) as g:
+            yield g
+    return emu, gw
