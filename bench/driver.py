@@ -153,9 +153,14 @@ def _start_targets(tmp, want, target, upstream, prom, sink, redis, notes) -> lis
 
 
 def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
-        out_dir: str | None = None) -> dict:
-    """Run the whole bench; write ``latest.json`` and ``latest.png`` under ``out_dir``; return the report."""
+        out_dir: str | None = None, scenarios: list[str] | None = None) -> dict:
+    """Run the whole bench (or only the ``scenarios`` of these keys); write ``latest.json`` and
+    ``latest.png`` under ``out_dir``; return the report. Raises ValueError for an unknown scenario key."""
     plan = QUICK if quick else FULL
+    unknown = set(scenarios or ()) - {s.key for s in SCENARIOS}
+    if unknown:
+        raise ValueError(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(s.key for s in SCENARIOS)}")
+    chosen = [s for s in SCENARIOS if not scenarios or s.key in scenarios]
     client, target, layout_note = _layout()
     pin(0, client)
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -195,14 +200,14 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
         loadgen = LoadGen(client)
         sampler = RssSampler()
         sampler.start()
-        runs = plan.rounds * len(SCENARIOS) * len(tlist)
-        eta = plan.rounds * len(tlist) * sum(run_duration(plan, s) + 0.15 for s in SCENARIOS)
+        runs = plan.rounds * len(chosen) * len(tlist)
+        eta = plan.rounds * len(tlist) * sum(run_duration(plan, s) + 0.15 for s in chosen)
         prog = Progress(runs, eta)
         for t in tlist:  # one unrecorded warm-up pass per target
             for sc in (SCENARIOS[1], SCENARIOS[4]):
                 _measure(loadgen, sampler, t, sc, plan, infra, warm_only=True)
         for rnd in range(plan.rounds):
-            for sc in SCENARIOS:
+            for sc in chosen:
                 for t in tlist:
                     if not t.proc.alive():
                         notes.setdefault(t.name, f"died during the run (exit {t.proc.popen.returncode}): "
@@ -235,7 +240,7 @@ def run(quick: bool = False, peers: bool = False, only: list[str] | None = None,
             "elapsed_s": round(time.time() - t_start, 1), "plan": plan.__dict__, "cpus": os.cpu_count(),
             "client_cpus": sorted(client) if client else None, "target_cpus": sorted(target) if target else None,
             "layout_note": layout_note, "python": sys.version.split()[0], "tmp": tmp}
-    rep = report.build(meta, [s for s in SCENARIOS], [t.name for t in tlist], samples, notes, hwm, telemetry)
+    rep = report.build(meta, chosen, [t.name for t in tlist], samples, notes, hwm, telemetry)
     with open(os.path.join(out_dir, "latest.json"), "w") as f:
         json.dump(_finite(rep), f, indent=1)
     print(report.render(rep))

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.request
 
-from aisix.config.resources import ApiKey, Model
+from aisix.config.resources import ApiKey, Model, hash_key
 from aisix.hooks.pipeline import Call, Pipeline
 from aisix.hooks.ratelimit import RateLimitHook
 from aisix.telemetry.records import RequestRecord
@@ -41,7 +41,7 @@ def micro_once(key_rl, model_rl, with_hook: bool, n: int) -> float:
 
 
 async def _micro_once(key_rl, model_rl, with_hook: bool, n: int) -> float:
-    key = ApiKey(id="k1", key="sk-bench", allowed_models=["m1"], rate_limit=key_rl)
+    key = ApiKey(id="k1", key_hash=hash_key("sk-bench"), allowed_models=["m1"], rate_limit=key_rl)
     model = Model(id="m1", name="m1", model="openai/up-1", rate_limit=model_rl)
     pipeline = Pipeline([RateLimitHook(clock=time.time)] if with_hook else [])
     rec = RequestRecord("POST", "/v1/chat/completions", "/v1/chat/completions", 0, 0)
