@@ -12,7 +12,8 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.hooks.rate
   awaited by the request; it travels in the next ``SYNC`` this process sends (an admission's), or
   in its own after :data:`RELEASE_DELAY` when no request comes first.
 - **One connection** per process (:class:`aisix.hooks.redis_pipe.RedisPipe`), pipelined: a SYNC is
-  written as soon as the loop pass that queued it ends, without waiting for the ones before it.
+  written at once when none is on its way, else as soon as the loop pass that queued it ends,
+  without waiting for the ones before it.
 - **Batched**: every release and admission queued in the same event-loop pass goes in one
   ``SYNC`` (in order: each admission sees what the ones before it took), so under load one
   round trip serves many requests.
@@ -31,7 +32,7 @@ The same limits, windows and ``x-ratelimit-*`` headers as :mod:`aisix.hooks.rate
 Redis keys (``P`` = ``key_prefix``; ``E`` = ``rl:key:<h>`` or ``rl:model:<h>``, ``<h>`` a
 SHA-256 of the entity's identity and id (or ``rl:deployment:<h>``, of the alias, the deployment id and the model's id), so no client key is ever written to Redis and a
 re-created entity starts from zero): ``P E:rm:<minute>``, ``P E:rd:<day>`` (requests),
-``P E:tm:<minute>``, ``P E:td:<day>`` (tokens), each expiring after its window, and ``P E:c``
+``P E:tm:<minute>``, ``P E:td:<day>`` (tokens), each expiring after its window (set once, by the call that creates it), and ``P E:c``
 (leases). One Redis server (or a primary): the scripts build key names, so Redis Cluster is not
 supported.
 
@@ -100,11 +101,9 @@ for _ = 1, releases do
     if member ~= '' then redis.call('ZREM', base .. ':c', member) end
     if tokens > 0 then
       local key = base .. ':tm' .. sm
-      redis.call('INCRBY', key, tokens)
-      redis.call('PEXPIREAT', key, (m + 2) * 60000)
+      if redis.call('INCRBY', key, tokens) == tokens then redis.call('PEXPIREAT', key, (m + 2) * 60000) end
       key = base .. ':td' .. sd
-      redis.call('INCRBY', key, tokens)
-      redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000)
+      if redis.call('INCRBY', key, tokens) == tokens then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
     end
   end
   k, i = k + n, i + 3
@@ -118,10 +117,8 @@ while i <= #ARGV do
   out[at] = 0
   for j = 0, n - 1 do
     local base, l = KEYS[k + j], j * 5
-    local rm = tonumber(redis.call('GET', base .. ':rm' .. sm) or 0)
-    local rd = tonumber(redis.call('GET', base .. ':rd' .. sd) or 0)
-    local tm = tonumber(redis.call('GET', base .. ':tm' .. sm) or 0)
-    local td = tonumber(redis.call('GET', base .. ':td' .. sd) or 0)
+    local v = redis.call('MGET', base .. ':rm' .. sm, base .. ':rd' .. sd, base .. ':tm' .. sm, base .. ':td' .. sd)
+    local rm, rd, tm, td = tonumber(v[1] or 0), tonumber(v[2] or 0), tonumber(v[3] or 0), tonumber(v[4] or 0)
     local fl = 0
     if lim[l + 5] > 0 then
       redis.call('ZREMRANGEBYSCORE', base .. ':c', '-inf', now)
@@ -141,10 +138,10 @@ while i <= #ARGV do
       local base, o = KEYS[k + j], at + j * 5
       local key = base .. ':rm' .. sm
       out[o + 1] = redis.call('INCR', key)
-      redis.call('PEXPIREAT', key, (m + 2) * 60000)
+      if out[o + 1] == 1 then redis.call('PEXPIREAT', key, (m + 2) * 60000) end
       key = base .. ':rd' .. sd
       out[o + 2] = redis.call('INCR', key)
-      redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000)
+      if out[o + 2] == 1 then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
       if lim[j * 5 + 5] > 0 then
         redis.call('ZADD', base .. ':c', now + ttl, member)
         redis.call('PEXPIRE', base .. ':c', ttl)
@@ -228,7 +225,7 @@ class RedisRateLimitHook(RateLimitHook):
         self._sender: asyncio.Handle | None = None  # the SYNC that will take what is queued (call_soon)
         self._release_timer: asyncio.TimerHandle | None = None
         self.syncing = 0  # SYNC calls on their way
-        self._last_sync: asyncio.Future | None = None  # replies come in order: this one is the last
+        self._drained: asyncio.Future | None = None  # set when syncing is back to 0 (aclose waits for it)
         self._renewer: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
         self._ttl = bulk(cfg.lease_ttl_ms)
@@ -281,10 +278,14 @@ class RedisRateLimitHook(RateLimitHook):
         lease. Returns ``((admitted, now_s, counts), lease member)``, or ``(None, member)`` when Redis
         failed. A lease taken is renewed until :meth:`release` gives it back."""
         member = self._new_member() if lease else _EMPTY
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._admissions.append((bases, member, limits, fut))
         if self._sender is None:
-            self._sender = asyncio.get_running_loop().call_soon(self._sync)
+            if self.syncing:  # one is on its way: this one goes with the rest of this loop pass
+                self._sender = loop.call_soon(self._sync)
+            else:  # nothing on its way (c=1): at once, no loop pass lost
+                self._sync()
         try:
             reply = await fut
         except asyncio.CancelledError:
@@ -390,6 +391,9 @@ class RedisRateLimitHook(RateLimitHook):
             self._release_timer = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._release_due)
 
     def _release_due(self) -> None:
+        """The release timer: send what is queued unless a SYNC is about to take it (the timer is
+        not cancelled when an admission's SYNC took the releases first: one timer per
+        :data:`RELEASE_DELAY` at most, not one per request)."""
         self._release_timer = None
         if self._releases and self._sender is None:
             self._sync()
@@ -399,9 +403,6 @@ class RedisRateLimitHook(RateLimitHook):
         not wait for the SYNCs before it); :meth:`_synced` hands out the reply."""
         admissions, releases = self._admissions, self._releases
         self._admissions, self._releases, self._sender = [], [], None
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
         if not self.shared:
             releases = []  # their leases expire by themselves; their tokens go uncounted
         if not admissions and not releases:
@@ -414,13 +415,14 @@ class RedisRateLimitHook(RateLimitHook):
             keys += bases
             args += (_N[len(bases)], member, limits)
         self.syncing += 1
-        self._last_sync = fut = self.pipe.send(SYNC_SCRIPT.call(keys, args))
-        fut.add_done_callback(lambda f: self._synced(f, admissions, bool(releases)))
+        had_releases = bool(releases)
+        self.pipe.send(SYNC_SCRIPT.call(keys, args), lambda reply, err: self._synced(reply, err, admissions, had_releases))
 
-    def _synced(self, f: asyncio.Future, admissions: list, had_releases: bool) -> None:
+    def _synced(self, reply, err: BaseException | None, admissions: list, had_releases: bool) -> None:
         """Each admission's future gets ``(admitted, now_s, counts)``, or None when Redis failed."""
         self.syncing -= 1
-        err = f.exception() if not f.cancelled() else asyncio.CancelledError()
+        if not self.syncing and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         if err is not None:
             if isinstance(err, _STORE_ERRORS):
                 if had_releases:
@@ -430,7 +432,6 @@ class RedisRateLimitHook(RateLimitHook):
                 if not fut.done():
                     fut.set_result(None)
             return
-        reply = f.result()
         now, at = reply[0] / 1000, 1
         for bases, member, _, fut in admissions:
             n = len(bases)
@@ -533,7 +534,12 @@ class RedisRateLimitHook(RateLimitHook):
         if self._sender is not None:
             self._sender.cancel()
             self._sync()
-        tasks = [t for t in (self._renewer, self._probe, self._last_sync) if t is not None]
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+        if self.syncing:  # the last SYNCs' replies (the pipe's timeout bounds the wait)
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        tasks = [t for t in (self._renewer, self._probe) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipe.aclose()
 

@@ -31,6 +31,7 @@ import hashlib
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import hiredis
 from redis.connection import parse_url
@@ -93,12 +94,20 @@ class RedisPipe:
         self._opening: asyncio.Task | None = None
         self.closed = False
 
-    def send(self, packed: bytes) -> asyncio.Future:
-        """Write one packed command (opening the connection first when there is none)."""
+    def send(self, packed: bytes, done: Callable[[object, BaseException | None], None] | None = None
+             ) -> asyncio.Future | None:
+        """Write one packed command (opening the connection first when there is none). Without
+        ``done``, returns a future of the reply; with it, returns None and calls
+        ``done(reply, None)`` or ``done(None, error)`` exactly once, from the read of the reply (no
+        future, no extra loop pass: the rate limiter's hot path)."""
         c = self._conn
         if c is not None and c.alive:
-            return c.send(packed)
-        return asyncio.ensure_future(self._open_then_send(packed))
+            return c.send(packed, done)
+        fut = asyncio.ensure_future(self._open_then_send(packed))
+        if done is None:
+            return fut
+        fut.add_done_callback(lambda f: _hand_on(f, done))
+        return None
 
     async def _open_then_send(self, packed: bytes):
         if self._opening is None:
@@ -152,7 +161,7 @@ def _ssl_context(p: dict) -> ssl.SSLContext:
 
 
 class _Conn(asyncio.Protocol):
-    """The protocol of one connection: writes, a FIFO of (future, packed, sent at), hiredis reads."""
+    """The protocol of one connection: writes, a FIFO of (future or callback, packed, sent at), hiredis reads."""
 
     def __init__(self, pipe: RedisPipe):
         self.pipe = pipe
@@ -169,32 +178,31 @@ class _Conn(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a command is one small write
 
-    def send(self, packed: bytes) -> asyncio.Future:
-        fut = self._loop.create_future()
+    def send(self, packed: bytes, done=None) -> asyncio.Future | None:
+        """Write ``packed``; the reply goes to ``done`` (see :meth:`RedisPipe.send`) or to the future returned."""
+        to = self._loop.create_future() if done is None else done
         if not self.alive:
-            fut.set_exception(ConnectionError("the connection to Redis was lost"))
-            return fut
+            _deliver(to, None, ConnectionError("the connection to Redis was lost"))
+            return to if done is None else None
         self.transport.write(packed)
-        self.waiting.append((fut, packed, time.monotonic()))
+        self.waiting.append((to, packed, time.monotonic()))
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self.pipe.timeout, self._check)
-        return fut
+        return to if done is None else None
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
         reader.feed(data)
         while (reply := reader.gets()) is not False:
-            fut, packed, _ = self.waiting.popleft()
-            if fut.done():  # its caller went away
-                continue
+            to, packed, _ = self.waiting.popleft()
             if type(reply) is ResponseError:
                 if str(reply).startswith(_NOSCRIPT) and (again := self._as_eval(packed)) is not None:
                     self.transport.write(again)
-                    self.waiting.append((fut, None, time.monotonic()))
+                    self.waiting.append((to, None, time.monotonic()))
                     continue
-                fut.set_exception(reply)
+                _deliver(to, None, reply)
             else:
-                fut.set_result(reply)
+                _deliver(to, reply, None)
 
     def _as_eval(self, packed: bytes | None) -> bytes | None:
         """``packed`` (an EVALSHA of a known script) as the same EVAL with the script's text."""
@@ -231,8 +239,25 @@ class _Conn(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         while self.waiting:
-            fut = self.waiting.popleft()[0]
-            if not fut.done():
-                fut.set_exception(err)
+            _deliver(self.waiting.popleft()[0], None, err)
         if was_alive and self.transport is not None:
             self.transport.abort()
+
+
+def _deliver(to, reply, err: BaseException | None) -> None:
+    """A reply (or ``err``) to its waiter: a future (skipped when its caller went away) or a callback."""
+    if isinstance(to, asyncio.Future):
+        if not to.done():
+            to.set_result(reply) if err is None else to.set_exception(err)
+    else:
+        to(reply, err)
+
+
+def _hand_on(f: asyncio.Future, done) -> None:
+    """The outcome of future ``f`` to callback ``done(reply, error)``."""
+    if f.cancelled():
+        done(None, asyncio.CancelledError())
+    elif (err := f.exception()) is not None:
+        done(None, err)
+    else:
+        done(f.result(), None)
