@@ -316,8 +316,9 @@ def _keep_masked_secret(new: dict, old: dict) -> dict:
     """A PUT (``new`` over the stored ``old`` model) that sends back masked values it got from a
     GET keeps the stored ones, for the model's ``provider_config`` and for each deployment's (matched
     by ``id``): an ``api_base`` equal to the stored one masked (:func:`~aisix.config.resources.mask_url_userinfo`)
-    keeps the stored URL; an ``api_key`` equal to the stored one masked keeps the stored key only
-    while the upstream origin (:func:`_origin`) is unchanged. Raises 400 ``invalid_field`` otherwise."""
+    keeps the stored URL; an ``api_key`` (or another secret field, :func:`_secret_fields`) equal to
+    the stored one masked keeps the stored secret only while the upstream origin (:func:`_origin`)
+    is unchanged. Raises 400 ``invalid_field`` otherwise."""
     out = dict(new)
     if isinstance(new.get("provider_config"), dict) or isinstance(old.get("provider_config"), dict):
         out["provider_config"] = _keep_in(new.get("model"), new.get("provider_config"), old.get("model"),
@@ -340,9 +341,11 @@ def _no_masked_placeholder(obj: dict) -> None:
     for where, pc in configs:
         if not isinstance(pc, dict):
             continue
-        if isinstance(pc.get("api_key"), str) and pc["api_key"].startswith("****"):
-            raise invalid_request(f"field `{where}.api_key`: a masked key matches no stored one here (a new "
-                                  "deployment id or shape); send the key itself", "invalid_field", f"{where}.api_key")
+        for name in _secret_fields(pc):
+            if pc[name].startswith("****"):
+                raise invalid_request(f"field `{where}.{name}`: a masked secret matches no stored one here (a "
+                                      "new deployment id or shape); send the secret itself", "invalid_field",
+                                      f"{where}.{name}")
         if isinstance(pc.get("api_base"), str) and "://****@" in pc["api_base"]:
             raise invalid_request(f"field `{where}.api_base`: masked credentials match no stored ones here; "
                                   "send the URL itself", "invalid_field", f"{where}.api_base")
@@ -353,16 +356,23 @@ def _keep_in(model, pc, old_model, old_pc, where: str) -> dict:
     base, old_base = pc.get("api_base"), old_pc.get("api_base")
     if isinstance(base, str) and isinstance(old_base, str) and base != old_base and base == mask_url_userinfo(old_base):
         pc["api_base"] = old_base
-    key, old_key = pc.get("api_key"), old_pc.get("api_key")
-    if isinstance(key, str) and isinstance(old_key, str) and key == mask_secret(old_key):
+    for name in _secret_fields(pc):
+        old_value = old_pc.get(name)
+        if not isinstance(old_value, str) or pc[name] != mask_secret(old_value) or pc[name] == old_value:
+            continue
         origin = _origin(model, pc) if isinstance(model, str) else None
         if origin is None or origin != _origin(old_model, old_pc):
             raise invalid_request(
-                f"field `{where}.api_key`: the masked key is kept only while the upstream stays the "
+                f"field `{where}.{name}`: the masked secret is kept only while the upstream stays the "
                 "same (scheme, host and port of `api_base`); this change sends requests elsewhere, so send "
-                "the key again", "invalid_field", f"{where}.api_key")
-        pc["api_key"] = old_key
+                "the key again", "invalid_field", f"{where}.{name}")
+        pc[name] = old_value
     return pc
+
+
+def _secret_fields(pc: dict) -> list[str]:
+    """The names of ``pc``'s string fields that responses show masked (``api_key`` and :data:`_SECRET_FIELD`)."""
+    return [name for name, value in pc.items() if isinstance(value, str) and _SECRET_FIELD.search(name)]
 
 
 def _origin(model: object, pc: dict) -> tuple | None:

@@ -433,6 +433,28 @@ async def test_other_secret_looking_provider_fields_are_shown_masked(admin):
     assert "SECRET" not in listed
 
 
+
+async def test_other_masked_secret_fields_survive_a_round_trip(admin):
+    """Found in review: a GET → PUT round trip of a model whose ``provider_config`` has secret
+    fields besides ``api_key`` (a provider's ``client_secret``, a typo'd ``apikey``) stored their
+    masks (``****3333``) as the secrets. Masks sent back keep the stored values; a mask that no
+    stored value backs is refused, as for ``api_key``."""
+    client, gw = admin
+    pc = {"api_key": SECRET, "client_secret": "cs-SECRET-111122223333", "apikey": "short"}
+    got = await (await client.post(f"{BASE}/models", json={**MODEL, "name": "sec", "provider_config": pc},
+                                   headers=AUTH)).json()
+    assert got["provider_config"]["client_secret"] == "****3333" and got["provider_config"]["apikey"] == "****"
+    r = await client.put(f"{BASE}/models/{got['id']}", json={**got, "rate_limit": {"rpm": 10}}, headers=AUTH)
+    assert r.status == 200, await r.text()
+    assert gw.store.get("models", got["id"])["provider_config"] == pc
+    # a mask for a field nothing was stored under cannot be kept: 400, nothing written
+    r = await client.put(f"{BASE}/models/{got['id']}", headers=AUTH, json={
+        **got, "provider_config": {**got["provider_config"], "x_auth_token": "****6666"}})
+    err = await _error(r, 400)
+    assert err["param"] == "provider_config.x_auth_token" and err["code"] == "invalid_field"
+    assert gw.store.get("models", got["id"])["provider_config"] == pc
+
+
 UPSTREAM = "https://up.example:8443/v1"
 
 
