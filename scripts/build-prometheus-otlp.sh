@@ -18,8 +18,8 @@
 # Result: DEST_DIR/prometheus-otlp, accepting
 #   --enable-feature=otlp-write-receiver  -> POST /api/v1/otlp/v1/metrics
 # Idempotent: exits at once if DEST_DIR/prometheus-otlp exists and knows the flag.
-# Env: WORK (default /tmp/prom-otlp-build; reused as download/build cache,
-#      ~2.5 GB with the Go build cache; KEEP_WORK=0 deletes all but the .debs),
+# Env: WORK (default /tmp/prom-otlp-build: the downloads and the build, ~2.5 GB with the Go build
+#      cache; after a build only the .debs, 174 MB, are kept there unless KEEP_WORK=1),
 #      COLLECTOR_SUITE (default forky; sid also has the package), NICE (default 19)
 #      COLLECTOR_DEB=/path/to/golang-opentelemetry-collector-dev_*.deb (default: the copy
 #        of Debian forky's 0.141.0-2 kept in scripts/debs/, checked by its sha256 below;
@@ -151,4 +151,4 @@ mv -f "$OUT.new" "$OUT"
 echo "build-prometheus-otlp: go build $(( $(date +%s)-tb ))s, total $(( $(date +%s)-t0 ))s"
 "$OUT" --version 2>&1 | head -1
 has_otlp "$OUT" && echo "build-prometheus-otlp: OK, supports --enable-feature=otlp-write-receiver"
-if [ "${KEEP_WORK:-1}" = 0 ]; then rm -rf "$WORK/root" "$WORK/coll" "$WORK/gopath" "$WORK/gocache"; fi
+if [ "${KEEP_WORK:-0}" = 0 ]; then rm -rf "$WORK/root" "$WORK/coll" "$WORK/gopath" "$WORK/gocache"; fi
