@@ -10,13 +10,23 @@ from aisix.config.loader import ConfigError, embedded_default, load_config, pars
 from aisix.config.store import StoreError
 
 
+def _telemetry_line(obs) -> str:
+    """Where telemetry goes, for the start-up banner."""
+    if not obs.enabled:
+        return "disabled (observability.enabled: false or OTEL_SDK_DISABLED=true)"
+    metrics = obs.metrics.otlp_endpoint or "no push"
+    if obs.metrics.prometheus is not None:
+        metrics += f", scrape at http://{obs.metrics.prometheus.listen}/metrics"
+    return f"metrics → {metrics}, traces → {obs.traces.otlp_endpoint or 'off'}"
+
+
 def _banner(creds):
     def show(gateway):
         cfg = gateway.config
         proxy, admin = cfg.server.proxy.listen, cfg.server.admin.listen
         lines = [f"aisix serving: proxy http://{proxy}  admin http://{admin}/aisix/admin  (config: {cfg.source})"]
         obs = cfg.observability
-        lines.append(f"telemetry: {'metrics → ' + obs.metrics.otlp_endpoint + ', traces → ' + obs.traces.otlp_endpoint if obs.enabled else 'disabled (observability.enabled: false or OTEL_SDK_DISABLED=true)'}")
+        lines.append(f"telemetry: {_telemetry_line(obs)}")
         if creds:
             lines += [
                 f"admin key:  {creds['admin_key']}",

@@ -162,7 +162,8 @@ class DeploymentConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    otlp_endpoint: str = "http://127.0.0.1:9090/api/v1/otlp/v1/metrics"
+    otlp_endpoint: str | None = Field("http://127.0.0.1:9090/api/v1/otlp/v1/metrics", min_length=1, description=(
+        "OTLP/HTTP metrics push; null: no push (e.g. only the scrape endpoint; env OTEL_METRICS_EXPORTER=none)"))
     export_interval_ms: int = Field(5000, ge=100, le=MAX_INT)
     export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
     exemplars: bool = Field(True, description="latency histograms carry the trace and span id of sampled "
@@ -172,7 +173,9 @@ class MetricsConfig(_Strict):
 
 
 class TracesConfig(_Strict):
-    otlp_endpoint: str = "http://127.0.0.1:4317"
+    otlp_endpoint: str | None = Field("http://127.0.0.1:4317", min_length=1, description=(
+        "OTLP/gRPC trace export; null: no spans are made or sent (trace context is still passed "
+        "upstream; env OTEL_TRACES_EXPORTER=none)"))
     export_timeout_ms: int = Field(2000, ge=100, le=MAX_INT)
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description=(
         "share of new traces recorded (trace-id ratio); an incoming traceparent's sampled flag wins"))
@@ -228,12 +231,21 @@ def _format_errors(source: str, err: ValidationError) -> str:
 
 
 def apply_env(config: Config, env=os.environ) -> Config:
-    """Apply the standard ``OTEL_*`` variables over the file's values (env wins)."""
+    """Apply the standard ``OTEL_*`` variables over the file's values (env wins): the OTLP
+    endpoints, ``OTEL_{METRICS,TRACES}_EXPORTER`` (``otlp`` | ``none``), the service name, the
+    sampler, ``OTEL_SDK_DISABLED`` (https://opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables/).
+    Raises :class:`ConfigError` for a value it cannot use."""
     obs = config.observability
     if v := env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
         obs.metrics.otlp_endpoint = v
     if v := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         obs.traces.otlp_endpoint = v
+    for name, part in (("OTEL_METRICS_EXPORTER", obs.metrics), ("OTEL_TRACES_EXPORTER", obs.traces)):
+        exporter = env.get(name, "").strip().lower()
+        if exporter == "none":
+            part.otlp_endpoint = None
+        elif exporter not in ("", "otlp"):
+            raise ConfigError(f"{name}: {env[name]!r} is not supported here (otlp or none)")
     if v := env.get("OTEL_SERVICE_NAME"):
         obs.service_name = v
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()

@@ -72,9 +72,13 @@ class Telemetry:
     def __init__(self, cfg: ObservabilityConfig, service_instance_id: str, tick: float = 0.05, worker: int = 0):
         self.enabled = cfg.enabled
         #: new traces whose id's low 64 bits are under this are sampled (trace-id ratio)
-        self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if cfg.enabled else 1 << 64
+        tracing = cfg.enabled and cfg.traces.otlp_endpoint is not None
+        if not cfg.enabled:
+            self.sample_bound = 1 << 64
+        else:  # no trace exporter: new traces are not sampled (nothing records them)
+            self.sample_bound = round(cfg.traces.sample_ratio * (1 << 64)) if tracing else 0
         self.max_queue = cfg.queue_size
-        self.exemplars = cfg.enabled and cfg.metrics.exemplars
+        self.exemplars = tracing and cfg.metrics.exemplars  # (an exemplar names a trace that was exported)
         self.queue: deque[RequestRecord] = deque()
         self.dropped = 0
         self._dropped_reported: Counter = Counter()
@@ -102,7 +106,7 @@ class Telemetry:
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry lost, by reason: queue_full (records, the queue "
             "was full), span_queue_full / span_export_failed (spans the trace exporter could not take / deliver)")
-        for reason in ("queue_full", "span_queue_full", "span_export_failed"):
+        for reason in ("queue_full", *(("span_queue_full", "span_export_failed") if self._spans else ())):
             self.dropped_count.add(0, {"reason": reason})  # the series exist (at 0) before anything is dropped
         self.store_error_count = meter.create_counter(
             "aisix_ratelimit_store_errors",
@@ -211,7 +215,7 @@ class Telemetry:
     def _settled(self) -> bool:
         """Nothing in flight whose loss would still be counted: every span offered was exported (or
         failed), every access line written (or failed)."""
-        return self._spans.settled() and (self.access_log is None or self.access_log.pending == 0)
+        return (self._spans is None or self._spans.settled()) and (self.access_log is None or self.access_log.pending == 0)
 
     def drain(self, limit: int | None = None) -> int:
         """Turn up to ``limit`` queued records into measurements and spans. Returns how many.
@@ -225,6 +229,7 @@ class Telemetry:
         counts = _Counts()
         samples = SampleBatch()
         lines = [] if self.access_log is not None else None
+        spans = self._spans
         while q and (limit is None or n < limit):
             r = q.popleft()
             if r.total_tokens is not None and r.target is not None and r.model is not None:
@@ -232,8 +237,8 @@ class Telemetry:
                 if r.cost_usd is not None:
                     counts.costs[(r.model,)] += r.cost_usd
             self._record(r, counts, samples)
-            if r.trace_flags & 1:  # sampled (W3C trace-flags); a new trace is always sampled
-                self._spans.offer(self._encoder.encode(r))
+            if r.trace_flags & 1 and spans is not None:  # sampled (W3C trace-flags); traces exported
+                spans.offer(self._encoder.encode(r))
             if lines is not None:
                 lines.append(access_line(r))
             n += 1
@@ -259,8 +264,9 @@ class Telemetry:
 
     def _report_dropped(self) -> None:
         spans = self._spans
-        counts = [("queue_full", self.dropped), ("span_queue_full", spans.queue_full),
-                  ("span_export_failed", spans.failed)]
+        counts = [("queue_full", self.dropped)]
+        if spans is not None:
+            counts += [("span_queue_full", spans.queue_full), ("span_export_failed", spans.failed)]
         if self.access_log is not None:
             counts.append(("access_log_full", self.access_log.dropped))
         for reason, total in counts:

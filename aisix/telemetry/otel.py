@@ -97,12 +97,13 @@ def _grpc_endpoint(url: str) -> tuple[str, bool]:
 def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), readers=()):
     """Build ``(meter_provider, tracer_provider, span_shipper)`` for ``cfg``; encoded spans go to
     ``span_shipper.offer`` (a :class:`~aisix.telemetry.span_export.SpanShipper`, the tracer
-    provider's span processor, whose ``shutdown`` flushes it). Every
+    provider's span processor, whose ``shutdown`` flushes it; None when
+    ``cfg.traces.otlp_endpoint`` is None). Every
     metric collection also carries ``histograms`` (:class:`~aisix.telemetry.histograms.BucketHistogram`,
     aggregated by the batcher) in the ``aisix`` scope. ``readers``: more metric readers (the scrape
     endpoint's).
 
-    Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim), cumulative temporality
+    Metrics: OTLP/HTTP to ``cfg.metrics.otlp_endpoint`` (used verbatim; None: no push), cumulative temporality
     (Prometheus drops delta), every ``export_interval_ms``. Traces: OTLP/gRPC to
     ``cfg.traces.otlp_endpoint`` (the SDK's exporter, fed serialized requests). Both exporters time out after
     ``export_timeout_ms`` and run on the SDK's own threads, never on the event loop.
@@ -111,21 +112,24 @@ def setup(cfg: ObservabilityConfig, service_instance_id: str, histograms=(), rea
     resource = Resource.create({"service.name": cfg.service_name, "service.instance.id": service_instance_id,
                                 "service.version": __import__("aisix").__version__,
                                 "process.pid": os.getpid()})
-    metric_exporter = OTLPMetricExporter(endpoint=cfg.metrics.otlp_endpoint,
-                                         timeout=cfg.metrics.export_timeout_ms / 1000,
-                                         preferred_temporality=_CUMULATIVE)
-    reader = reader_with_histograms(PeriodicExportingMetricReader, histograms, "aisix")(
-        metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
-        export_timeout_millis=cfg.metrics.export_timeout_ms)
+    if cfg.metrics.otlp_endpoint is not None:
+        metric_exporter = OTLPMetricExporter(endpoint=cfg.metrics.otlp_endpoint,
+                                             timeout=cfg.metrics.export_timeout_ms / 1000,
+                                             preferred_temporality=_CUMULATIVE)
+        readers = (reader_with_histograms(PeriodicExportingMetricReader, histograms, "aisix")(
+            metric_exporter, export_interval_millis=cfg.metrics.export_interval_ms,
+            export_timeout_millis=cfg.metrics.export_timeout_ms), *readers)
     # (the latency histograms are the batcher's own now; the view keeps any SDK histogram on the same buckets)
     views = [View(instrument_type=Histogram, aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_MS))]
     # Exemplars: the batcher passes each sampled request's span context with its latencies; the
     # trace-based filter keeps those (one per bucket, the SDK's aligned reservoir), never a counter's.
     exemplar_filter = TraceBasedExemplarFilter() if cfg.metrics.exemplars else AlwaysOffExemplarFilter()
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader, *readers], views=views,
+    meter_provider = MeterProvider(resource=resource, metric_readers=list(readers), views=views,
                                    exemplar_filter=exemplar_filter, shutdown_on_exit=False)
 
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # Telemetry.stop does it, bounded
+    if cfg.traces.otlp_endpoint is None:
+        return meter_provider, tracer_provider, None
     endpoint, insecure = _grpc_endpoint(cfg.traces.otlp_endpoint)
     exporter = BytesSpanExporter(endpoint=endpoint, insecure=insecure, timeout=cfg.traces.export_timeout_ms / 1000)
     prefix = request_prefix(resource.attributes, resource.schema_url, "aisix", __import__("aisix").__version__)

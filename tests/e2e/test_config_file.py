@@ -127,6 +127,21 @@ def test_otel_traces_sampler_variables(tmp_path):
         load_config(str(path), env={"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"})
 
 
+def test_otel_exporter_variables_turn_the_pushes_off(tmp_path):
+    """``OTEL_METRICS_EXPORTER`` / ``OTEL_TRACES_EXPORTER``: ``none`` turns that push off (as a
+    null ``otlp_endpoint`` does in the file), ``otlp`` keeps it, anything else is a clear error
+    naming the variable."""
+    path = write(tmp_path, "observability:\n  traces: {otlp_endpoint: null}\n")
+    obs = load_config(str(path), env={}).observability
+    assert (obs.metrics.otlp_endpoint, obs.traces.otlp_endpoint) == ("http://127.0.0.1:9090/api/v1/otlp/v1/metrics", None)
+    obs = load_config(str(path), env={"OTEL_METRICS_EXPORTER": "None", "OTEL_TRACES_EXPORTER": "otlp"}).observability
+    assert (obs.metrics.otlp_endpoint, obs.traces.otlp_endpoint) == (None, None)
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER: 'zipkin' is not supported"):
+        load_config(str(path), env={"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(ConfigError, match="otlp_endpoint"):  # an empty string is not "off"
+        load_config(str(write(tmp_path, "observability:\n  metrics: {otlp_endpoint: ''}\n")), env={})
+
+
 def test_null_models_and_apikeys_mean_empty_lists(tmp_path):
     cfg = load_config(str(write(tmp_path, "models:\napikeys:\n")), env={})
     assert cfg.models == [] and cfg.apikeys == []

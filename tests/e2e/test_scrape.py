@@ -8,6 +8,8 @@ import json
 import time
 import urllib.request
 
+import pytest
+
 from tests.support import services
 from tests.support.harness import (
     ROLE,
@@ -121,3 +123,50 @@ def test_a_port_in_use_is_a_config_error(tmp_path, upstream):
     assert out.returncode != 0
     assert "observability.metrics.prometheus.listen: cannot listen on" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+class _Listener:
+    """A TCP port that counts the connections made to it (and answers nothing)."""
+
+    def __init__(self):
+        self.connections = 0
+
+    async def __aenter__(self):
+        def made(reader, writer):
+            self.connections += 1
+            writer.close()
+        self.server = await asyncio.start_server(made, services.HOST, 0)
+        self.url = f"http://{services.HOST}:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("how", ["env", "config"])
+async def test_exporters_off_push_nothing_and_the_scrape_still_counts(tmp_path, upstream, how):
+    """``OTEL_METRICS_EXPORTER=none`` / ``OTEL_TRACES_EXPORTER=none`` (or ``otlp_endpoint: null``):
+    with only the scrape endpoint wanted, nothing connects to an OTLP endpoint, the scrape counts
+    every request, and a new trace goes upstream unsampled (nothing records it)."""
+    _scripts(upstream)
+    port = services.free_port()
+    async with _Listener() as metrics_sink, _Listener() as traces_sink:
+        cfg = gateway_config(upstream.base_url, prom_otlp=f"{metrics_sink.url}/api/v1/otlp/v1/metrics",
+                             traces=traces_sink.url, export_interval_ms=200)
+        cfg["observability"]["metrics"]["prometheus"] = {"listen": f"{services.HOST}:{port}"}
+        env = {}
+        if how == "env":
+            env = {"OTEL_METRICS_EXPORTER": "none", "OTEL_TRACES_EXPORTER": "none"}
+        else:
+            cfg["observability"]["metrics"]["otlp_endpoint"] = cfg["observability"]["traces"]["otlp_endpoint"] = None
+        with GatewayProcess(tmp_path / "gw", cfg, env=env) as gw:
+            for key, stream in (("s-stream", True), ("s-whole", False), ("s-whole", False)):
+                assert (await post_raw(gw.url + CHAT, _chat(key, stream))).status == 200
+            assert upstream.last("s-whole").headers["traceparent"].endswith("-00")
+            await asyncio.sleep(1.0)  # five push intervals
+            text = _get_metrics(port)
+        assert metrics_sink.connections == 0 and traces_sink.connections == 0
+    assert 'aisix_request_count_total{endpoint="/v1/chat/completions",method="POST",status_code="200"} 3.0' in text
+    assert 'reason="span_export_failed"' not in text  # no trace exporter, no series of its failures
+
