@@ -292,22 +292,22 @@ class Model(BaseModel):
     @property
     def targets(self) -> tuple["Model", ...]:
         """The deployments as one-upstream models, in configured order."""
-        return self._targets
+        return self.__pydantic_private__["_targets"]  # (self._targets goes through BaseModel.__getattr__: ~1.8 µs)
 
     @property
     def deployment_id(self) -> str:
         """This target's deployment id (``default`` for the one-upstream shape)."""
-        return self._deployment
+        return self.__pydantic_private__["_deployment"]
 
     @property
     def weight(self) -> int:
         """This target's deployment ``weight`` (1 for the one-upstream shape)."""
-        return self._weight
+        return self.__pydantic_private__["_weight"]
 
     @property
     def capacity(self) -> RateLimit | None:
         """This target's deployment ``rate_limit`` (None: no limit of its own)."""
-        return self._capacity
+        return self.__pydantic_private__["_capacity"]
 
     @property
     def retries(self) -> int:
@@ -320,11 +320,11 @@ class Model(BaseModel):
     @property
     def provider(self) -> str:
         """The provider of the (first) upstream."""
-        return (self.model or self._targets[0].model).partition("/")[0]
+        return (self.model or self.targets[0].model).partition("/")[0]
 
     @property
     def model_id(self) -> str:
-        return (self.model or self._targets[0].model).partition("/")[2]
+        return (self.model or self.targets[0].model).partition("/")[2]
 
 
 def fallback_problems(model: Model, models: Mapping[str, Model]) -> list[tuple[str, str]]:
