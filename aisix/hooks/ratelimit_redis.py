@@ -391,9 +391,6 @@ class RedisRateLimitHook(RateLimitHook):
             self._release_timer = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._release_due)
 
     def _release_due(self) -> None:
-        """The release timer: send what is queued unless a SYNC is about to take it (the timer is
-        not cancelled when an admission's SYNC took the releases first: one timer per
-        :data:`RELEASE_DELAY` at most, not one per request)."""
         self._release_timer = None
         if self._releases and self._sender is None:
             self._sync()
@@ -403,6 +400,9 @@ class RedisRateLimitHook(RateLimitHook):
         not wait for the SYNCs before it); :meth:`_synced` hands out the reply."""
         admissions, releases = self._admissions, self._releases
         self._admissions, self._releases, self._sender = [], [], None
+        if self._release_timer is not None:  # (left armed, it would wake an idle process for nothing)
+            self._release_timer.cancel()
+            self._release_timer = None
         if not self.shared:
             releases = []  # their leases expire by themselves; their tokens go uncounted
         if not admissions and not releases:
@@ -534,8 +534,6 @@ class RedisRateLimitHook(RateLimitHook):
         if self._sender is not None:
             self._sender.cancel()
             self._sync()
-        if self._release_timer is not None:
-            self._release_timer.cancel()
         if self.syncing:  # the last SYNCs' replies (the pipe's timeout bounds the wait)
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
