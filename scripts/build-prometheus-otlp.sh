@@ -19,7 +19,8 @@
 #   --enable-feature=otlp-write-receiver  -> POST /api/v1/otlp/v1/metrics
 # Idempotent: exits at once if DEST_DIR/prometheus-otlp exists and knows the flag.
 # Env: WORK (default /tmp/prom-otlp-build: the downloads and the build, ~2.5 GB with the Go build
-#      cache; after a build only the .debs, 174 MB, are kept there unless KEEP_WORK=1),
+#      cache; after a build only the .debs, 174 MB, are kept there unless KEEP_WORK=1; go writes
+#      nothing to the home: its telemetry counters go under WORK too),
 #      COLLECTOR_SUITE (default forky; sid also has the package), NICE (default 19)
 #      COLLECTOR_DEB=/path/to/golang-opentelemetry-collector-dev_*.deb (default: the copy
 #        of Debian forky's 0.141.0-2 kept in scripts/debs/, checked by its sha256 below;
@@ -142,7 +143,8 @@ rm -rf "$PKG"; cp -a "$SRC" "$PKG"
   cp -a debian/vendor ./ )
 
 # 4. build (GOPATH mode, like dh-golang)
-export GO111MODULE=off GOPATH="$WORK/gopath" GOROOT="$WORK/root/usr/lib/go-1.24" GOCACHE="$WORK/gocache" GOTOOLCHAIN=local GOFLAGS= CGO_ENABLED=0
+# (XDG_CONFIG_HOME: go keeps its telemetry counters there, not in the user's ~/.config)
+export GO111MODULE=off GOPATH="$WORK/gopath" GOROOT="$WORK/root/usr/lib/go-1.24" GOCACHE="$WORK/gocache" GOTOOLCHAIN=local GOFLAGS= CGO_ENABLED=0 XDG_CONFIG_HOME="$WORK/xdg"
 V=${PROM_SRC_VERSION%-*}
 LDF="-s -w -X github.com/prometheus/common/version.Version=$V -X github.com/prometheus/common/version.Revision=$PROM_SRC_VERSION+otlp -X github.com/prometheus/common/version.Branch=debian-otlp -X github.com/prometheus/common/version.BuildUser=build-prometheus-otlp.sh -X github.com/prometheus/common/version.BuildDate=$(date -u +%Y%m%d-%H:%M:%S) -X github.com/prometheus/common/version.GoVersion=go1.24"
 tb=$(date +%s)
@@ -151,4 +153,4 @@ mv -f "$OUT.new" "$OUT"
 echo "build-prometheus-otlp: go build $(( $(date +%s)-tb ))s, total $(( $(date +%s)-t0 ))s"
 "$OUT" --version 2>&1 | head -1
 has_otlp "$OUT" && echo "build-prometheus-otlp: OK, supports --enable-feature=otlp-write-receiver"
-if [ "${KEEP_WORK:-0}" = 0 ]; then rm -rf "$WORK/root" "$WORK/coll" "$WORK/gopath" "$WORK/gocache"; fi
+if [ "${KEEP_WORK:-0}" = 0 ]; then rm -rf "$WORK/root" "$WORK/coll" "$WORK/gopath" "$WORK/gocache" "$WORK/src" "$WORK"/apt-* "$WORK/xdg"; fi

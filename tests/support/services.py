@@ -220,6 +220,9 @@ def etcd_server(tmp_path):
         yield etcd
     finally:
         etcd.stop()
+        # its WAL is preallocated in 64 MB files: pytest keeps the last three runs' temp dirs,
+        # which would hold ~3 GB of them each
+        shutil.rmtree(tmp / "etcd-data", ignore_errors=True)
 
 
 # --- Redis ----------------------------------------------------------------------------
