@@ -63,7 +63,9 @@ class _OnceFilter(logging.Filter):
         if record.name in self.seen:
             return False
         self.seen.add(record.name)
-        record.msg = f"{record.msg} (telemetry export failing; further failures of this exporter are not logged)"
+        record.msg = (f"{record.msg} (telemetry export failing; further failures of this exporter are not "
+                      "logged. Nothing listening? `make prometheus` runs a Prometheus for the metrics; "
+                      "observability.metrics/traces.otlp_endpoint: null turns a push off)")
         return True
 
 
