@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -148,8 +149,21 @@ class RateLimitStoreConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
+        """A URL redis-py's ``parse_url`` reads (as the limiter's connection will), with a database
+        number when it names one, and a CA file that exists when it names one."""
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        from redis.connection import parse_url
+        try:
+            parsed = parse_url(v)
+        except ValueError as e:
+            raise ValueError(f"not a Redis URL redis-py can read: {e}") from None
+        path = urlsplit(v).path.strip("/")
+        if not v.startswith("unix://") and path and not path.isdigit():
+            raise ValueError(f"the database must be a number (redis://host:port/0), not {path!r}")
+        ca = parsed.get("ssl_ca_certs")
+        if ca is not None and not os.path.isfile(ca):
+            raise ValueError(f"ssl_ca_certs: no such file: {ca}")
         return v
 
 

@@ -38,10 +38,18 @@ supported.
 
 **Redis unreachable** (a connection error or no reply within ``timeout_ms``): with
 ``on_store_error: allow`` the request is counted on this process's own counters (those of the
-local hook), the outage is logged once, and a probe (``PING`` every :data:`PROBE_INTERVAL` s)
+local hook), the outage is logged once, and a probe (an empty SYNC every :data:`PROBE_INTERVAL` s)
 switches back to shared counting when Redis answers; with ``deny`` the request gets a 429
 ``rate_limit_store_unavailable``. Each request not counted in Redis, and each failed call that
 carried releases or renewals, adds one to ``aisix_ratelimit_store_errors_total``.
+
+**Redis refusing to count** (it answers, with an error: writes refused under ``maxmemory``, a
+counter under the limiter's prefix that is not what the script expects) is not an outage: each
+release and admission runs under ``pcall`` in the script, so only the requests whose counters
+failed are handled as above (``on_store_error``, counted in the same series), every other
+request goes on being counted in Redis, and one line is logged per :data:`REFUSAL_LOG_INTERVAL`.
+Closing (SIGTERM) sends the last releases once, bounded by ``timeout_ms``, and never waits for an
+unreachable Redis to come back.
 """
 from __future__ import annotations
 
@@ -54,7 +62,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from aisix.config.loader import RateLimitStoreConfig
 from aisix.config.resources import Model, RateLimit
@@ -62,7 +70,7 @@ from aisix.config.snapshot import Snapshot, SnapshotHolder
 from aisix.errors import GatewayError
 from aisix.hooks.pipeline import Call
 from aisix.hooks.ratelimit import Counters, NoRoom, RateLimitHook, _headers, charged_tokens, key_identity, served_by
-from aisix.hooks.redis_pipe import PING, RedisPipe, Script, bulk
+from aisix.hooks.redis_pipe import RedisPipe, Script, bulk
 
 log = logging.getLogger("aisix.ratelimit")
 
@@ -70,6 +78,8 @@ log = logging.getLogger("aisix.ratelimit")
 PROBE_INTERVAL = 0.5
 #: Longest wait of a release for an admission to travel with (s).
 RELEASE_DELAY = 0.005
+#: Seconds between log lines about Redis refusing to count (error replies).
+REFUSAL_LOG_INTERVAL = 60.0
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 _SHARED = "ratelimit_shared"  # call.state entry of a request counted in Redis: (bases, lease member)
 _SHARED_FALLBACKS = "ratelimit_shared_fallbacks"  # {fallback model name: (bases, lease member)} counted in Redis
@@ -88,14 +98,19 @@ local sm, sd = ':' .. m, ':' .. d
 #: number of releases; per release: its number of bases, its lease member ('' : none), the tokens
 #: to charge (into the window current now); per admission: its number of bases, its lease member,
 #: its limits "rpm rpd tpm tpd concurrency" per base (0: no limit).
-#: Returns {now_ms, then per admission: admitted (0|1), then per base: req_minute, req_day,
-#: tok_minute, tok_day, in_flight} — after counting the request when admitted, before (nothing
-#: taken) when not. Admissions are taken in order: each sees what the ones before it took.
+#: Returns {now_ms, then per admission: admitted (1), refused (0) or failed (-1), then per base:
+#: req_minute, req_day, tok_minute, tok_day, in_flight} — after counting the request when
+#: admitted, before (nothing taken) when not — then, when a release or an admission failed, the
+#: first failure's text. Admissions are taken in order: each sees what the ones before it took.
+#: Each release and each admission runs under ``pcall``: a Redis error on one (a counter that is
+#: not a number, a write refused under ``maxmemory``) fails that one only, never the others.
 SYNC = _NOW + """
 local ttl, releases = tonumber(ARGV[2]), tonumber(ARGV[3])
-local k, i = 1, 4
-for _ = 1, releases do
-  local n, member, tokens = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
+local failure
+local function failed(e)
+  failure = failure or (type(e) == 'table' and (e.err or 'error') or tostring(e))
+end
+local function release(k, n, member, tokens)
   for j = k, k + n - 1 do
     local base = KEYS[j]
     if member ~= '' then redis.call('ZREM', base .. ':c', member) end
@@ -106,15 +121,10 @@ for _ = 1, releases do
       if redis.call('INCRBY', key, tokens) == tokens then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
     end
   end
-  k, i = k + n, i + 3
 end
-local out = {now}
-while i <= #ARGV do
-  local n, member = tonumber(ARGV[i]), ARGV[i + 1]
-  local lim = {}
-  for v in string.gmatch(ARGV[i + 2], '%d+') do lim[#lim + 1] = tonumber(v) end
-  local at, ok = #out + 1, true
-  out[at] = 0
+-- the counts of one admission's n bases (5 each, into vals) and whether every limit has room: reads only
+local function check(k, n, lim, vals)
+  local ok = true
   for j = 0, n - 1 do
     local base, l = KEYS[k + j], j * 5
     local v = redis.call('MGET', base .. ':rm' .. sm, base .. ':rd' .. sd, base .. ':tm' .. sm, base .. ':td' .. sd)
@@ -129,28 +139,53 @@ while i <= #ARGV do
         or (lim[l + 3] > 0 and tm >= lim[l + 3]) or (lim[l + 4] > 0 and td >= lim[l + 4]) then
       ok = false
     end
-    local o = #out
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = rm, rd, tm, td, fl
+    vals[l + 1], vals[l + 2], vals[l + 3], vals[l + 4], vals[l + 5] = rm, rd, tm, td, fl
   end
-  if ok then
-    out[at] = 1
-    for j = 0, n - 1 do
-      local base, o = KEYS[k + j], at + j * 5
-      local key = base .. ':rm' .. sm
-      out[o + 1] = redis.call('INCR', key)
-      if out[o + 1] == 1 then redis.call('PEXPIREAT', key, (m + 2) * 60000) end
-      key = base .. ':rd' .. sd
-      out[o + 2] = redis.call('INCR', key)
-      if out[o + 2] == 1 then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
-      if lim[j * 5 + 5] > 0 then
-        redis.call('ZADD', base .. ':c', now + ttl, member)
-        redis.call('PEXPIRE', base .. ':c', ttl)
-        out[o + 5] = out[o + 5] + 1
-      end
+  return ok
+end
+-- count the request and take its lease (where a concurrency limit is set); vals updated
+local function take(k, n, lim, member, vals)
+  for j = 0, n - 1 do
+    local base, l = KEYS[k + j], j * 5
+    local key = base .. ':rm' .. sm
+    vals[l + 1] = redis.call('INCR', key)
+    if vals[l + 1] == 1 then redis.call('PEXPIREAT', key, (m + 2) * 60000) end
+    key = base .. ':rd' .. sd
+    vals[l + 2] = redis.call('INCR', key)
+    if vals[l + 2] == 1 then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
+    if lim[l + 5] > 0 then
+      redis.call('ZADD', base .. ':c', now + ttl, member)
+      redis.call('PEXPIRE', base .. ':c', ttl)
+      vals[l + 5] = vals[l + 5] + 1
     end
   end
+end
+local k, i = 1, 4
+for _ = 1, releases do
+  local good, e = pcall(release, k, tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2]))
+  if not good then failed(e) end
+  k, i = k + tonumber(ARGV[i]), i + 3
+end
+local out = {now}
+while i <= #ARGV do
+  local n, member = tonumber(ARGV[i]), ARGV[i + 1]
+  local lim, vals = {}, {}
+  for v in string.gmatch(ARGV[i + 2], '%d+') do lim[#lim + 1] = tonumber(v) end
+  for j = 1, 5 * n do vals[j] = 0 end
+  local status = 0
+  local good, ok = pcall(check, k, n, lim, vals)
+  if not good then
+    failed(ok)
+    status = -1
+  elseif ok then
+    local took, e = pcall(take, k, n, lim, member, vals)
+    if took then status = 1 else failed(e); status = -1 end
+  end
+  out[#out + 1] = status
+  for j = 1, 5 * n do out[#out + 1] = tonumber(vals[j]) or 0 end
   k, i = k + n, i + 3
 end
+if failure then out[#out + 1] = failure end
 return out
 """
 
@@ -232,6 +267,8 @@ class RedisRateLimitHook(RateLimitHook):
         self._bases: dict[tuple[str, str, str | None], bytes] = {}  # entity -> its packed Redis key base
         self._limit_args: dict[tuple[int, int], tuple] = {}  # (id(key rl), id(model rl)) -> (krl, mrl, packed)
         self._lease_prefix = secrets.token_hex(6) + ":"  # this process's lease members
+        self._refusals, self._refusal_logged = 0, -math.inf  # error replies: count, last logged (monotonic s)
+        self._closing = False  # aclose has begun: no new probe
         self._seq = 0
 
     # -- in -------------------------------------------------------------------------------
@@ -427,21 +464,46 @@ class RedisRateLimitHook(RateLimitHook):
             if isinstance(err, _STORE_ERRORS):
                 if had_releases:
                     self.count_error()
-                self._lost(err)
+                if isinstance(err, ResponseError):  # it answered, with an error: not an outage
+                    self._refused(str(err))
+                else:
+                    self._lost(err)
             for *_, fut in admissions:  # nobody waits in vain
                 if not fut.done():
                     fut.set_result(None)
             return
-        now, at = reply[0] / 1000, 1
+        now, at, failed = reply[0] / 1000, 1, False
         for bases, member, _, fut in admissions:
             n = len(bases)
-            result = (reply[at], now, reply[at + 1:at + 1 + 5 * n])
+            status = reply[at]
+            result = (status, now, reply[at + 1:at + 1 + 5 * n]) if status >= 0 else None  # -1: failed in Redis
+            failed = failed or result is None
             at += 1 + 5 * n
             if fut.cancelled():  # the client went away while waiting: give back what it got
-                if result[0] and member is not _EMPTY:
+                if status == 1 and member is not _EMPTY:
                     self._queue_release(bases, member, 0)
                 continue
             fut.set_result(result)
+        if at < len(reply):  # a release or an admission failed in Redis: its text
+            if had_releases and not failed:
+                self.count_error()  # (a failed admission is counted by its request)
+            text = reply[at]
+            self._refused(text.decode(errors="replace") if isinstance(text, bytes) else str(text))
+
+    def _refused(self, text: str) -> None:
+        """Redis answered but refused to count (an error reply: writes refused under ``maxmemory``,
+        a counter that is not a number): the requests concerned are handled as when Redis is
+        unreachable (``on_store_error``), the others go on being counted. Logged at most once per
+        :data:`REFUSAL_LOG_INTERVAL` s, with how many came since the last line."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged < REFUSAL_LOG_INTERVAL:
+            return
+        more = f" ({self._refusals - 1} more since the last report)" if self._refusals > 1 else ""
+        log.warning("rate-limit store %s refused to count: %s%s; those requests were handled as with "
+                    "Redis unreachable (on_store_error: %s)", redacted(self.cfg.url), text[:300], more,
+                    self.cfg.on_store_error)
+        self._refusal_logged, self._refusals = now, 0
 
     # -- leases -----------------------------------------------------------------------------
     def _ensure_renewer(self) -> None:
@@ -475,15 +537,15 @@ class RedisRateLimitHook(RateLimitHook):
             else "refusing requests that have limits (429)"
         log.warning("rate-limit store %s unreachable (%s: %s): %s until it answers again",
                     redacted(self.cfg.url), type(e).__name__, e, then)
-        if self._probe is None and not self.pipe.closed:
+        if self._probe is None and not self._closing and not self.pipe.closed:
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
 
     async def _probe_until_back(self) -> None:
         try:
             while True:
                 await asyncio.sleep(PROBE_INTERVAL)
-                try:
-                    await self.pipe.send(PING)
+                try:  # an empty SYNC, not a PING: a Redis that answers PING may still hold back scripts (CLIENT PAUSE WRITE)
+                    await self.pipe.send(SYNC_SCRIPT.call([], [self._now_arg(), self._ttl, _N[0]]))
                 except _STORE_ERRORS:
                     continue
                 self.shared = True
@@ -525,10 +587,12 @@ class RedisRateLimitHook(RateLimitHook):
         self._limit_args.clear()
 
     async def aclose(self) -> None:
-        """Send the last releases, stop renewing and probing, close the connection."""
-        for t in (self._renewer, self._probe):
-            if t is not None:
-                t.cancel()
+        """Send the last releases (one SYNC, bounded by ``timeout_ms``; none while Redis is out),
+        stop renewing and probing, close the connection."""
+        self._closing = True  # a SYNC failing now starts no probe (it would wait for Redis to come back)
+        tasks = [t for t in (self._renewer, self._probe) if t is not None]
+        for t in tasks:
+            t.cancel()
         if self._releases and self._sender is None:
             self._release_due()
         if self._sender is not None:
@@ -537,7 +601,6 @@ class RedisRateLimitHook(RateLimitHook):
         if self.syncing:  # the last SYNCs' replies (the pipe's timeout bounds the wait)
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
-        tasks = [t for t in (self._renewer, self._probe) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.pipe.aclose()
 

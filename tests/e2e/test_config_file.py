@@ -142,6 +142,22 @@ def test_otel_exporter_variables_turn_the_pushes_off(tmp_path):
         load_config(str(write(tmp_path, "observability:\n  metrics: {otlp_endpoint: ''}\n")), env={})
 
 
+@pytest.mark.parametrize("url, says", [
+    ("redis://:pw-SECRET@127.0.0.1:notaport/0", "Port could not be cast"),
+    ("redis://127.0.0.1:99999/0", "Port out of range"),
+    ("redis://[::1:6379/0", "Invalid IPv6 URL"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+    ("redis://127.0.0.1:6379/abc", "the database must be a number"),
+    ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/ca.pem", "no such file: /nonexistent/ca.pem"),
+])
+def test_a_redis_url_the_limiter_cannot_use_is_a_config_error(tmp_path, url, says):
+    """Found by attacking a gateway: these started with a traceback (or, for the database, used db 0)."""
+    path = write(tmp_path, f'deployment:\n  rate_limit_store: {{kind: redis, url: "{url}"}}\n')
+    with pytest.raises(ConfigError, match="deployment.rate_limit_store.url") as ei:
+        load_config(str(path), env={})
+    assert says in str(ei.value) and "SECRET" not in str(ei.value)
+
+
 def test_null_models_and_apikeys_mean_empty_lists(tmp_path):
     cfg = load_config(str(write(tmp_path, "models:\napikeys:\n")), env={})
     assert cfg.models == [] and cfg.apikeys == []

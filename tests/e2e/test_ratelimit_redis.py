@@ -311,3 +311,80 @@ async def test_a_fallbacks_own_limits_give_the_same_answers_in_redis(redis):
     local_holder = fallback_holder(*FALLBACK_LIMITS)
     local = await fallback_script(RateLimitHook(local_holder, clock=Clock(T0 + 1)), local_holder)
     assert shared == local and shared.count("m2 entered") == 2
+
+
+# -- Redis that answers with errors; shutting down while it is gone -------------------------------------
+
+async def _lease_key(node: Node, redis) -> str:
+    """The Redis key of the lease set of the node's key (seen while a request holds a lease)."""
+    held = await node.start()
+    (name,) = [k for k in redis.command("KEYS", "aisix:rl:key:*:c").decode().split("\r\n") if k.endswith(":c")]
+    await node.finish(held)
+    return name
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_a_counter_redis_cannot_read_fails_its_own_requests_only(cluster, redis, caplog, policy):
+    """Found by attacking a gateway: one key's lease set overwritten with a string (WRONGTYPE in the
+    script) failed every admission batched with it, and each failure was taken for an outage
+    (logged, then 'reachable again' 0.5 s later, over and over). Now that key's requests are handled
+    as with Redis unreachable (``on_store_error``), every other key goes on being counted in Redis,
+    and one line is logged."""
+    holder, _, (a, b) = cluster({"rpm": 100, "concurrency": 5}, on_store_error=policy)
+    holder.swap([model()], [key({"rpm": 100, "concurrency": 5}), key({"rpm": 100}, secret="sk-two", id="key-2")])
+    errors = []
+    a.hook.count_error = lambda: errors.append(1)
+    poisoned = await _lease_key(a, redis)
+    assert redis.command("SET", poisoned, "not-a-sorted-set") == b"+OK\r\n"
+    caplog.set_level(logging.WARNING, "aisix.ratelimit")
+    for n in range(3):
+        bad, good = await asyncio.gather(a.start(), a.start(secret="sk-two"), return_exceptions=True)
+        if policy == "deny":
+            assert isinstance(bad, GatewayError) and bad.code == "rate_limit_store_unavailable"
+        else:
+            assert isinstance(bad, Call) and bad.response_headers["x-ratelimit-remaining-requests"] == str(99 - n)
+        assert good.response_headers["x-ratelimit-remaining-requests"] == str(99 - 2 * n)
+        # counted in Redis: the other node sees it
+        assert (await b.start(secret="sk-two")).response_headers["x-ratelimit-remaining-requests"] == str(98 - 2 * n)
+    assert len(errors) == 3 and a.hook.shared
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "refused to count" in lines[0] and "WRONGTYPE" in lines[0], lines
+
+
+async def test_writes_refused_under_maxmemory_are_not_an_outage(cluster, redis, caplog):
+    _, _, (a,) = cluster({"rpm": 100}, n=1)
+    errors = []
+    a.hook.count_error = lambda: errors.append(1)
+    await a.one()
+    caplog.set_level(logging.WARNING, "aisix.ratelimit")
+    assert redis.command("CONFIG", "SET", "maxmemory", "1") == b"+OK\r\n"
+    try:
+        for _ in range(4):  # counted on the process's own counters, Redis still asked each time
+            await a.one()
+        assert len(errors) == 4 and a.hook.shared
+    finally:
+        redis.command("CONFIG", "SET", "maxmemory", "0")
+    assert (await a.one()).response_headers["x-ratelimit-remaining-requests"] == "98"  # Redis counts again
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "refused to count: OOM" in lines[0], lines  # no outage, no 'reachable again'
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+async def test_closing_does_not_wait_for_a_redis_that_went_away(cluster, redis, how):
+    """Found by attacking a gateway: SIGTERM while Redis was gone, with a request's lease still to
+    give back, waited until Redis came back (the last release's failure started a probe that
+    shutdown then waited for). Closing takes at most about one ``timeout_ms`` now."""
+    import os
+    import signal
+    _, _, (a,) = cluster({"concurrency": 5}, n=1, timeout_ms=300)
+    held = await a.start()
+    if how == "killed":
+        redis.stop()
+    else:
+        os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        a.hook.post_call(held)
+        await asyncio.wait_for(a.hook.aclose(), 5)
+    finally:
+        if how == "stopped":
+            os.kill(redis.pid, signal.SIGCONT)
