@@ -295,18 +295,38 @@ def _public(kind: str, obj: dict, secret: str | None = None) -> dict:
     return out
 
 
-#: ``provider_config`` fields besides ``api_key`` whose string values are shown masked: a provider's
-#: own secret settings, and typos of ``api_key`` (``apikey``, ``api-key``) that would otherwise come back whole.
-_SECRET_FIELD = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+#: ``provider_config`` field names whose values are shown masked, at any depth (with everything
+#: under them): ``api_key``, a provider's own secret settings, typos of ``api_key`` (``apikey``,
+#: ``api-key``), credentials in nested settings (``headers: {Authorization: ...}``).
+_SECRET_FIELD = re.compile(r"key|secret|token|passw|credential|auth|bearer|cookie|signature|private", re.IGNORECASE)
+
+
+def _is_secret(name: object) -> bool:
+    return isinstance(name, str) and _SECRET_FIELD.search(name) is not None
+
+
+def _mask_leaf(value: object) -> object:
+    """A secret scalar as shown: a string or a number masked (:func:`mask_secret`), others as they are."""
+    if isinstance(value, str):
+        return mask_secret(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return mask_secret(str(value))
+    return value
+
+
+def _mask_tree(value: object, secret: bool) -> object:
+    """``value`` as shown: under a secret name (``secret``) every scalar masked; dicts and lists walked."""
+    if isinstance(value, dict):
+        return {k: _mask_tree(v, secret or _is_secret(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_tree(v, secret) for v in value]
+    return _mask_leaf(value) if secret else value
 
 
 def _masked(pc: dict) -> dict:
-    """A ``provider_config`` as responses show it: ``api_key``, every other string field whose name
-    says it is a secret (:data:`_SECRET_FIELD`), and credentials in ``api_base`` masked."""
-    pc = dict(pc)
-    for name, value in pc.items():
-        if isinstance(value, str) and _SECRET_FIELD.search(name):
-            pc[name] = mask_secret(value)
+    """A ``provider_config`` as responses show it: every value under a name that says it is a
+    secret (:data:`_SECRET_FIELD`, at any depth) masked, and credentials in ``api_base`` masked."""
+    pc = {name: _mask_tree(value, _is_secret(name)) for name, value in pc.items()}
     if isinstance(pc.get("api_base"), str):
         pc["api_base"] = mask_url_userinfo(pc["api_base"])
     return pc
@@ -316,7 +336,7 @@ def _keep_masked_secret(new: dict, old: dict) -> dict:
     """A PUT (``new`` over the stored ``old`` model) that sends back masked values it got from a
     GET keeps the stored ones, for the model's ``provider_config`` and for each deployment's (matched
     by ``id``): an ``api_base`` equal to the stored one masked (:func:`~aisix.config.resources.mask_url_userinfo`)
-    keeps the stored URL; an ``api_key`` (or another secret field, :func:`_secret_fields`) equal to
+    keeps the stored URL; an ``api_key`` (or any value under a secret name, :data:`_SECRET_FIELD`) equal to
     the stored one masked keeps the stored secret only while the upstream origin (:func:`_origin`)
     is unchanged. Raises 400 ``invalid_field`` otherwise."""
     out = dict(new)
@@ -333,22 +353,50 @@ def _keep_masked_secret(new: dict, old: dict) -> dict:
 
 
 def _no_masked_placeholder(obj: dict) -> None:
-    """A masked value a GET showed (``****…`` key, ``****@`` in a URL) that no stored secret backs
-    (a renamed deployment, a changed shape) must never be stored as the secret: 400 asking for it."""
+    """A masked value a GET showed (``****…`` under a secret name, ``****@`` in a URL) that no stored
+    secret backs (a renamed deployment, a changed shape) must never be stored as the secret: 400 asking for it."""
     configs = [("provider_config", obj.get("provider_config"))] + [
         (f"deployments.{i}.provider_config", d.get("provider_config"))
         for i, d in enumerate(obj.get("deployments") or ()) if isinstance(d, dict)]
     for where, pc in configs:
         if not isinstance(pc, dict):
             continue
-        for name in _secret_fields(pc):
-            if pc[name].startswith("****"):
-                raise invalid_request(f"field `{where}.{name}`: a masked secret matches no stored one here (a "
-                                      "new deployment id or shape); send the secret itself", "invalid_field",
-                                      f"{where}.{name}")
+        for path, value in _secret_leaves(pc, False, where):
+            if isinstance(value, str) and value.startswith("****"):
+                raise invalid_request(f"field `{path}`: a masked secret matches no stored one here (a new "
+                                      "deployment id or shape); send the secret itself", "invalid_field", path)
         if isinstance(pc.get("api_base"), str) and "://****@" in pc["api_base"]:
             raise invalid_request(f"field `{where}.api_base`: masked credentials match no stored ones here; "
                                   "send the URL itself", "invalid_field", f"{where}.api_base")
+
+
+def _secret_leaves(value: object, secret: bool, path: str):
+    """``(path, scalar)`` of every scalar under a secret name in ``value``."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _secret_leaves(v, secret or _is_secret(k), f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _secret_leaves(v, secret, f"{path}.{i}")
+    elif secret:
+        yield path, value
+
+
+def _restore(new: object, old: object, secret: bool, path: str, restored: list[str]) -> object:
+    """``new`` with each masked scalar under a secret name put back to the ``old`` value at the same
+    path whose mask it is; the paths put back are appended to ``restored``."""
+    if isinstance(new, dict):
+        old = old if isinstance(old, dict) else {}
+        return {k: _restore(v, old.get(k), secret or _is_secret(k), f"{path}.{k}", restored) for k, v in new.items()}
+    if isinstance(new, list):
+        old = old if isinstance(old, list) else []
+        return [_restore(v, old[i] if i < len(old) else None, secret, f"{path}.{i}", restored)
+                for i, v in enumerate(new)]
+    if secret and isinstance(new, str) and old is not None and not isinstance(old, (dict, list)) \
+            and new != old and new == _mask_leaf(old):
+        restored.append(path)
+        return old
+    return new
 
 
 def _keep_in(model, pc, old_model, old_pc, where: str) -> dict:
@@ -356,23 +404,17 @@ def _keep_in(model, pc, old_model, old_pc, where: str) -> dict:
     base, old_base = pc.get("api_base"), old_pc.get("api_base")
     if isinstance(base, str) and isinstance(old_base, str) and base != old_base and base == mask_url_userinfo(old_base):
         pc["api_base"] = old_base
-    for name in _secret_fields(pc):
-        old_value = old_pc.get(name)
-        if not isinstance(old_value, str) or pc[name] != mask_secret(old_value) or pc[name] == old_value:
-            continue
+    restored: list[str] = []
+    pc = {name: _restore(value, old_pc.get(name), _is_secret(name), f"{where}.{name}", restored)
+          for name, value in pc.items()}
+    if restored:
         origin = _origin(model, pc) if isinstance(model, str) else None
         if origin is None or origin != _origin(old_model, old_pc):
             raise invalid_request(
-                f"field `{where}.{name}`: the masked secret is kept only while the upstream stays the "
+                f"field `{restored[0]}`: the masked secret is kept only while the upstream stays the "
                 "same (scheme, host and port of `api_base`); this change sends requests elsewhere, so send "
-                "the key again", "invalid_field", f"{where}.{name}")
-        pc[name] = old_value
+                "the key again", "invalid_field", restored[0])
     return pc
-
-
-def _secret_fields(pc: dict) -> list[str]:
-    """The names of ``pc``'s string fields that responses show masked (``api_key`` and :data:`_SECRET_FIELD`)."""
-    return [name for name, value in pc.items() if isinstance(value, str) and _SECRET_FIELD.search(name)]
 
 
 def _origin(model: object, pc: dict) -> tuple | None:

@@ -455,6 +455,35 @@ async def test_other_masked_secret_fields_survive_a_round_trip(admin):
     assert gw.store.get("models", got["id"])["provider_config"] == pc
 
 
+
+async def test_nested_and_oddly_named_secrets_are_masked_and_survive_a_round_trip(admin):
+    """Found by attacking a gateway: secrets in nested settings (a dict, a list) and under names
+    like ``passwd`` or ``authorization`` came back whole. Every value under a secret-looking name,
+    at any depth, is shown masked; a GET -> PUT round trip keeps them; nothing shows them."""
+    client, gw = admin
+    pc = {"api_key": SECRET, "nested": {"password": "NESTEDPASSWORD5555", "region": "eu"},
+          "keys_list": ["LISTSECRET-000011112222"], "passwd": "PASSWD-333344445555",
+          "headers": {"Authorization": "Bearer AUTHZ-666677778888"}, "token_num": 123456789012345678,
+          "api_version": "2024-10-21"}
+    r = await client.post(f"{BASE}/models", json={**MODEL, "name": "deep", "provider_config": pc}, headers=AUTH)
+    assert r.status == 201, await r.text()
+    got = await r.json()
+    shown = got["provider_config"]
+    assert shown["nested"] == {"password": "****5555", "region": "eu"} and shown["keys_list"] == ["****2222"]
+    assert shown["passwd"] == "****5555" and shown["headers"] == {"Authorization": "****8888"}
+    assert shown["token_num"] == "****5678" and shown["api_version"] == "2024-10-21"
+    for text in (await r.text(), await (await client.get(f"{BASE}/models", headers=AUTH)).text()):
+        assert not any(word in text for word in ("NESTED", "LISTSECRET", "PASSWD-", "AUTHZ", "123456789012"))
+    r = await client.put(f"{BASE}/models/{got['id']}", json={**got, "rate_limit": {"rpm": 10}}, headers=AUTH)
+    assert r.status == 200, await r.text()
+    assert gw.store.get("models", got["id"])["provider_config"] == pc
+    # pointing it elsewhere with the masks: refused, naming the first masked path, nothing written
+    moved = {**got, "provider_config": {**shown, "api_key": "sk-new-key-for-elsewhere-1", "api_base": "https://elsewhere.example/v1"}}
+    err = await _error(await client.put(f"{BASE}/models/{got['id']}", json=moved, headers=AUTH), 400)
+    assert err["code"] == "invalid_field" and err["param"] == "provider_config.nested.password"
+    assert gw.store.get("models", got["id"])["provider_config"] == pc
+
+
 UPSTREAM = "https://up.example:8443/v1"
 
 
