@@ -298,7 +298,8 @@ def _public(kind: str, obj: dict, secret: str | None = None) -> dict:
 #: ``provider_config`` field names whose values are shown masked, at any depth (with everything
 #: under them): ``api_key``, a provider's own secret settings, typos of ``api_key`` (``apikey``,
 #: ``api-key``), credentials in nested settings (``headers: {Authorization: ...}``).
-_SECRET_FIELD = re.compile(r"key|secret|token|passw|credential|auth|bearer|cookie|signature|private", re.IGNORECASE)
+_SECRET_FIELD = re.compile(r"key|secret|token(?!s)|passw|credential|auth|bearer|cookie|signature|private",
+                           re.IGNORECASE)  # (token, not tokens: max_tokens and the mock's tokens are counts)
 
 
 def _is_secret(name: object) -> bool:

@@ -122,13 +122,21 @@ local function release(k, n, member, tokens)
     end
   end
 end
+-- a counter's value: an integer, or an error (a value the limiter did not write: 'inf', '1.5', text)
+local function int(v)
+  local x = tonumber(v or 0)
+  if x == nil or x ~= x or x == math.huge or x == -math.huge or x ~= math.floor(x) then
+    error('a rate-limit counter does not hold an integer')
+  end
+  return x
+end
 -- the counts of one admission's n bases (5 each, into vals) and whether every limit has room: reads only
 local function check(k, n, lim, vals)
   local ok = true
   for j = 0, n - 1 do
     local base, l = KEYS[k + j], j * 5
     local v = redis.call('MGET', base .. ':rm' .. sm, base .. ':rd' .. sd, base .. ':tm' .. sm, base .. ':td' .. sd)
-    local rm, rd, tm, td = tonumber(v[1] or 0), tonumber(v[2] or 0), tonumber(v[3] or 0), tonumber(v[4] or 0)
+    local rm, rd, tm, td = int(v[1]), int(v[2]), int(v[3]), int(v[4])
     local fl = 0
     if lim[l + 5] > 0 then
       redis.call('ZREMRANGEBYSCORE', base .. ':c', '-inf', now)
@@ -143,21 +151,31 @@ local function check(k, n, lim, vals)
   end
   return ok
 end
--- count the request and take its lease (where a concurrency limit is set); vals updated
-local function take(k, n, lim, member, vals)
+-- count the request and take its lease (where a concurrency limit is set); vals updated; every
+-- counter incremented is listed in incrs (for undo)
+local function take(k, n, lim, member, vals, incrs)
   for j = 0, n - 1 do
     local base, l = KEYS[k + j], j * 5
     local key = base .. ':rm' .. sm
     vals[l + 1] = redis.call('INCR', key)
+    incrs[#incrs + 1] = key
     if vals[l + 1] == 1 then redis.call('PEXPIREAT', key, (m + 2) * 60000) end
     key = base .. ':rd' .. sd
     vals[l + 2] = redis.call('INCR', key)
+    incrs[#incrs + 1] = key
     if vals[l + 2] == 1 then redis.call('PEXPIREAT', key, (d + 1) * 86400000 + 60000) end
     if lim[l + 5] > 0 then
       redis.call('ZADD', base .. ':c', now + ttl, member)
       redis.call('PEXPIRE', base .. ':c', ttl)
       vals[l + 5] = vals[l + 5] + 1
     end
+  end
+end
+-- a take that failed part way: what it counted and the lease it took are given back (best effort)
+local function undo(k, n, member, incrs)
+  for _, key in ipairs(incrs) do pcall(redis.call, 'DECR', key) end
+  if member ~= '' then
+    for j = 0, n - 1 do pcall(redis.call, 'ZREM', KEYS[k + j] .. ':c', member) end
   end
 end
 local k, i = 1, 4
@@ -178,8 +196,9 @@ while i <= #ARGV do
     failed(ok)
     status = -1
   elseif ok then
-    local took, e = pcall(take, k, n, lim, member, vals)
-    if took then status = 1 else failed(e); status = -1 end
+    local incrs = {}
+    local took, e = pcall(take, k, n, lim, member, vals, incrs)
+    if took then status = 1 else failed(e); undo(k, n, member, incrs); status = -1 end
   end
   out[#out + 1] = status
   for j = 1, 5 * n do out[#out + 1] = tonumber(vals[j]) or 0 end
@@ -190,20 +209,22 @@ return out
 """
 
 #: KEYS: the bases of each lease, one after another. ARGV: now_ms (-1: TIME), lease TTL ms, then
-#: per lease: number of bases, member. Only leases still there are extended (ZADD XX).
+#: per lease: number of bases, member. Only leases still there are extended (ZADD XX). Returns how
+#: many renewals failed (each runs under ``pcall``: one bad lease set does not stop the others).
 RENEW = _NOW + """
 local ttl = tonumber(ARGV[2])
-local k, i = 1, 3
+local function renew(key, member)
+  if redis.call('ZADD', key, 'XX', 'CH', now + ttl, member) > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+local k, i, failure = 1, 3, 0
 while i <= #ARGV do
   local n, member = tonumber(ARGV[i]), ARGV[i + 1]
   for j = k, k + n - 1 do
-    if redis.call('ZADD', KEYS[j] .. ':c', 'XX', 'CH', now + ttl, member) > 0 then
-      redis.call('PEXPIRE', KEYS[j] .. ':c', ttl)
-    end
+    if not pcall(renew, KEYS[j] .. ':c', member) then failure = failure + 1 end
   end
   k, i = k + n, i + 2
 end
-return 0
+return failure
 """
 
 
@@ -522,10 +543,17 @@ class RedisRateLimitHook(RateLimitHook):
                 keys += bases
                 args += (_N[len(bases)], member)
             try:
-                await self.pipe.send(RENEW_SCRIPT.call(keys, args))
+                failures = await self.pipe.send(RENEW_SCRIPT.call(keys, args))
+            except ResponseError as e:  # it answered, with an error: not an outage
+                self.count_error()
+                self._refused(str(e))
             except _STORE_ERRORS as e:
                 self.count_error()
                 self._lost(e)
+            else:
+                if failures:
+                    self.count_error()
+                    self._refused(f"{failures} lease renewals failed")
 
     # -- outages ------------------------------------------------------------------------------
     def _lost(self, e: BaseException) -> None:

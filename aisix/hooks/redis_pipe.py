@@ -130,6 +130,9 @@ class RedisPipe:
             hello = [conn.send(cmd) for cmd in self._hello]
             try:
                 await asyncio.gather(*hello)
+            except ResponseError as e:  # AUTH or SELECT refused: this connection is unusable
+                conn.close()
+                raise ConnectionError(f"Redis refused the connection's setup (AUTH, SELECT, SCRIPT LOAD): {e}") from None
             except BaseException:
                 conn.close()
                 raise

@@ -464,7 +464,7 @@ async def test_nested_and_oddly_named_secrets_are_masked_and_survive_a_round_tri
     pc = {"api_key": SECRET, "nested": {"password": "NESTEDPASSWORD5555", "region": "eu"},
           "keys_list": ["LISTSECRET-000011112222"], "passwd": "PASSWD-333344445555",
           "headers": {"Authorization": "Bearer AUTHZ-666677778888"}, "token_num": 123456789012345678,
-          "api_version": "2024-10-21"}
+          "api_version": "2024-10-21", "tokens": 5, "max_tokens": 64}
     r = await client.post(f"{BASE}/models", json={**MODEL, "name": "deep", "provider_config": pc}, headers=AUTH)
     assert r.status == 201, await r.text()
     got = await r.json()
@@ -472,6 +472,7 @@ async def test_nested_and_oddly_named_secrets_are_masked_and_survive_a_round_tri
     assert shown["nested"] == {"password": "****5555", "region": "eu"} and shown["keys_list"] == ["****2222"]
     assert shown["passwd"] == "****5555" and shown["headers"] == {"Authorization": "****8888"}
     assert shown["token_num"] == "****5678" and shown["api_version"] == "2024-10-21"
+    assert (shown["tokens"], shown["max_tokens"]) == (5, 64)  # counts, not secrets
     for text in (await r.text(), await (await client.get(f"{BASE}/models", headers=AUTH)).text()):
         assert not any(word in text for word in ("NESTED", "LISTSECRET", "PASSWD-", "AUTHZ", "123456789012"))
     r = await client.put(f"{BASE}/models/{got['id']}", json={**got, "rate_limit": {"rpm": 10}}, headers=AUTH)

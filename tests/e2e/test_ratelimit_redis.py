@@ -388,3 +388,41 @@ async def test_closing_does_not_wait_for_a_redis_that_went_away(cluster, redis, 
     finally:
         if how == "stopped":
             os.kill(redis.pid, signal.SIGCONT)
+
+
+async def test_counters_that_are_not_integers_fail_their_requests_only(cluster, redis, caplog):
+    """Found by attacking a gateway: a model's day counter set to text let the key's part of the
+    take be written before the model's failed (the key's lease was never given back: its
+    concurrency was spent for lease_ttl_ms); a counter holding 'inf' came back as a huge negative
+    count and the request ended in a 500. Both are now failures of that request's counters: it
+    follows on_store_error, nothing is left taken, other entities go on being counted."""
+    holder, _, (a,) = cluster({"concurrency": 2}, {"rpm": 100}, n=1)
+    await a.one()
+    (rd,) = [k for k in redis.command("KEYS", "aisix:rl:model:*:rd:*").decode().split("\r\n") if ":rd:" in k]
+    assert redis.command("SET", rd, "not-a-number") == b"+OK\r\n"
+    caplog.set_level(logging.WARNING, "aisix.ratelimit")
+    for _ in range(4):  # over the key's concurrency of 2 if leases leaked
+        await a.one()
+    assert [k for k in redis.command("KEYS", "aisix:rl:key:*:c").decode().split("\r\n") if k.endswith(":c")] == []
+    assert redis.command("DEL", rd) == b":1\r\n"
+    (rm,) = [k for k in redis.command("KEYS", "aisix:rl:key:*:rm:*").decode().split("\r\n") if ":rm:" in k]
+    assert redis.command("SET", rm, "inf") == b"+OK\r\n"
+    c = await a.one()  # counted locally (allow), not a 500
+    assert c.response_headers["x-ratelimit-limit-requests"] == "100"
+    assert a.hook.shared
+    assert all("refused to count" in r.getMessage() for r in caplog.records)
+
+
+async def test_lease_renewals_refused_under_maxmemory_are_not_an_outage(cluster, redis, caplog):
+    _, _, (a,) = cluster({"concurrency": 5}, n=1, clock=False, lease_ttl_ms=300)
+    held = await a.start()
+    caplog.set_level(logging.WARNING, "aisix.ratelimit")
+    assert redis.command("CONFIG", "SET", "maxmemory", "1") == b"+OK\r\n"
+    try:
+        await asyncio.sleep(0.5)  # several renewals, each refused
+        assert a.hook.shared
+    finally:
+        redis.command("CONFIG", "SET", "maxmemory", "0")
+    await a.finish(held)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all("refused to count" in line for line in lines) and len(lines) == 1, lines

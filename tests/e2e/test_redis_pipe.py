@@ -72,7 +72,7 @@ async def test_password_and_database_come_from_the_url(redis):
         await pipe.aclose()
     wrong = RedisPipe(f"redis://:nope@{redis.host}:{redis.port}/0", 2.0)
     try:
-        with pytest.raises(ResponseError, match="WRONGPASS|invalid password"):
+        with pytest.raises(ConnectionError, match="WRONGPASS|invalid password"):
             await wrong.send(PING)
     finally:
         await wrong.aclose()
