@@ -106,8 +106,6 @@ class Telemetry:
         self.dropped_count = meter.create_counter(
             "aisix_telemetry_dropped", description="telemetry lost, by reason: queue_full (records, the queue "
             "was full), span_queue_full / span_export_failed (spans the trace exporter could not take / deliver)")
-        for reason in ("queue_full", *(("span_queue_full", "span_export_failed") if self._spans else ())):
-            self.dropped_count.add(0, {"reason": reason})  # the series exist (at 0) before anything is dropped
         self.store_error_count = meter.create_counter(
             "aisix_ratelimit_store_errors",
             description="requests whose rate limits the shared store could not count; failed releases and renewals")
@@ -118,7 +116,8 @@ class Telemetry:
             except OSError as e:
                 raise ConfigError(f"observability.access_log.path: cannot open {cfg.access_log.path!r}: "
                                   f"{e.strerror}") from None
-            self.dropped_count.add(0, {"reason": "access_log_full"})
+        for reason, _ in self._drop_totals():
+            self.dropped_count.add(0, {"reason": reason})  # the series exist (at 0) before anything is dropped
         if registry is not None:
             from aisix.telemetry.scrape import serve_metrics
             self.metrics_server = serve_metrics(registry, cfg.metrics.prometheus.listen, worker)
@@ -262,14 +261,19 @@ class Telemetry:
         self.fallback_count.add_all(c.fallbacks)
         self.cost_count.add_all(c.costs)
 
-    def _report_dropped(self) -> None:
+    def _drop_totals(self) -> list[tuple[str, int]]:
+        """``(reason, total so far)`` of every loss this process can have (spans only with a trace
+        exporter, access lines only with an access log)."""
         spans = self._spans
         counts = [("queue_full", self.dropped)]
         if spans is not None:
             counts += [("span_queue_full", spans.queue_full), ("span_export_failed", spans.failed)]
         if self.access_log is not None:
             counts.append(("access_log_full", self.access_log.dropped))
-        for reason, total in counts:
+        return counts
+
+    def _report_dropped(self) -> None:
+        for reason, total in self._drop_totals():
             if total != self._dropped_reported[reason]:
                 self.dropped_count.add(total - self._dropped_reported[reason], {"reason": reason})
                 self._dropped_reported[reason] = total

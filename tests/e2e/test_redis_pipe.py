@@ -21,6 +21,12 @@ def _echo(i: int) -> bytes:
     return command([bulk("ECHO"), bulk(f"m{i}")])
 
 
+def _collector() -> tuple[list, object]:
+    """``(calls, done)``: a ``done`` callback for RedisPipe.send that records each ``(reply, err)``."""
+    calls: list = []
+    return calls, lambda reply, err: calls.append((reply, err))
+
+
 async def test_pipelined_replies_come_back_to_their_own_callers(redis):
     pipe = RedisPipe(redis.url, 2.0)
     try:
@@ -53,8 +59,8 @@ async def test_a_flushed_script_is_sent_again_as_eval(redis):
     try:
         assert await pipe.send(ECHO_N.call([], [bulk(21)])) == 42
         assert redis.command("SCRIPT", "FLUSH") == b"+OK\r\n"  # the server forgets it (as after a restart)
-        got: list = []
-        pipe.send(ECHO_N.call([], [bulk(5)]), lambda reply, err: got.append((reply, err)))
+        got, done = _collector()
+        pipe.send(ECHO_N.call([], [bulk(5)]), done)
         assert await pipe.send(ECHO_N.call([], [bulk(4)])) == 8
         assert got == [(10, None)]
     finally:
@@ -84,9 +90,9 @@ async def test_a_stopped_server_times_out_every_waiting_caller_then_the_pipe_rec
         await pipe.send(PING)
         os.kill(redis.pid, signal.SIGSTOP)
         try:
-            got: list = []
+            got, done = _collector()
             fut = pipe.send(PING)
-            pipe.send(PING, lambda reply, err: got.append((reply, err)))
+            pipe.send(PING, done)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(fut, 5)
             assert len(got) == 1 and got[0][0] is None and isinstance(got[0][1], TimeoutError)
@@ -102,8 +108,8 @@ async def test_a_server_that_is_gone_fails_fast_and_the_pipe_comes_back_with_it(
     try:
         await pipe.send(PING)
         redis.stop()
-        got: list = []
-        pipe.send(PING, lambda reply, err: got.append((reply, err)))
+        got, done = _collector()
+        pipe.send(PING, done)
         for _ in range(100):  # the connection loss, then the refused reconnect: each a ConnectionError
             if got:
                 break
